@@ -1,0 +1,63 @@
+//! The `pgwarden` command line (DESIGN §5).
+
+mod run;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "pgwarden", version, about = "A PostgreSQL guard for AI agents and CI jobs")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway in standalone mode from policy and Secret YAML files.
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// YAML file(s) with DatabaseAccessPolicy and v1 Secret objects (multi-document allowed).
+    #[arg(short = 'f', long = "file", required = true)]
+    pub files: Vec<PathBuf>,
+    /// Address clients connect to.
+    #[arg(long, default_value = "127.0.0.1:6432")]
+    pub listen: SocketAddr,
+    /// Where approvals and recordings are kept (created if missing).
+    #[arg(long, default_value = "./pgwarden-state")]
+    pub state_dir: PathBuf,
+    /// Serve /metrics, /healthz and /readyz here.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// PEM certificate chain for client TLS (SSLRequest and direct TLS).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Client connections served at once; more are refused with SQLSTATE 53300.
+    #[arg(long, default_value_t = 1000)]
+    pub max_connections: usize,
+    /// Largest single protocol message accepted (queries, bind parameters,
+    /// COPY chunks, rows), in bytes.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Tokio worker threads; 0 runs everything on one thread (lowest overhead
+    /// for a sidecar with few connections).
+    #[arg(long, default_value_t = 0)]
+    pub worker_threads: usize,
+    /// Seconds to let open sessions finish after SIGTERM/SIGINT.
+    #[arg(long, default_value_t = 10)]
+    pub shutdown_grace_seconds: u64,
+}
+
+pub fn main_with(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    match cli.command {
+        Command::Run(args) => run::run(args),
+    }
+}

@@ -1,0 +1,140 @@
+//! `pgwarden run`: load the configuration, bind, serve until a signal.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+
+use super::RunArgs;
+use crate::config;
+use crate::observe::{self, Metrics};
+use crate::session::{self, CancelRegistry, Shared};
+use crate::wire::{codec, Limits, PgError};
+
+/// Exit code for configuration errors (bad YAML, unsupported features).
+const EXIT_CONFIG: u8 = 2;
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = match config::load_files(&args.files) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprint!("pgwarden: {errors}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating state dir {}", args.state_dir.display()))?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => match crate::transport::server_tls(c, k) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("pgwarden: client TLS: {e}");
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+        },
+        _ => None,
+    };
+    let runtime = if args.worker_threads == 0 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.worker_threads)
+            .enable_all()
+            .build()?
+    };
+    let shared = Arc::new(Shared {
+        config: Arc::new(config),
+        tls,
+        cancels: CancelRegistry::default(),
+        metrics: Arc::new(Metrics::new()),
+        limits: Limits {
+            large: args.max_message_bytes,
+        },
+    });
+    runtime.block_on(serve(args, shared))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(args: RunArgs, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some(addr) = args.metrics_listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --metrics-listen {addr}"))?;
+        tokio::spawn(observe::serve_admin(l, shared.metrics.clone(), ready.clone()));
+    }
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", args.listen))?;
+    for p in &shared.config.policies {
+        info!(policy.name = %p.id, database = %p.upstream.database,
+              upstream = %format!("{}:{}", p.upstream.host, p.upstream.port), "serving policy");
+    }
+    info!(listen = %listener.local_addr()?, "pgwarden ready");
+    ready.store(true, Ordering::Release);
+
+    let permits = Arc::new(Semaphore::new(args.max_connections));
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            shared.metrics.connections_rejected.with_label_values(&["too_many"]).inc();
+            tokio::spawn(refuse_busy(tcp));
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            session::serve(tcp, peer, shared).await;
+            drop(permit);
+        });
+    }
+    ready.store(false, Ordering::Release);
+    drop(listener);
+    info!("shutting down: waiting for open sessions");
+    let all = u32::try_from(args.max_connections).unwrap_or(u32::MAX);
+    let grace = Duration::from_secs(args.shutdown_grace_seconds);
+    if tokio::time::timeout(grace, permits.acquire_many(all)).await.is_err() {
+        warn!("sessions still open after the grace period; closing them");
+    }
+    Ok(())
+}
+
+/// A client over the limit still gets a reason, not a reset.
+async fn refuse_busy(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let mut out = bytes::BytesMut::new();
+    codec::put_error(&PgError::too_many_connections(), &mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(&out)).await;
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}

@@ -1,0 +1,404 @@
+//! Loading multi-document YAML files (DatabaseAccessPolicy and v1 Secret
+//! objects) and validating them. Every error names the file, the object and,
+//! where there is one, the field path.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Secret as K8sSecret;
+use pgwarden_api::{Action, DatabaseAccessPolicy};
+use serde::Deserialize;
+
+use super::{GatewayConfig, PolicyConfig, Secret};
+use crate::upstream::{tls::UpstreamTls, Credential, UpstreamTarget};
+
+const POLICY_API_VERSION: &str = "pgwarden.io/v1alpha1";
+
+/// One precise problem in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// `Kind namespace/name`, when the problem belongs to an object.
+    pub object: Option<String>,
+    /// Field path such as `spec.rules[0].action`.
+    pub path: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(o) = &self.object {
+            write!(f, ": {o}")?;
+        }
+        if let Some(p) = &self.path {
+            write!(f, ": {p}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// All problems found, so an admin fixes them in one round.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem(s)):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+struct Located<T> {
+    file: PathBuf,
+    object: String,
+    value: T,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypeMeta {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    metadata: Meta,
+}
+
+#[derive(Deserialize, Default)]
+struct Meta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+fn ns_name(meta: &Meta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or("<unnamed>")
+    )
+}
+
+/// Load and validate. Returns every error found, not just the first.
+pub fn load_files(files: &[PathBuf]) -> Result<GatewayConfig, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut policies = Vec::new();
+    let mut secrets: BTreeMap<String, Located<K8sSecret>> = BTreeMap::new();
+
+    if files.is_empty() {
+        errors.push(ConfigError {
+            file: PathBuf::from("<command line>"),
+            object: None,
+            path: None,
+            message: "no configuration file given (use -f FILE)".into(),
+        });
+    }
+    for file in files {
+        read_file(file, &mut policies, &mut secrets, &mut errors);
+    }
+
+    let mut resolved: Vec<Arc<PolicyConfig>> = Vec::new();
+    for p in policies {
+        if let Some(cfg) = resolve_policy(p, &secrets, &mut errors) {
+            if let Some(other) = resolved
+                .iter()
+                .find(|o| o.upstream.database == cfg.upstream.database)
+            {
+                errors.push(ConfigError {
+                    file: PathBuf::from("<all files>"),
+                    object: Some(format!("DatabaseAccessPolicy {}", cfg.id)),
+                    path: Some("spec.database.name".into()),
+                    message: format!(
+                        "database {:?} is already served by policy {}; a standalone gateway picks the policy by database name",
+                        cfg.upstream.database, other.id
+                    ),
+                });
+                continue;
+            }
+            resolved.push(Arc::new(cfg));
+        }
+    }
+    if errors.is_empty() && resolved.is_empty() {
+        errors.push(ConfigError {
+            file: files.first().cloned().unwrap_or_default(),
+            object: None,
+            path: None,
+            message: "no DatabaseAccessPolicy found: with no policy there is no traffic".into(),
+        });
+    }
+    if errors.is_empty() {
+        Ok(GatewayConfig { policies: resolved })
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+fn read_file(
+    file: &Path,
+    policies: &mut Vec<Located<DatabaseAccessPolicy>>,
+    secrets: &mut BTreeMap<String, Located<K8sSecret>>,
+    errors: &mut Vec<ConfigError>,
+) {
+    let err = |object: Option<String>, path: Option<String>, message: String| ConfigError {
+        file: file.to_path_buf(),
+        object,
+        path,
+        message,
+    };
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            errors.push(err(None, None, format!("cannot read file: {e}")));
+            return;
+        }
+    };
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+        let value = match serde_yaml_ng::Value::deserialize(doc) {
+            Ok(v) => v,
+            Err(e) => {
+                // The error carries line and column.
+                errors.push(err(None, None, format!("YAML document {}: {e}", i + 1)));
+                return;
+            }
+        };
+        if value.is_null() {
+            continue; // empty document, e.g. a trailing `---`
+        }
+        let meta: TypeMeta = match serde_yaml_ng::from_value(value.clone()) {
+            Ok(m) => m,
+            Err(e) => {
+                errors.push(err(None, None, format!("YAML document {}: {e}", i + 1)));
+                continue;
+            }
+        };
+        let object = format!("{} {}", meta.kind, ns_name(&meta.metadata));
+        match (meta.api_version.as_str(), meta.kind.as_str()) {
+            (POLICY_API_VERSION, "DatabaseAccessPolicy") => {
+                match serde_path_to_error::deserialize::<_, DatabaseAccessPolicy>(value) {
+                    Ok(p) => policies.push(Located {
+                        file: file.to_path_buf(),
+                        object,
+                        value: p,
+                    }),
+                    Err(e) => errors.push(err(
+                        Some(object),
+                        Some(e.path().to_string()),
+                        e.into_inner().to_string(),
+                    )),
+                }
+            }
+            ("v1", "Secret") => match serde_path_to_error::deserialize::<_, K8sSecret>(value) {
+                Ok(s) => {
+                    let key = ns_name(&meta.metadata);
+                    secrets.insert(
+                        key,
+                        Located {
+                            file: file.to_path_buf(),
+                            object,
+                            value: s,
+                        },
+                    );
+                }
+                Err(e) => errors.push(err(
+                    Some(object),
+                    Some(e.path().to_string()),
+                    e.into_inner().to_string(),
+                )),
+            },
+            (api, kind) => errors.push(err(
+                Some(object),
+                Some("kind".into()),
+                format!(
+                    "unsupported object {api}/{kind}: expected {POLICY_API_VERSION}/DatabaseAccessPolicy or v1/Secret"
+                ),
+            )),
+        }
+    }
+}
+
+/// Features in the CRD that this build does not enforce yet. Refusing them at
+/// start is the fail-closed choice: a policy that asks for masking must never
+/// run unmasked.
+fn unsupported_features(p: &DatabaseAccessPolicy) -> Vec<(&'static str, &'static str)> {
+    let s = &p.spec;
+    let mut out = Vec::new();
+    if !s.rules.is_empty() {
+        out.push(("spec.rules", "statement rules"));
+    }
+    if s.default_action != Action::Allow {
+        out.push((
+            "spec.defaultAction",
+            "defaultAction other than Allow (it needs the statement policy engine)",
+        ));
+    }
+    if !s.masking.is_empty() {
+        out.push(("spec.masking", "column masking"));
+    }
+    if s.identity.oidc.is_some() {
+        out.push(("spec.identity.oidc", "OIDC identity"));
+    }
+    if s.identity.kubernetes.is_some() {
+        out.push(("spec.identity.kubernetes", "Kubernetes service-account identity"));
+    }
+    if s.approval.is_some() {
+        out.push(("spec.approval", "approvals"));
+    }
+    if s.limits.is_some() {
+        out.push(("spec.limits", "statement limits"));
+    }
+    if s.recording.is_some() {
+        out.push(("spec.recording", "session recording"));
+    }
+    out
+}
+
+fn resolve_policy(
+    p: Located<DatabaseAccessPolicy>,
+    secrets: &BTreeMap<String, Located<K8sSecret>>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<PolicyConfig> {
+    let before = errors.len();
+    let err = |path: &str, message: String| ConfigError {
+        file: p.file.clone(),
+        object: Some(p.object.clone()),
+        path: Some(path.to_owned()),
+        message,
+    };
+    let policy = &p.value;
+    for fe in policy.spec.validate() {
+        errors.push(err(&fe.path, fe.message));
+    }
+    for (path, what) in unsupported_features(policy) {
+        errors.push(err(
+            path,
+            format!(
+                "{what} is not supported by this version of pgwarden yet; refusing to start rather than ignore it"
+            ),
+        ));
+    }
+    let ns = policy
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = policy.metadata.name.clone().unwrap_or_default();
+    let db = &policy.spec.database;
+
+    let secret_key = format!("{ns}/{}", db.credentials_secret);
+    let secret = secrets.get(&secret_key);
+    if secret.is_none() && !db.credentials_secret.is_empty() {
+        errors.push(err(
+            "spec.database.credentialsSecret",
+            format!(
+                "Secret {secret_key} not found in the given files (it needs keys username and password)"
+            ),
+        ));
+    }
+    let get = |key: &str| -> Result<String, String> {
+        let s = secret.ok_or_else(String::new)?;
+        secret_value(&s.value, key).ok_or_else(|| {
+            format!(
+                "Secret {secret_key} ({}) has no key {key:?}",
+                s.file.display()
+            )
+        })
+    };
+    let credential = match (get("username"), get("password")) {
+        (Ok(u), Ok(pw)) => Some(Credential {
+            username: u,
+            password: Secret::new(pw),
+        }),
+        (u, pw) => {
+            for m in [u.err(), pw.err()].into_iter().flatten() {
+                if !m.is_empty() {
+                    errors.push(err("spec.database.credentialsSecret", m));
+                }
+            }
+            None
+        }
+    };
+
+    let tls = match &db.tls {
+        None => Ok(UpstreamTls::Disable),
+        Some(t) => {
+            let ca = match (&t.ca_secret, &t.ca_file) {
+                (Some(name), _) => {
+                    let key = format!("{ns}/{name}");
+                    match secrets.get(&key).and_then(|s| secret_value(&s.value, "ca.crt")) {
+                        Some(pem) => Some(pem.into_bytes()),
+                        None => {
+                            errors.push(err(
+                                "spec.database.tls.caSecret",
+                                format!("Secret {key} with key \"ca.crt\" not found in the given files"),
+                            ));
+                            None
+                        }
+                    }
+                }
+                (None, Some(path)) => {
+                    // Relative to the policy file, so a checked-in example works
+                    // from any working directory.
+                    let full = p.file.parent().unwrap_or(Path::new(".")).join(path);
+                    match std::fs::read(&full) {
+                        Ok(b) => Some(b),
+                        Err(e) => {
+                            errors.push(err(
+                                "spec.database.tls.caFile",
+                                format!("cannot read {}: {e}", full.display()),
+                            ));
+                            None
+                        }
+                    }
+                }
+                (None, None) => None,
+            };
+            UpstreamTls::from_mode(t.mode, ca.as_deref())
+        }
+    };
+    let tls = match tls {
+        Ok(t) => Some(t),
+        Err(m) => {
+            errors.push(err("spec.database.tls", m));
+            None
+        }
+    };
+    if errors.len() != before {
+        return None;
+    }
+    let (Some(credential), Some(tls)) = (credential, tls) else {
+        return None;
+    };
+    Some(PolicyConfig {
+        id: format!("{ns}/{name}"),
+        upstream: Arc::new(UpstreamTarget {
+            host: db.host.clone(),
+            port: db.port,
+            database: db.name.clone(),
+            credential,
+            tls,
+        }),
+        spec: policy.spec.clone(),
+    })
+}
+
+/// A Secret value from `stringData` or (base64-decoded) `data`.
+fn secret_value(s: &K8sSecret, key: &str) -> Option<String> {
+    if let Some(v) = s.string_data.as_ref().and_then(|d| d.get(key)) {
+        return Some(v.clone());
+    }
+    let bytes = s.data.as_ref()?.get(key)?;
+    String::from_utf8(bytes.0.clone()).ok()
+}
+
+#[cfg(test)]
+mod tests;

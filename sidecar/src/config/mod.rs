@@ -1,0 +1,71 @@
+//! Runtime configuration: the policies this gateway serves, each resolved with
+//! its upstream credential, ready for the data path.
+//!
+//! `load` turns the YAML a cluster admin applies into this, or into errors that
+//! name the file, the object and the field.
+
+mod load;
+
+use std::fmt;
+use std::sync::Arc;
+
+use pgwarden_api::DatabaseAccessPolicySpec;
+
+pub use load::{load_files, ConfigError, ConfigErrors};
+
+use crate::upstream::UpstreamTarget;
+
+/// Everything the gateway serves. Immutable once built; a new snapshot replaces
+/// it whole.
+#[derive(Debug)]
+pub struct GatewayConfig {
+    pub policies: Vec<Arc<PolicyConfig>>,
+}
+
+impl GatewayConfig {
+    /// The policy for a client's startup `database` parameter. With a single
+    /// policy, a client that names no database gets it.
+    pub fn select(&self, database: Option<&str>) -> Option<&Arc<PolicyConfig>> {
+        match database {
+            Some(db) => self.policies.iter().find(|p| p.upstream.database == db),
+            None if self.policies.len() == 1 => self.policies.first(),
+            None => None,
+        }
+    }
+
+    pub fn databases(&self) -> Vec<&str> {
+        self.policies
+            .iter()
+            .map(|p| p.upstream.database.as_str())
+            .collect()
+    }
+}
+
+/// One DatabaseAccessPolicy with its Secret resolved.
+#[derive(Debug)]
+pub struct PolicyConfig {
+    /// `namespace/name`, as logs and metrics name it.
+    pub id: String,
+    pub spec: DatabaseAccessPolicySpec,
+    pub upstream: Arc<UpstreamTarget>,
+}
+
+/// A value that must never be printed: Debug and Display redact it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Self {
+        Secret(s)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}

@@ -1,0 +1,100 @@
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+/// Handles to every metric, resolved once so the hot path only does an
+/// atomic add.
+pub struct Metrics {
+    registry: Registry,
+    pub connections_total: IntCounter,
+    pub connections_active: IntGauge,
+    pub connections_rejected: IntCounterVec,
+    pub statements_simple: IntCounter,
+    pub statements_extended: IntCounter,
+    pub statements_refused: IntCounter,
+    pub bytes_to_client: IntCounter,
+    pub bytes_to_upstream: IntCounter,
+    pub upstream_errors: IntCounterVec,
+    pub protocol_errors_client: IntCounter,
+    pub protocol_errors_upstream: IntCounter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("pgwarden".into()), None)
+            .expect("static registry prefix is valid");
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("static metric definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        };
+        let connections_active =
+            IntGauge::new("client_connections_active", "Client sessions currently open")
+                .expect("static metric definition");
+        registry
+            .register(Box::new(connections_active.clone()))
+            .expect("metric registered once");
+        let statements = counter_vec(
+            "statements_total",
+            "Statements received from clients, by protocol",
+            &["protocol"],
+        );
+        let bytes = counter_vec(
+            "bytes_total",
+            "Bytes relayed after login, by direction",
+            &["direction"],
+        );
+        let protocol = counter_vec(
+            "protocol_errors_total",
+            "Malformed or unexpected messages, by the peer that sent them",
+            &["peer"],
+        );
+        Metrics {
+            connections_total: counter("client_connections_total", "Client connections accepted"),
+            connections_active,
+            connections_rejected: counter_vec(
+                "client_connections_rejected_total",
+                "Client connections refused before the session started, by reason",
+                &["reason"],
+            ),
+            statements_simple: statements.with_label_values(&["simple"]),
+            statements_extended: statements.with_label_values(&["extended"]),
+            statements_refused: counter(
+                "statements_refused_total",
+                "Statements refused by the gateway",
+            ),
+            bytes_to_client: bytes.with_label_values(&["to_client"]),
+            bytes_to_upstream: bytes.with_label_values(&["to_upstream"]),
+            upstream_errors: counter_vec(
+                "upstream_errors_total",
+                "Failures connecting or logging in to the upstream server, by kind",
+                &["kind"],
+            ),
+            protocol_errors_client: protocol.with_label_values(&["client"]),
+            protocol_errors_upstream: protocol.with_label_values(&["upstream"]),
+            registry,
+        }
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,185 @@
+//! Stage 2: one client connection from accept to close.
+//!
+//! startup (TLS, parameters) → policy selection → client identity → upstream
+//! login → greeting → relay. Each step either hands the next one a typed
+//! result or ends the connection with a FATAL the client can act on.
+
+mod cancel;
+mod relay;
+mod startup;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn, Instrument};
+
+pub use cancel::CancelRegistry;
+pub use relay::End;
+
+use crate::config::GatewayConfig;
+use crate::identity::{Authenticator, ClientTransport};
+use crate::observe::Metrics;
+use crate::policy::Gate;
+use crate::transport::ClientStream;
+use crate::upstream;
+use crate::wire::codec;
+use crate::wire::conn::FrameBuf;
+use crate::wire::{Direction, Limits, PgError};
+use startup::{Negotiated, StartupError};
+
+/// State shared by every session of the gateway.
+pub struct Shared {
+    pub config: Arc<GatewayConfig>,
+    pub tls: Option<TlsAcceptor>,
+    pub cancels: CancelRegistry,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+}
+
+/// Serve one accepted client connection to its end. Never panics on input;
+/// every failure is logged at the level its cause deserves.
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let id = format!("{:016x}", rand::random::<u64>());
+    let span = tracing::info_span!("session", session.id = %id, client.addr = %peer, subject = tracing::field::Empty);
+    async move {
+        // Small request/response messages: never wait for Nagle.
+        let _ = tcp.set_nodelay(true);
+        shared.metrics.connections_total.inc();
+        shared.metrics.connections_active.inc();
+        serve_inner(tcp, peer, &shared).await;
+        shared.metrics.connections_active.dec();
+    }
+    .instrument(span)
+    .await
+}
+
+async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
+    let negotiated = match startup::negotiate(tcp, shared.tls.as_ref()).await {
+        Ok(n) => n,
+        Err(e) => {
+            // Peer-caused: not our fault, so not a warning.
+            debug!(error = %e, "startup failed");
+            let reason = match e {
+                StartupError::Client(_) => "startup_refused",
+                StartupError::Tls(_) => "tls",
+                StartupError::Closed | StartupError::Io(_) => "closed",
+            };
+            shared.metrics.connections_rejected.with_label_values(&[reason]).inc();
+            return;
+        }
+    };
+    let (mut stream, startup) = match negotiated {
+        Negotiated::Startup { stream, startup } => (stream, startup),
+        Negotiated::Cancel { pid, secret } => {
+            // Unknown keys are ignored silently, as PostgreSQL does.
+            if let Some((target, key)) = shared.cancels.lookup(pid, &secret) {
+                if let Err(e) = upstream::cancel(&target, &key).await {
+                    warn!(error = %e, "forwarding a cancel request failed");
+                }
+            }
+            return;
+        }
+    };
+    let Some(policy) = shared.config.select(startup.database.as_deref()) else {
+        let asked = startup.database.as_deref().unwrap_or("(none)");
+        let err = PgError::unknown_database(format!(
+            "no policy serves database \"{asked}\" on this gateway (it serves: {})",
+            shared.config.databases().join(", ")
+        ));
+        shared.metrics.connections_rejected.with_label_values(&["unknown_database"]).inc();
+        return refuse(&mut stream, err).await;
+    };
+    let mut greeting = BytesMut::new();
+    if startup.requested_minor > 0 || !startup.declined_options.is_empty() {
+        // We speak 3.0 and none of the requested protocol options.
+        codec::put_negotiate_protocol_version(0, startup.declined_options.clone(), &mut greeting);
+    }
+    let Some(authenticator) = Authenticator::from_spec(&policy.spec) else {
+        return refuse(&mut stream, PgError::internal("the policy has no supported identity")).await;
+    };
+    let identity = match authenticator.authenticate(ClientTransport {
+        peer,
+        tls: stream.is_tls(),
+    }) {
+        Ok(id) => id,
+        Err(err) => {
+            info!(reason = %err.message, "client authentication failed");
+            shared.metrics.connections_rejected.with_label_values(&["auth"]).inc();
+            return refuse(&mut stream, err).await;
+        }
+    };
+    tracing::Span::current().record("subject", identity.subject.as_str());
+
+    let up = match upstream::connect(&policy.upstream, &startup.upstream_params, shared.limits).await {
+        Ok(up) => up,
+        Err(e) => {
+            // The upstream being down or refusing us is an operator problem.
+            warn!(error = %e, upstream.kind = e.kind(), "upstream login failed");
+            shared.metrics.upstream_errors.with_label_values(&[e.kind()]).inc();
+            return refuse(&mut stream, e.to_client_error()).await;
+        }
+    };
+    let registration = up
+        .key
+        .clone()
+        .map(|key| shared.cancels.register(policy.upstream.clone(), key));
+
+    // What a server sends after a successful login, with our cancel key.
+    codec::put_auth_ok(&mut greeting);
+    for ps in &up.parameter_status {
+        greeting.extend_from_slice(ps);
+    }
+    for n in &up.notices {
+        greeting.extend_from_slice(n);
+    }
+    if let Some(r) = &registration {
+        codec::put_backend_key_data(r.pid, r.secret, &mut greeting);
+    }
+    codec::put_ready_for_query(up.status, &mut greeting);
+    if stream.write_all(&greeting).await.is_err() || stream.flush().await.is_err() {
+        return;
+    }
+    info!(
+        policy.name = %policy.id,
+        identity.method = identity.method,
+        application_name = startup.application_name.as_deref().unwrap_or(""),
+        "session started"
+    );
+
+    let gate = Gate::new(&policy.id, &policy.spec);
+    let relay = relay::Relay {
+        gate: &gate,
+        metrics: &shared.metrics,
+        nonce: format!("{:016x}", rand::random::<u64>()),
+        status: up.status,
+    };
+    let end = relay
+        .run(
+            stream,
+            FrameBuf::new(Direction::Frontend, shared.limits),
+            up.stream,
+            FrameBuf::with_bytes(Direction::Backend, shared.limits, up.leftover),
+        )
+        .await;
+    match &end {
+        End::ClientTerminated | End::ClientClosed | End::UpstreamClosed => {
+            info!(end = ?end, "session ended")
+        }
+        End::ClientViolation(e) => info!(error = %e.message, "session ended: client protocol violation"),
+        End::ClientIo(e) => info!(error = %e, "session ended: client connection failed"),
+        End::UpstreamFailed(why) => warn!(error = %why, "session ended: upstream failed"),
+    }
+    drop(registration);
+}
+
+async fn refuse(stream: &mut ClientStream, err: PgError) {
+    let mut out = BytesMut::new();
+    codec::put_error(&err, &mut out);
+    let _ = stream.write_all(&out).await;
+    let _ = stream.flush().await;
+    let _ = stream.shutdown().await;
+}

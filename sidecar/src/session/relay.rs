@@ -1,0 +1,405 @@
+//! The session after login: client → upstream and upstream → client, both
+//! directions concurrently (a pipelining client and a big result must never
+//! wait on each other), each batching its writes per read.
+//!
+//! Refusals use the upstream's own error machinery rather than a reply
+//! synthesised out of band: a refused message is replaced by a statement the
+//! server is certain to reject with a syntax error (a "sentinel" naming a
+//! per-session nonce and a sequence number). The server then does exactly what
+//! it does for any error — skips to Sync in the extended protocol, fails an
+//! open transaction block, sends ReadyForQuery in order — and the upstream half
+//! swaps that error for the proxy's own. Replies therefore keep their order
+//! however deeply the client pipelines.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::masking::ResultFilter;
+use crate::observe::Metrics;
+use crate::policy::{Gate, Verdict};
+use crate::wire::codec::{self, TxStatus};
+use crate::wire::conn::{FrameBuf, ReadError};
+use crate::wire::PgError;
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum End {
+    /// The client sent Terminate.
+    ClientTerminated,
+    /// The client closed its socket.
+    ClientClosed,
+    /// The upstream closed (its FATAL, if any, was passed on).
+    UpstreamClosed,
+    /// The client broke the protocol: it gets this FATAL.
+    ClientViolation(PgError),
+    /// The upstream broke the protocol or failed.
+    UpstreamFailed(String),
+    /// The client's socket failed.
+    ClientIo(std::io::Error),
+}
+
+/// A refusal waiting for its sentinel's error to come back.
+struct Pending {
+    seq: u64,
+    error: PgError,
+}
+
+/// Unmatched refusals are those the server discarded after an earlier error
+/// in the same batch; keep a bounded number.
+const MAX_PENDING: usize = 1024;
+
+pub struct Relay<'a> {
+    pub gate: &'a Gate,
+    pub metrics: &'a Metrics,
+    pub nonce: String,
+    pub status: TxStatus,
+}
+
+impl Relay<'_> {
+    pub async fn run<C, U>(self, client: C, client_frames: FrameBuf, upstream: U, upstream_frames: FrameBuf) -> End
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        U: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let (mut ur, mut uw) = tokio::io::split(upstream);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let end = {
+            let front = Frontend {
+                gate: self.gate,
+                metrics: self.metrics,
+                nonce: &self.nonce,
+                next_seq: 0,
+                refusals: tx,
+            }
+            .run(&mut cr, client_frames, &mut uw);
+            let back = Backend {
+                metrics: self.metrics,
+                nonce: &self.nonce,
+                refusals: rx,
+                pending: VecDeque::new(),
+                status: self.status,
+                filter: ResultFilter::default(),
+            }
+            .run(&mut ur, upstream_frames, &mut cw);
+            tokio::select! {
+                end = front => end,
+                end = back => end,
+            }
+        };
+        // Both halves are dropped; tell each side what it needs to know.
+        let mut out = BytesMut::new();
+        match &end {
+            End::ClientViolation(err) => {
+                codec::put_error(err, &mut out);
+                let _ = cw.write_all(&out).await;
+                let _ = cw.flush().await;
+            }
+            End::UpstreamFailed(why) => {
+                codec::put_error(&PgError::upstream_failed(why.clone()), &mut out);
+                let _ = cw.write_all(&out).await;
+                let _ = cw.flush().await;
+            }
+            _ => {}
+        }
+        if !matches!(end, End::UpstreamClosed | End::UpstreamFailed(_)) {
+            // A clean goodbye so the server does not log an unexpected EOF.
+            let _ = uw.write_all(&[b'X', 0, 0, 0, 4]).await;
+            let _ = uw.flush().await;
+        }
+        let _ = cw.shutdown().await;
+        end
+    }
+}
+
+// === client → upstream ===
+
+struct Frontend<'a> {
+    gate: &'a Gate,
+    metrics: &'a Metrics,
+    nonce: &'a str,
+    next_seq: u64,
+    refusals: mpsc::UnboundedSender<Pending>,
+}
+
+impl Frontend<'_> {
+    async fn run<R, W>(mut self, r: &mut R, mut frames: FrameBuf, w: &mut W) -> End
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut out = BytesMut::with_capacity(crate::wire::conn::READ_CHUNK);
+        loop {
+            // Handle every whole message buffered, then write once.
+            loop {
+                let frame = match frames.cut() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.metrics.protocol_errors_client.inc();
+                        return End::ClientViolation(PgError::protocol_violation(e.to_string()));
+                    }
+                };
+                let bytes = &frames.buffered()[..frame.wire_len];
+                match self.on_message(frame.ty, bytes, &mut out) {
+                    Ok(Flow::Continue) => {}
+                    Ok(Flow::Terminate) => {
+                        // Forwarded by `run`'s epilogue after what is buffered.
+                        let _ = write(w, &mut out).await;
+                        return End::ClientTerminated;
+                    }
+                    Err(err) => {
+                        self.metrics.protocol_errors_client.inc();
+                        return End::ClientViolation(err);
+                    }
+                }
+                frames.consume(frame.wire_len);
+            }
+            let n = out.len();
+            if let Err(e) = write(w, &mut out).await {
+                return End::UpstreamFailed(format!("writing to the upstream server failed: {e}"));
+            }
+            self.metrics.bytes_to_upstream.inc_by(n as u64);
+            match frames.fill(r).await {
+                Ok(true) => {}
+                Ok(false) => return End::ClientClosed,
+                Err(ReadError::Io(e)) => return End::ClientIo(e),
+                Err(e) => {
+                    self.metrics.protocol_errors_client.inc();
+                    return End::ClientViolation(PgError::protocol_violation(e.to_string()));
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, ty: u8, bytes: &[u8], out: &mut BytesMut) -> Result<Flow, PgError> {
+        let body = &bytes[5..];
+        let violation = |what: &str, e: codec::DecodeError| {
+            PgError::protocol_violation(format!("invalid {what} message: {e}"))
+        };
+        match ty {
+            b'Q' => {
+                let sql = codec::query_text(body).map_err(|e| violation("Query", e))?;
+                self.metrics.statements_simple.inc();
+                match self.gate.judge(sql) {
+                    Verdict::Allow => out.extend_from_slice(bytes),
+                    Verdict::Refuse(err) => self.refuse_query(err, out),
+                }
+            }
+            b'P' => {
+                let parse = codec::parse(body).map_err(|e| violation("Parse", e))?;
+                match self.gate.judge(parse.query) {
+                    Verdict::Allow => out.extend_from_slice(bytes),
+                    Verdict::Refuse(err) => self.refuse_parse(parse.statement, err, out),
+                }
+            }
+            b'E' => {
+                self.metrics.statements_extended.inc();
+                out.extend_from_slice(bytes);
+            }
+            // Built-in deny: FunctionCall calls a function by OID with no SQL
+            // text for the policy to inspect.
+            b'F' => {
+                let err = PgError::denied(
+                    "the FunctionCall protocol message is not allowed (built-in rule)",
+                );
+                self.refuse_query(err, out);
+            }
+            b'X' => return Ok(Flow::Terminate),
+            b'p' => {
+                return Err(PgError::protocol_violation(
+                    "unexpected password message after authentication",
+                ))
+            }
+            // Bind, Describe, Close, Sync, Flush, CopyData/Done/Fail: the
+            // statement they refer to was judged at Parse or Query.
+            _ => out.extend_from_slice(bytes),
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn sentinel(&mut self, err: PgError) -> String {
+        self.metrics.statements_refused.inc();
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        // Sent before the sentinel's bytes go out, so the upstream half always
+        // finds it. A closed channel means that half is gone; nothing to do.
+        let _ = self.refusals.send(Pending { seq, error: err });
+        sentinel_text(self.nonce, seq)
+    }
+
+    fn refuse_query(&mut self, err: PgError, out: &mut BytesMut) {
+        let text = self.sentinel(err);
+        codec::put_query(&text, out);
+    }
+
+    fn refuse_parse(&mut self, statement: &str, err: PgError, out: &mut BytesMut) {
+        let text = self.sentinel(err);
+        // Same statement name, so a later Bind to it fails as it should.
+        let len = 4 + statement.len() + 1 + text.len() + 1 + 2;
+        out.put_u8(b'P');
+        out.put_i32(len as i32);
+        out.put_slice(statement.as_bytes());
+        out.put_u8(0);
+        out.put_slice(text.as_bytes());
+        out.put_u8(0);
+        out.put_i16(0);
+    }
+}
+
+enum Flow {
+    Continue,
+    Terminate,
+}
+
+/// A bare identifier is never a valid statement, so the server always answers
+/// it with a syntax error that quotes it. Kept under 63 bytes so it is not
+/// truncated as an identifier.
+fn sentinel_text(nonce: &str, seq: u64) -> String {
+    let mut s = String::with_capacity(56);
+    let _ = write!(s, "pgwarden_refused_{nonce}_{seq}");
+    s
+}
+
+/// Find our sentinel's sequence number in a server error message.
+fn sentinel_seq(message: &str, nonce: &str) -> Option<u64> {
+    let marker = format!("pgwarden_refused_{nonce}_");
+    let at = message.find(&marker)? + marker.len();
+    let digits: String = message[at..].chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+async fn write<W: AsyncWrite + Unpin>(w: &mut W, out: &mut BytesMut) -> std::io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    w.write_all(out).await?;
+    // A no-op on TCP; pushes buffered records out on TLS.
+    w.flush().await?;
+    out.clear();
+    Ok(())
+}
+
+// === upstream → client ===
+
+struct Backend<'a> {
+    metrics: &'a Metrics,
+    nonce: &'a str,
+    refusals: mpsc::UnboundedReceiver<Pending>,
+    pending: VecDeque<Pending>,
+    status: TxStatus,
+    filter: ResultFilter,
+}
+
+impl Backend<'_> {
+    async fn run<R, W>(mut self, r: &mut R, mut frames: FrameBuf, w: &mut W) -> End
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut out = BytesMut::with_capacity(crate::wire::conn::READ_CHUNK);
+        loop {
+            loop {
+                let frame = match frames.cut() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.metrics.protocol_errors_upstream.inc();
+                        return End::UpstreamFailed(format!("invalid message from the upstream server: {e}"));
+                    }
+                };
+                let bytes = &frames.buffered()[..frame.wire_len];
+                if let Err(why) = self.on_message(frame.ty, bytes, &mut out) {
+                    self.metrics.protocol_errors_upstream.inc();
+                    return End::UpstreamFailed(why);
+                }
+                frames.consume(frame.wire_len);
+            }
+            let n = out.len();
+            if let Err(e) = write(w, &mut out).await {
+                return End::ClientIo(e);
+            }
+            self.metrics.bytes_to_client.inc_by(n as u64);
+            match frames.fill(r).await {
+                Ok(true) => {}
+                Ok(false) => return End::UpstreamClosed,
+                Err(ReadError::Io(e)) => {
+                    return End::UpstreamFailed(format!("upstream connection failed: {e}"))
+                }
+                Err(e) => {
+                    self.metrics.protocol_errors_upstream.inc();
+                    return End::UpstreamFailed(format!("invalid message from the upstream server: {e}"));
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, ty: u8, bytes: &[u8], out: &mut BytesMut) -> Result<(), String> {
+        let body = &bytes[5..];
+        match ty {
+            b'E' => {
+                while let Ok(p) = self.refusals.try_recv() {
+                    self.pending.push_back(p);
+                    if self.pending.len() > MAX_PENDING {
+                        self.pending.pop_front();
+                    }
+                }
+                if !self.pending.is_empty() {
+                    if let Some(err) = self.match_refusal(body)? {
+                        codec::put_error(&err, out);
+                        return Ok(());
+                    }
+                }
+                out.extend_from_slice(bytes);
+            }
+            b'Z' => {
+                self.status = codec::ready_for_query(body).map_err(|e| e.to_string())?;
+                out.extend_from_slice(bytes);
+            }
+            // Results: the masking stage decides what leaves the proxy.
+            b'T' | b'D' => self.filter.filter(ty, bytes, out),
+            _ => out.extend_from_slice(bytes),
+        }
+        Ok(())
+    }
+
+    /// If this error answers one of our sentinels, the refusal to send instead.
+    fn match_refusal(&mut self, body: &[u8]) -> Result<Option<PgError>, String> {
+        let fields = codec::notice_fields(body).map_err(|e| e.to_string())?;
+        let Some(seq) = fields
+            .iter()
+            .filter(|(code, _)| *code == b'M')
+            .find_map(|(_, m)| sentinel_seq(m, self.nonce))
+        else {
+            return Ok(None);
+        };
+        // Earlier sentinels were discarded by the server (it was skipping to
+        // Sync after an earlier error); their clients already got that error.
+        while let Some(p) = self.pending.pop_front() {
+            if p.seq == seq {
+                return Ok(Some(p.error));
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentinel_is_short_and_found_in_a_syntax_error() {
+        let nonce = "0123456789abcdef";
+        let s = sentinel_text(nonce, u64::MAX);
+        assert!(s.len() < 63, "{} bytes", s.len());
+        let msg = format!("syntax error at or near \"{s}\"");
+        assert_eq!(sentinel_seq(&msg, nonce), Some(u64::MAX));
+        assert_eq!(sentinel_seq(&msg, "fedcba9876543210"), None);
+        assert_eq!(sentinel_seq("syntax error at or near \"pgwarden_refused_\"", nonce), None);
+    }
+}

@@ -1,0 +1,285 @@
+//! The upstream side: open a connection to the real server and log in with the
+//! credential the client never sees.
+
+mod auth;
+pub mod tls;
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::Secret;
+use crate::transport::{MaybeTls, UpstreamStream};
+use crate::wire::codec::{self, TxStatus};
+use crate::wire::conn::{FrameBuf, ReadError};
+use crate::wire::{Direction, Limits, PgError};
+
+pub use auth::AuthError;
+use auth::{Login, Step};
+use tls::UpstreamTls;
+
+/// Connecting and logging in must not hang a client forever.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub username: String,
+    pub password: Secret,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where and how to reach the real server.
+#[derive(Debug, Clone)]
+pub struct UpstreamTarget {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub credential: Credential,
+    pub tls: UpstreamTls,
+}
+
+/// The server's cancel key for a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendKey {
+    pub pid: i32,
+    pub secret: Vec<u8>,
+}
+
+/// A logged-in upstream session, ready for queries.
+pub struct Upstream {
+    pub stream: UpstreamStream,
+    /// ParameterStatus messages as sent, to forward to the client verbatim.
+    pub parameter_status: Vec<BytesMut>,
+    /// NoticeResponses sent during login.
+    pub notices: Vec<BytesMut>,
+    pub key: Option<BackendKey>,
+    pub status: TxStatus,
+    /// Bytes the server sent after ReadyForQuery (asynchronous messages).
+    pub leftover: BytesMut,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot reach the upstream server {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to the upstream server {0}")]
+    Timeout(String),
+    #[error("the upstream server does not accept TLS, but database.tls requires it")]
+    TlsRefused,
+    #[error("TLS handshake with the upstream server failed: {0}")]
+    Tls(std::io::Error),
+    #[error("invalid upstream host name for TLS: {0}")]
+    ServerName(String),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// The server answered the login with an ErrorResponse.
+    #[error("the upstream server refused the connection: {code} {message}")]
+    Refused { code: String, message: String },
+    #[error("the upstream server broke the protocol: {0}")]
+    Protocol(String),
+    #[error("upstream I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<ReadError> for UpstreamError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Io(e) => UpstreamError::Io(e),
+            other => UpstreamError::Protocol(other.to_string()),
+        }
+    }
+}
+
+impl UpstreamError {
+    /// Short label for metrics (bounded set, no values).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect { .. } | UpstreamError::Timeout(_) => "connect",
+            UpstreamError::TlsRefused | UpstreamError::Tls(_) | UpstreamError::ServerName(_) => {
+                "tls"
+            }
+            UpstreamError::Auth(_) => "auth",
+            UpstreamError::Refused { .. } => "refused",
+            UpstreamError::Protocol(_) => "protocol",
+            UpstreamError::Io(_) => "io",
+        }
+    }
+
+    /// What the client is told. The server's words are passed on except for
+    /// authentication failures, which only say the gateway's credential was
+    /// refused: the client has no business learning about that credential.
+    pub fn to_client_error(&self) -> PgError {
+        match self {
+            UpstreamError::Connect { .. } | UpstreamError::Timeout(_) => {
+                PgError::upstream_unreachable(self.to_string())
+            }
+            UpstreamError::Refused { code, .. } if code.starts_with("28") => {
+                PgError::upstream_failed(format!(
+                    "the upstream server refused the gateway's credential (SQLSTATE {code})"
+                ))
+                .with_hint("an administrator must check the credentialsSecret of this policy")
+            }
+            UpstreamError::Auth(_) => PgError::upstream_failed(format!(
+                "login to the upstream server failed: {self}"
+            )),
+            _ => PgError::upstream_failed(self.to_string()),
+        }
+    }
+}
+
+/// Open a TCP connection, with TLS when configured.
+async fn open(target: &UpstreamTarget) -> Result<(UpstreamStream, Option<Vec<u8>>), UpstreamError> {
+    let addr = format!("{}:{}", target.host, target.port);
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((target.host.as_str(), target.port)))
+        .await
+        .map_err(|_| UpstreamError::Timeout(addr.clone()))?
+        .map_err(|source| UpstreamError::Connect { addr, source })?;
+    // Small request/response messages: never wait for Nagle.
+    tcp.set_nodelay(true)?;
+    let UpstreamTls::Enabled(config) = &target.tls else {
+        return Ok((MaybeTls::Plain(tcp), None));
+    };
+    let mut tcp = tcp;
+    let mut req = BytesMut::new();
+    codec::put_ssl_request(&mut req);
+    tcp.write_all(&req).await?;
+    let answer = tcp.read_u8().await?;
+    if answer != b'S' {
+        return Err(UpstreamError::TlsRefused);
+    }
+    let name = ServerName::try_from(target.host.clone())
+        .map_err(|_| UpstreamError::ServerName(target.host.clone()))?;
+    let tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(UpstreamError::Tls)?;
+    let binding = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| tls::server_end_point_hash(c.as_ref()));
+    Ok((MaybeTls::Tls(Box::new(tls)), binding))
+}
+
+/// Connect and log in. `params` are the startup parameters to send (already
+/// filtered; user and database are added here from the policy).
+pub async fn connect(
+    target: &UpstreamTarget,
+    params: &[(String, String)],
+    limits: Limits,
+) -> Result<Upstream, UpstreamError> {
+    tokio::time::timeout(LOGIN_TIMEOUT, connect_inner(target, params, limits))
+        .await
+        .map_err(|_| UpstreamError::Timeout(format!("{}:{}", target.host, target.port)))?
+}
+
+async fn connect_inner(
+    target: &UpstreamTarget,
+    params: &[(String, String)],
+    limits: Limits,
+) -> Result<Upstream, UpstreamError> {
+    let (mut stream, binding) = open(target).await?;
+    let mut all = vec![
+        ("user".to_owned(), target.credential.username.clone()),
+        ("database".to_owned(), target.database.clone()),
+    ];
+    all.extend(params.iter().cloned());
+    let mut out = BytesMut::new();
+    codec::put_startup(&all, &mut out);
+    stream.write_all(&out).await?;
+    stream.flush().await?;
+
+    let mut login = Login::new(&target.credential, binding);
+    let mut frames = FrameBuf::new(Direction::Backend, limits);
+    let mut up = Upstream {
+        stream,
+        parameter_status: Vec::new(),
+        notices: Vec::new(),
+        key: None,
+        status: TxStatus::Idle,
+        leftover: BytesMut::new(),
+    };
+    let mut authenticated = false;
+    loop {
+        let Some((frame, bytes)) = frames.next(&mut up.stream).await? else {
+            return Err(UpstreamError::Protocol("connection closed during login".into()));
+        };
+        let body = frame.body(&bytes);
+        let bad = |e: codec::DecodeError| UpstreamError::Protocol(e.to_string());
+        match frame.ty {
+            b'R' if !authenticated => match login.step(codec::auth_request(body).map_err(bad)?)? {
+                Step::Send(msg) => {
+                    up.stream.write_all(&msg).await?;
+                    up.stream.flush().await?;
+                }
+                Step::Wait => {}
+                Step::Authenticated => authenticated = true,
+            },
+            b'E' => {
+                let fields = codec::notice_fields(body).map_err(bad)?;
+                let get = |c: u8| {
+                    fields
+                        .iter()
+                        .find(|(k, _)| *k == c)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                };
+                return Err(UpstreamError::Refused {
+                    code: get(b'C'),
+                    message: get(b'M'),
+                });
+            }
+            b'N' => up.notices.push(bytes),
+            b'S' if authenticated => {
+                codec::parameter_status(body).map_err(bad)?;
+                up.parameter_status.push(bytes);
+            }
+            b'K' if authenticated => {
+                let (pid, secret) = codec::backend_key_data(body).map_err(bad)?;
+                up.key = Some(BackendKey { pid, secret });
+            }
+            b'Z' if authenticated => {
+                up.status = codec::ready_for_query(body).map_err(bad)?;
+                up.leftover = frames.into_bytes();
+                return Ok(up);
+            }
+            // We asked for 3.0 with no protocol options; tolerate the answer.
+            b'v' => {}
+            other => {
+                return Err(UpstreamError::Protocol(format!(
+                    "unexpected message '{}' during login",
+                    char::from(other)
+                )))
+            }
+        }
+    }
+}
+
+/// Forward a cancel request to the server, over TLS when the policy uses TLS
+/// (a server that only accepts hostssl would drop a plain one).
+pub async fn cancel(target: &UpstreamTarget, key: &BackendKey) -> Result<(), UpstreamError> {
+    let (mut stream, _) = open(target).await?;
+    let mut out = BytesMut::new();
+    codec::put_cancel_request(key.pid, &key.secret, &mut out);
+    stream.write_all(&out).await?;
+    stream.flush().await?;
+    // The server closes without answering; wait briefly so the packet is read.
+    let mut sink = [0u8; 1];
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
+    Ok(())
+}

@@ -1,0 +1,432 @@
+//! Decoders for the messages the proxy reads, and encoders for the ones it writes.
+//!
+//! Reading is done here with a strict cursor, never with pgwire's decoders: those
+//! panic on some malformed bodies (an ErrorResponse without its terminator,
+//! a 'p' of length 3) and decode text lossily. Every decoder takes exactly one
+//! framed body and fails on missing terminators, invalid UTF-8 or leftover bytes.
+//! Writing uses pgwire's message types (DESIGN §7) so encodings stay standard.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use pgwire::messages::{
+    response::{ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus},
+    simplequery::Query,
+    startup::{
+        Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, Password,
+        SASLInitialResponse, SASLResponse, SecretKey,
+    },
+    Message,
+};
+
+use super::pg_error::PgError;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message truncated")]
+    Truncated,
+    #[error("string is not NUL-terminated")]
+    MissingNul,
+    #[error("string is not valid UTF-8")]
+    InvalidUtf8,
+    #[error("{0} unexpected trailing bytes")]
+    Trailing(usize),
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+/// A bounds-checked cursor over one message body.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Reader { buf }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if n > self.buf.len() {
+            return Err(DecodeError::Truncated);
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    pub fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.bytes(1)?[0])
+    }
+
+    pub fn i16(&mut self) -> Result<i16, DecodeError> {
+        let b = self.bytes(2)?;
+        Ok(i16::from_be_bytes([b[0], b[1]]))
+    }
+
+    pub fn i32(&mut self) -> Result<i32, DecodeError> {
+        let b = self.bytes(4)?;
+        Ok(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// A NUL-terminated byte string (without the NUL).
+    pub fn cstr_bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+        let end = self
+            .buf
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or(DecodeError::MissingNul)?;
+        let s = &self.buf[..end];
+        self.buf = &self.buf[end + 1..];
+        Ok(s)
+    }
+
+    pub fn cstr(&mut self) -> Result<&'a str, DecodeError> {
+        std::str::from_utf8(self.cstr_bytes()?).map_err(|_| DecodeError::InvalidUtf8)
+    }
+
+    pub fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.buf)
+    }
+
+    /// Every decoder ends here: bytes after the last field are an error, not
+    /// something to ignore (they could be a second message smuggled in one frame).
+    pub fn finish(self) -> Result<(), DecodeError> {
+        match self.buf.len() {
+            0 => Ok(()),
+            n => Err(DecodeError::Trailing(n)),
+        }
+    }
+}
+
+// === frontend messages ===
+
+/// Body of a Query ('Q'): exactly one NUL-terminated UTF-8 string.
+pub fn query_text(body: &[u8]) -> Result<&str, DecodeError> {
+    let mut r = Reader::new(body);
+    let sql = r.cstr()?;
+    r.finish()?;
+    Ok(sql)
+}
+
+/// The parts of a Parse ('P') the proxy needs.
+#[derive(PartialEq, Eq)]
+pub struct Parse<'a> {
+    pub statement: &'a str,
+    pub query: &'a str,
+    pub param_types: Vec<u32>,
+}
+
+pub fn parse(body: &[u8]) -> Result<Parse<'_>, DecodeError> {
+    let mut r = Reader::new(body);
+    let statement = r.cstr()?;
+    let query = r.cstr()?;
+    let n = r.i16()?;
+    let n = usize::try_from(n).map_err(|_| DecodeError::Invalid("negative parameter count"))?;
+    // Each type OID is 4 bytes: check before allocating for a peer-supplied count.
+    let raw = r.bytes(n.checked_mul(4).ok_or(DecodeError::Truncated)?)?;
+    r.finish()?;
+    let param_types = raw
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok(Parse {
+        statement,
+        query,
+        param_types,
+    })
+}
+
+/// A PasswordMessage carrying a cleartext password (or token).
+pub fn password(body: &[u8]) -> Result<&str, DecodeError> {
+    let mut r = Reader::new(body);
+    let p = r.cstr()?;
+    r.finish()?;
+    Ok(p)
+}
+
+// === backend messages ===
+
+/// Authentication request from the upstream server ('R').
+#[derive(Debug, PartialEq, Eq)]
+pub enum AuthRequest<'a> {
+    Ok,
+    Cleartext,
+    Md5 { salt: [u8; 4] },
+    Sasl { mechanisms: Vec<&'a str> },
+    SaslContinue(&'a [u8]),
+    SaslFinal(&'a [u8]),
+    Unsupported(i32),
+}
+
+pub fn auth_request(body: &[u8]) -> Result<AuthRequest<'_>, DecodeError> {
+    let mut r = Reader::new(body);
+    let req = match r.i32()? {
+        0 => AuthRequest::Ok,
+        3 => AuthRequest::Cleartext,
+        5 => {
+            let s = r.bytes(4)?;
+            AuthRequest::Md5 {
+                salt: [s[0], s[1], s[2], s[3]],
+            }
+        }
+        10 => {
+            let mut mechanisms = Vec::new();
+            loop {
+                let m = r.cstr()?;
+                if m.is_empty() {
+                    break;
+                }
+                mechanisms.push(m);
+            }
+            AuthRequest::Sasl { mechanisms }
+        }
+        11 => AuthRequest::SaslContinue(r.rest()),
+        12 => AuthRequest::SaslFinal(r.rest()),
+        other => {
+            r.rest();
+            AuthRequest::Unsupported(other)
+        }
+    };
+    r.finish()?;
+    Ok(req)
+}
+
+pub fn parameter_status(body: &[u8]) -> Result<(&str, &str), DecodeError> {
+    let mut r = Reader::new(body);
+    let name = r.cstr()?;
+    let value = r.cstr()?;
+    r.finish()?;
+    Ok((name, value))
+}
+
+/// BackendKeyData: pid and the secret (4 bytes in protocol 3.0).
+pub fn backend_key_data(body: &[u8]) -> Result<(i32, Vec<u8>), DecodeError> {
+    let mut r = Reader::new(body);
+    let pid = r.i32()?;
+    let secret = r.rest().to_vec();
+    if secret.len() < 4 {
+        return Err(DecodeError::Invalid("cancel key shorter than 4 bytes"));
+    }
+    Ok((pid, secret))
+}
+
+pub fn ready_for_query(body: &[u8]) -> Result<TxStatus, DecodeError> {
+    let mut r = Reader::new(body);
+    let s = TxStatus::from_byte(r.u8()?).ok_or(DecodeError::Invalid("bad transaction status"))?;
+    r.finish()?;
+    Ok(s)
+}
+
+/// Fields of an ErrorResponse/NoticeResponse as (code, text). Text is decoded
+/// lossily: it is only ever shown to a human, never used for a decision.
+pub fn notice_fields(body: &[u8]) -> Result<Vec<(u8, String)>, DecodeError> {
+    let mut r = Reader::new(body);
+    let mut fields = Vec::new();
+    loop {
+        let code = r.u8()?;
+        if code == 0 {
+            break;
+        }
+        let v = r.cstr_bytes()?;
+        fields.push((code, String::from_utf8_lossy(v).into_owned()));
+    }
+    r.finish()?;
+    Ok(fields)
+}
+
+/// Transaction status carried by ReadyForQuery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxStatus {
+    Idle,
+    InTransaction,
+    Failed,
+}
+
+impl TxStatus {
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            b'I' => Some(TxStatus::Idle),
+            b'T' => Some(TxStatus::InTransaction),
+            b'E' => Some(TxStatus::Failed),
+            _ => None,
+        }
+    }
+
+    fn to_pgwire(self) -> TransactionStatus {
+        match self {
+            TxStatus::Idle => TransactionStatus::Idle,
+            TxStatus::InTransaction => TransactionStatus::Transaction,
+            TxStatus::Failed => TransactionStatus::Error,
+        }
+    }
+}
+
+// === encoders ===
+//
+// pgwire only fails to encode when a message exceeds its own size limit; the
+// messages built here are small and bounded, so a failure is a bug of ours.
+
+fn put<M: Message>(m: &M, out: &mut BytesMut) {
+    if let Err(e) = m.encode(out) {
+        tracing::error!(error = %e, "encoding a proxy-built message failed");
+    }
+}
+
+pub fn put_error(err: &PgError, out: &mut BytesMut) {
+    put(&ErrorResponse::new(err.fields()), out);
+}
+
+pub fn put_notice(err: &PgError, out: &mut BytesMut) {
+    put(&NoticeResponse::new(err.fields()), out);
+}
+
+pub fn put_auth_ok(out: &mut BytesMut) {
+    put(&Authentication::Ok, out);
+}
+
+pub fn put_auth_cleartext_request(out: &mut BytesMut) {
+    put(&Authentication::CleartextPassword, out);
+}
+
+pub fn put_parameter_status(name: &str, value: &str, out: &mut BytesMut) {
+    put(&ParameterStatus::new(name.into(), value.into()), out);
+}
+
+pub fn put_backend_key_data(pid: i32, secret: i32, out: &mut BytesMut) {
+    put(&BackendKeyData::new(pid, SecretKey::I32(secret)), out);
+}
+
+pub fn put_ready_for_query(status: TxStatus, out: &mut BytesMut) {
+    put(&ReadyForQuery::new(status.to_pgwire()), out);
+}
+
+pub fn put_negotiate_protocol_version(minor: i32, unsupported: Vec<String>, out: &mut BytesMut) {
+    put(&NegotiateProtocolVersion::new(minor, unsupported), out);
+}
+
+pub fn put_query(sql: &str, out: &mut BytesMut) {
+    put(&Query::new(sql.into()), out);
+}
+
+pub fn put_password(password: &str, out: &mut BytesMut) {
+    put(&Password::new(password.into()), out);
+}
+
+pub fn put_sasl_initial(mechanism: &str, data: &[u8], out: &mut BytesMut) {
+    put(
+        &SASLInitialResponse::new(mechanism.into(), Some(Bytes::copy_from_slice(data))),
+        out,
+    );
+}
+
+pub fn put_sasl_response(data: &[u8], out: &mut BytesMut) {
+    put(&SASLResponse::new(Bytes::copy_from_slice(data)), out);
+}
+
+/// Protocol codes carried in the first word of a startup-phase packet.
+pub const PROTOCOL_3_0: i32 = 196_608;
+pub const SSL_REQUEST: i32 = 80_877_103;
+pub const GSSENC_REQUEST: i32 = 80_877_104;
+pub const CANCEL_REQUEST: i32 = 80_877_102;
+
+/// StartupMessage for protocol 3.0 with the given parameters, in order.
+pub fn put_startup(params: &[(String, String)], out: &mut BytesMut) {
+    let body_len: usize = 4 + params.iter().map(|(k, v)| k.len() + v.len() + 2).sum::<usize>() + 1;
+    out.put_i32((4 + body_len) as i32);
+    out.put_i32(PROTOCOL_3_0);
+    for (k, v) in params {
+        out.put_slice(k.as_bytes());
+        out.put_u8(0);
+        out.put_slice(v.as_bytes());
+        out.put_u8(0);
+    }
+    out.put_u8(0);
+}
+
+pub fn put_ssl_request(out: &mut BytesMut) {
+    out.put_i32(8);
+    out.put_i32(SSL_REQUEST);
+}
+
+pub fn put_cancel_request(pid: i32, secret: &[u8], out: &mut BytesMut) {
+    out.put_i32((12 + secret.len()) as i32);
+    out.put_i32(CANCEL_REQUEST);
+    out.put_i32(pid);
+    out.put_slice(secret);
+}
+
+/// A startup-phase packet from a client, decoded.
+#[derive(PartialEq, Eq)]
+pub enum StartupPacket {
+    Ssl,
+    GssEnc,
+    Cancel { pid: i32, secret: Vec<u8> },
+    Startup { minor: u16, params: Vec<(String, String)> },
+    UnsupportedVersion(i32),
+}
+
+// Debug must not print parameter values (they could include a password via
+// `options`); the names are enough to diagnose.
+impl std::fmt::Debug for StartupPacket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartupPacket::Ssl => f.write_str("SSLRequest"),
+            StartupPacket::GssEnc => f.write_str("GSSENCRequest"),
+            StartupPacket::Cancel { .. } => f.write_str("CancelRequest"),
+            StartupPacket::Startup { minor, params } => f
+                .debug_struct("Startup")
+                .field("minor", minor)
+                .field("params", &params.iter().map(|(k, _)| k).collect::<Vec<_>>())
+                .finish(),
+            StartupPacket::UnsupportedVersion(v) => write!(f, "UnsupportedVersion({v})"),
+        }
+    }
+}
+
+/// Decode a whole startup-phase packet (length word included).
+pub fn startup_packet(packet: &[u8]) -> Result<StartupPacket, DecodeError> {
+    let mut r = Reader::new(packet);
+    r.i32()?; // length, already checked by framing
+    let code = r.i32()?;
+    let pkt = match code {
+        SSL_REQUEST => StartupPacket::Ssl,
+        GSSENC_REQUEST => StartupPacket::GssEnc,
+        CANCEL_REQUEST => {
+            let pid = r.i32()?;
+            let secret = r.rest().to_vec();
+            if !(4..=256).contains(&secret.len()) {
+                return Err(DecodeError::Invalid("bad cancel key length"));
+            }
+            StartupPacket::Cancel { pid, secret }
+        }
+        v if v >> 16 == 3 => {
+            let mut params: Vec<(String, String)> = Vec::new();
+            loop {
+                let k = r.cstr()?;
+                if k.is_empty() {
+                    break;
+                }
+                let v = r.cstr()?;
+                if params.iter().any(|(pk, _)| pk == k) {
+                    return Err(DecodeError::Invalid("duplicate startup parameter"));
+                }
+                params.push((k.to_owned(), v.to_owned()));
+            }
+            StartupPacket::Startup {
+                minor: (v & 0xffff) as u16,
+                params,
+            }
+        }
+        other => {
+            r.rest();
+            StartupPacket::UnsupportedVersion(other)
+        }
+    };
+    r.finish()?;
+    Ok(pkt)
+}
+
+#[cfg(test)]
+mod tests;
