@@ -1,1 +1,151 @@
 use super::*;
+use proptest::prelude::*;
+
+#[test]
+fn query_text_is_exactly_one_terminated_string() {
+    assert_eq!(query_text(b"SELECT 1\0"), Ok("SELECT 1"));
+    // pgwire reads this as two messages; we refuse it.
+    assert_eq!(query_text(b"SELECT 1\0DROP TABLE t\0"), Err(DecodeError::Trailing(13)));
+    assert_eq!(query_text(b"SELECT 1"), Err(DecodeError::MissingNul));
+    assert_eq!(query_text(b"SELECT '\xff'\0"), Err(DecodeError::InvalidUtf8));
+    assert_eq!(query_text(b"\0"), Ok(""));
+}
+
+#[test]
+fn parse_checks_counts_before_allocating() {
+    let mut ok = b"s1\0SELECT $1\0".to_vec();
+    ok.extend_from_slice(&1i16.to_be_bytes());
+    ok.extend_from_slice(&23u32.to_be_bytes());
+    let p = parse(&ok).unwrap();
+    assert_eq!((p.statement, p.query, p.param_types), ("s1", "SELECT $1", vec![23]));
+
+    // A claimed 32767 parameter types with none present: truncated, not a 128 KiB vector.
+    let mut huge = b"\0SELECT 1\0".to_vec();
+    huge.extend_from_slice(&i16::MAX.to_be_bytes());
+    assert_eq!(parse(&huge).err(), Some(DecodeError::Truncated));
+
+    let mut neg = b"\0SELECT 1\0".to_vec();
+    neg.extend_from_slice(&(-1i16).to_be_bytes());
+    assert!(parse(&neg).is_err());
+
+    let mut trailing = b"\0SELECT 1\0\0\0".to_vec();
+    trailing.push(b'x');
+    assert_eq!(parse(&trailing).err(), Some(DecodeError::Trailing(1)));
+}
+
+fn startup_bytes(code: i32, rest: &[u8]) -> Vec<u8> {
+    let mut b = ((rest.len() + 8) as i32).to_be_bytes().to_vec();
+    b.extend_from_slice(&code.to_be_bytes());
+    b.extend_from_slice(rest);
+    b
+}
+
+#[test]
+fn startup_packets_decode_strictly() {
+    let s = startup_packet(&startup_bytes(PROTOCOL_3_0, b"user\0u\0database\0shop\0\0")).unwrap();
+    assert_eq!(
+        s,
+        StartupPacket::Startup {
+            minor: 0,
+            params: vec![("user".into(), "u".into()), ("database".into(), "shop".into())]
+        }
+    );
+    // 3.2 is recognised (we answer NegotiateProtocolVersion).
+    assert!(matches!(
+        startup_packet(&startup_bytes(196_610, b"user\0u\0\0")),
+        Ok(StartupPacket::Startup { minor: 2, .. })
+    ));
+    assert_eq!(
+        startup_packet(&startup_bytes(0x0002_0000, b"")),
+        Ok(StartupPacket::UnsupportedVersion(0x0002_0000))
+    );
+    // Duplicate keys could mean different things to proxy and server.
+    assert!(startup_packet(&startup_bytes(PROTOCOL_3_0, b"user\0a\0user\0b\0\0")).is_err());
+    // Missing final terminator.
+    assert!(startup_packet(&startup_bytes(PROTOCOL_3_0, b"user\0a\0")).is_err());
+    // Bytes after the terminator.
+    assert!(startup_packet(&startup_bytes(PROTOCOL_3_0, b"user\0a\0\0zz")).is_err());
+    assert_eq!(startup_packet(&startup_bytes(SSL_REQUEST, b"")), Ok(StartupPacket::Ssl));
+    assert!(startup_packet(&startup_bytes(SSL_REQUEST, b"x")).is_err());
+    let cancel = startup_packet(&startup_bytes(CANCEL_REQUEST, &[0, 0, 0, 7, 1, 2, 3, 4])).unwrap();
+    assert_eq!(cancel, StartupPacket::Cancel { pid: 7, secret: vec![1, 2, 3, 4] });
+    assert!(startup_packet(&startup_bytes(CANCEL_REQUEST, &[0, 0, 0, 7, 1])).is_err());
+}
+
+#[test]
+fn startup_debug_hides_values() {
+    let s = startup_packet(&startup_bytes(PROTOCOL_3_0, b"user\0u\0options\0-c password=hunter2\0\0")).unwrap();
+    let shown = format!("{s:?}");
+    assert!(shown.contains("options"));
+    assert!(!shown.contains("hunter2"), "{shown}");
+}
+
+#[test]
+fn auth_requests_decode() {
+    let mut md5 = 5i32.to_be_bytes().to_vec();
+    md5.extend_from_slice(&[9, 8, 7, 6]);
+    assert_eq!(auth_request(&md5), Ok(AuthRequest::Md5 { salt: [9, 8, 7, 6] }));
+    let mut sasl = 10i32.to_be_bytes().to_vec();
+    sasl.extend_from_slice(b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0");
+    assert_eq!(
+        auth_request(&sasl),
+        Ok(AuthRequest::Sasl { mechanisms: vec!["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"] })
+    );
+    assert_eq!(auth_request(&0i32.to_be_bytes()), Ok(AuthRequest::Ok));
+    assert!(auth_request(&[0, 0, 0]).is_err());
+    assert!(auth_request(&5i32.to_be_bytes()).is_err()); // md5 without salt
+    let mut trailing = 0i32.to_be_bytes().to_vec();
+    trailing.push(1);
+    assert!(auth_request(&trailing).is_err());
+}
+
+#[test]
+fn notice_fields_need_their_terminator() {
+    // pgwire's ErrorResponse decoder panics on this; ours returns an error.
+    assert!(notice_fields(b"SERROR\0").is_err());
+    assert!(notice_fields(b"").is_err());
+    assert!(notice_fields(b"SERROR").is_err());
+    assert_eq!(notice_fields(b"\0"), Ok(vec![]));
+}
+
+#[test]
+fn errors_we_build_decode_back_to_the_same_fields() {
+    let err = PgError::denied("no").with_detail("d").with_hint("h");
+    let mut out = BytesMut::new();
+    put_error(&err, &mut out);
+    assert_eq!(out[0], b'E');
+    let len = i32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize;
+    assert_eq!(len + 1, out.len());
+    let fields = notice_fields(&out[5..]).unwrap();
+    assert_eq!(fields, err.fields());
+    assert!(fields.contains(&(b'C', "42501".into())));
+    assert!(fields.contains(&(b'S', "ERROR".into())));
+}
+
+#[test]
+fn startup_we_send_is_one_well_formed_packet() {
+    let mut out = BytesMut::new();
+    put_startup(&[("user".into(), "app".into()), ("database".into(), "shop".into())], &mut out);
+    assert_eq!(crate::wire::frame::cut_startup(&out), Ok(Some(out.len())));
+    assert!(matches!(startup_packet(&out), Ok(StartupPacket::Startup { minor: 0, .. })));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 4000, ..ProptestConfig::default() })]
+
+    /// No decoder panics on any body.
+    #[test]
+    fn decoders_never_panic(body in proptest::collection::vec(any::<u8>(), 0..48)) {
+        let _ = query_text(&body);
+        let _ = parse(&body);
+        let _ = password(&body);
+        let _ = auth_request(&body);
+        let _ = parameter_status(&body);
+        let _ = backend_key_data(&body);
+        let _ = ready_for_query(&body);
+        let _ = notice_fields(&body);
+        let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&body);
+        let _ = startup_packet(&packet);
+    }
+}
