@@ -52,6 +52,9 @@ struct Pending {
 /// in the same batch; keep a bounded number.
 const MAX_PENDING: usize = 1024;
 
+/// Output buffers above this size are released after being written.
+const SHRINK_ABOVE: usize = 1024 * 1024;
+
 pub struct Relay<'a> {
     pub gate: &'a Gate,
     pub metrics: &'a Metrics,
@@ -132,7 +135,7 @@ impl Frontend<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut out = BytesMut::with_capacity(crate::wire::conn::READ_CHUNK);
+        let mut out = BytesMut::new();
         loop {
             // Handle every whole message buffered, then write once.
             loop {
@@ -281,6 +284,11 @@ async fn write<W: AsyncWrite + Unpin>(w: &mut W, out: &mut BytesMut) -> std::io:
     // A no-op on TCP; pushes buffered records out on TLS.
     w.flush().await?;
     out.clear();
+    // Give back the memory of an unusually large batch (a huge row) rather
+    // than keep it for the rest of the session.
+    if out.capacity() > SHRINK_ABOVE {
+        *out = BytesMut::new();
+    }
     Ok(())
 }
 
@@ -301,7 +309,7 @@ impl Backend<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut out = BytesMut::with_capacity(crate::wire::conn::READ_CHUNK);
+        let mut out = BytesMut::new();
         loop {
             loop {
                 let frame = match frames.cut() {

@@ -9,9 +9,11 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::frame::{self, Direction, Frame, FrameError, Limits};
 
-/// Initial and minimum free space per read. Most messages are far smaller; big
-/// results stream through in chunks of about this size.
-pub const READ_CHUNK: usize = 64 * 1024;
+/// First read size. Idle sessions stay this small (hundreds of idle clients
+/// must not cost hundreds of megabytes); a stream that keeps filling its reads
+/// doubles the size up to `MAX_READ_CHUNK`, where big results flow through.
+pub const READ_CHUNK: usize = 8 * 1024;
+pub const MAX_READ_CHUNK: usize = 128 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -27,6 +29,7 @@ pub struct FrameBuf {
     buf: BytesMut,
     dir: Direction,
     limits: Limits,
+    read_size: usize,
 }
 
 impl FrameBuf {
@@ -35,6 +38,7 @@ impl FrameBuf {
             buf: BytesMut::with_capacity(READ_CHUNK),
             dir,
             limits,
+            read_size: READ_CHUNK,
         }
     }
 
@@ -68,9 +72,17 @@ impl FrameBuf {
     pub async fn fill<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<bool, ReadError> {
         // The header already passed `cut`, so the length is within the cap and
         // reserving for it is bounded.
-        let want = frame::missing(&self.buf).max(READ_CHUNK / 4);
+        if self.buf.is_empty() && self.buf.capacity() > 4 * MAX_READ_CHUNK {
+            // A huge message passed; do not keep its memory for the session.
+            self.buf = BytesMut::with_capacity(self.read_size);
+        }
+        let want = frame::missing(&self.buf).max(self.read_size);
         self.buf.reserve(want);
+        let room = self.buf.capacity() - self.buf.len();
         let n = r.read_buf(&mut self.buf).await?;
+        if n == room && self.read_size < MAX_READ_CHUNK {
+            self.read_size *= 2;
+        }
         if n == 0 {
             return if self.buf.is_empty() {
                 Ok(false)

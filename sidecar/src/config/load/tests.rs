@@ -1,1 +1,167 @@
 use super::*;
+use std::io::Write;
+
+const POLICY: &str = r#"
+apiVersion: pgwarden.io/v1alpha1
+kind: DatabaseAccessPolicy
+metadata: {name: p1, namespace: ci}
+spec:
+  identity: {localTrust: {subject: dev}}
+  database: {host: 127.0.0.1, port: 5432, name: shop, credentialsSecret: cred}
+  defaultAction: Allow
+"#;
+
+const SECRET: &str = r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: cred, namespace: ci}
+stringData: {username: app, password: s3cret-pw}
+"#;
+
+fn files(docs: &[&str]) -> (tempfile::TempDir, Vec<PathBuf>) {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = docs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let p = dir.path().join(format!("f{i}.yaml"));
+            std::fs::File::create(&p).unwrap().write_all(d.as_bytes()).unwrap();
+            p
+        })
+        .collect();
+    (dir, paths)
+}
+
+fn errors(docs: &[&str]) -> Vec<ConfigError> {
+    let (_d, paths) = files(docs);
+    load_files(&paths).expect_err("configuration should be refused").0
+}
+
+#[test]
+fn policy_and_secret_in_one_multi_document_file() {
+    let (_d, paths) = files(&[&format!("{POLICY}---\n{SECRET}\n---\n")]);
+    let cfg = load_files(&paths).unwrap();
+    let p = cfg.select(Some("shop")).unwrap();
+    assert_eq!(p.id, "ci/p1");
+    assert_eq!(p.upstream.credential.username, "app");
+    assert_eq!(p.upstream.credential.password.expose(), "s3cret-pw");
+    // A single policy also serves a client that names no database.
+    assert!(cfg.select(None).is_some());
+    assert!(cfg.select(Some("other")).is_none());
+    // Debug output never shows the password.
+    assert!(!format!("{cfg:?}").contains("s3cret-pw"));
+}
+
+#[test]
+fn secret_data_is_base64_decoded() {
+    // "app" and "pw-from-data"
+    let secret = r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: cred, namespace: ci}
+data: {username: YXBw, password: cHctZnJvbS1kYXRh}
+"#;
+    let (_d, paths) = files(&[POLICY, secret]);
+    let cfg = load_files(&paths).unwrap();
+    assert_eq!(cfg.policies[0].upstream.credential.password.expose(), "pw-from-data");
+}
+
+#[test]
+fn yaml_syntax_errors_name_the_file_and_line() {
+    let errs = errors(&["apiVersion: v1\nkind: [Secret\nmetadata: {}\n"]);
+    let shown = errs[0].to_string();
+    assert!(shown.contains("f0.yaml"), "{shown}");
+    assert!(shown.contains("line"), "{shown}");
+}
+
+#[test]
+fn unknown_fields_name_the_object_and_path() {
+    let bad = POLICY.replace("defaultAction: Allow", "defaultAction: Allow\n  defaultActon: Deny");
+    let errs = errors(&[&bad, SECRET]);
+    let shown = errs[0].to_string();
+    assert!(shown.contains("DatabaseAccessPolicy ci/p1"), "{shown}");
+    assert!(shown.contains("defaultActon"), "{shown}");
+    let bad = POLICY.replace("port: 5432", "port: many");
+    let e = &errors(&[&bad, SECRET])[0];
+    assert_eq!(e.path.as_deref(), Some("spec.database.port"), "{e}");
+}
+
+#[test]
+fn missing_secret_or_keys_are_named() {
+    let e = &errors(&[POLICY])[0];
+    assert_eq!(e.path.as_deref(), Some("spec.database.credentialsSecret"));
+    assert!(e.message.contains("ci/cred"), "{e}");
+    let no_pw = SECRET.replace(", password: s3cret-pw", "");
+    let e = &errors(&[POLICY, &no_pw])[0];
+    assert!(e.message.contains("\"password\""), "{e}");
+    // A Secret in another namespace does not count.
+    let other_ns = SECRET.replace("namespace: ci", "namespace: prod");
+    assert!(!errors(&[POLICY, &other_ns]).is_empty());
+}
+
+#[test]
+fn features_not_enforced_yet_are_refused_not_ignored() {
+    let cases = [
+        ("  rules:\n    - {name: r, action: Allow, statements: [SELECT]}\n", "spec.rules"),
+        ("  masking:\n    - {columns: [public.c.card], strategy: Redact}\n", "spec.masking"),
+        ("  approval: {approvers: {users: [alice]}, wait: 1m}\n", "spec.approval"),
+        ("  limits: {maxRows: 10}\n", "spec.limits"),
+        ("  recording: {resultRows: 10}\n", "spec.recording"),
+    ];
+    for (extra, path) in cases {
+        let p = format!("{POLICY}{extra}");
+        let errs = errors(&[&p, SECRET]);
+        let e = errs.iter().find(|e| e.path.as_deref() == Some(path)).unwrap_or_else(|| panic!("{path}: {errs:?}"));
+        assert!(e.message.contains("not supported"), "{e}");
+    }
+    let oidc = POLICY.replace(
+        "identity: {localTrust: {subject: dev}}",
+        "identity: {oidc: {issuer: \"https://issuer.example\", audiences: [pgwarden]}}",
+    );
+    let errs = errors(&[&oidc, SECRET]);
+    assert!(errs.iter().any(|e| e.path.as_deref() == Some("spec.identity.oidc")), "{errs:?}");
+    let deny = POLICY.replace("defaultAction: Allow", "defaultAction: Deny");
+    let errs = errors(&[&deny, SECRET]);
+    assert!(errs.iter().any(|e| e.path.as_deref() == Some("spec.defaultAction")), "{errs:?}");
+}
+
+#[test]
+fn no_policy_means_no_traffic() {
+    let e = &errors(&[SECRET])[0];
+    assert!(e.message.contains("no DatabaseAccessPolicy"), "{e}");
+    let e = &errors(&[])[0];
+    assert!(e.message.contains("no configuration file"), "{e}");
+}
+
+#[test]
+fn two_policies_for_one_database_are_ambiguous() {
+    let second = POLICY.replace("name: p1", "name: p2");
+    let errs = errors(&[POLICY, &second, SECRET]);
+    assert!(errs[0].message.contains("already served"), "{errs:?}");
+}
+
+#[test]
+fn unsupported_kinds_and_unreadable_files_are_errors() {
+    let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n";
+    let e = &errors(&[POLICY, SECRET, cm])[0];
+    assert!(e.message.contains("unsupported object v1/ConfigMap"), "{e}");
+    let e = load_files(&[PathBuf::from("/nonexistent/policy.yaml")]).unwrap_err().0;
+    assert!(e[0].to_string().contains("/nonexistent/policy.yaml"));
+}
+
+#[test]
+fn verify_full_needs_a_readable_ca() {
+    let p = POLICY.replace(
+        "credentialsSecret: cred}",
+        "credentialsSecret: cred, tls: {mode: verify-full, caFile: missing-ca.pem}}",
+    );
+    let e = &errors(&[&p, SECRET])[0];
+    assert_eq!(e.path.as_deref(), Some("spec.database.tls.caFile"), "{e}");
+    let p = POLICY.replace(
+        "credentialsSecret: cred}",
+        "credentialsSecret: cred, tls: {mode: verify-full, caSecret: ca}}",
+    );
+    let ca = "apiVersion: v1\nkind: Secret\nmetadata: {name: ca, namespace: ci}\nstringData: {ca.crt: not-a-pem}\n";
+    let e = &errors(&[&p, SECRET, ca])[0];
+    assert_eq!(e.path.as_deref(), Some("spec.database.tls"), "{e}");
+}
