@@ -85,7 +85,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
 
 /// rustls server configuration for client connections, from PEM files.
 /// ALPN "postgresql" is offered for PostgreSQL 17's direct TLS.
-pub fn server_tls(cert_pem: &std::path::Path, key_pem: &std::path::Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+pub fn server_tls(
+    cert_pem: &std::path::Path,
+    key_pem: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
     use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_pem)
         .map_err(|e| format!("{}: {e}", cert_pem.display()))?
@@ -94,7 +97,8 @@ pub fn server_tls(cert_pem: &std::path::Path, key_pem: &std::path::Path) -> Resu
     if certs.is_empty() {
         return Err(format!("{}: no certificate found", cert_pem.display()));
     }
-    let key = PrivateKeyDer::from_pem_file(key_pem).map_err(|e| format!("{}: {e}", key_pem.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key_pem).map_err(|e| format!("{}: {e}", key_pem.display()))?;
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

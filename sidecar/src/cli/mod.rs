@@ -1,5 +1,6 @@
 //! The `pgwarden` command line (DESIGN §5).
 
+mod check;
 mod run;
 
 use std::net::SocketAddr;
@@ -8,7 +9,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "pgwarden", version, about = "A PostgreSQL guard for AI agents and CI jobs")]
+#[command(
+    name = "pgwarden",
+    version,
+    about = "A PostgreSQL guard for AI agents and CI jobs"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -18,6 +23,33 @@ pub struct Cli {
 pub enum Command {
     /// Run the gateway in standalone mode from policy and Secret YAML files.
     Run(RunArgs),
+    /// Judge a statement against a policy, without a database. Exit code:
+    /// 0 allow, 1 deny, 3 require approval, 2 usage or configuration error.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// YAML file(s) with the DatabaseAccessPolicy (Secrets are not needed).
+    #[arg(short = 'f', long = "file", required = true)]
+    pub files: Vec<PathBuf>,
+    /// The SQL to judge (several statements allowed, as one Query message).
+    #[arg(long)]
+    pub sql: String,
+    /// Which policy, when the files hold several (name or namespace/name).
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// Names the session has already prepared (for judging EXECUTE).
+    #[arg(long = "prepared")]
+    pub prepared: Vec<String>,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
 }
 
 #[derive(Debug, clap::Args)]
@@ -51,6 +83,10 @@ pub struct RunArgs {
     /// for a sidecar with few connections).
     #[arg(long, default_value_t = 0)]
     pub worker_threads: usize,
+    /// Distinct statement texts whose verdicts are cached per policy (0 turns
+    /// the cache off: every statement is parsed and judged again).
+    #[arg(long, default_value_t = crate::policy::DEFAULT_CACHE_ENTRIES)]
+    pub verdict_cache_entries: usize,
     /// Seconds to let open sessions finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
@@ -59,5 +95,6 @@ pub struct RunArgs {
 pub fn main_with(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Check(args) => check::check(args),
     }
 }

@@ -20,7 +20,7 @@ use crate::wire::{codec, Limits, PgError};
 const EXIT_CONFIG: u8 = 2;
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let config = match config::load_files(&args.files) {
+    let config = match config::load_files(&args.files, args.verdict_cache_entries) {
         Ok(c) => c,
         Err(errors) => {
             eprint!("pgwarden: {errors}");
@@ -68,7 +68,11 @@ async fn serve(args: RunArgs, shared: Arc<Shared>) -> anyhow::Result<()> {
         let l = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding --metrics-listen {addr}"))?;
-        tokio::spawn(observe::serve_admin(l, shared.metrics.clone(), ready.clone()));
+        tokio::spawn(observe::serve_admin(
+            l,
+            shared.metrics.clone(),
+            ready.clone(),
+        ));
     }
     let listener = TcpListener::bind(args.listen)
         .await
@@ -97,7 +101,11 @@ async fn serve(args: RunArgs, shared: Arc<Shared>) -> anyhow::Result<()> {
             _ = &mut shutdown => break,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            shared.metrics.connections_rejected.with_label_values(&["too_many"]).inc();
+            shared
+                .metrics
+                .connections_rejected
+                .with_label_values(&["too_many"])
+                .inc();
             tokio::spawn(refuse_busy(tcp));
             continue;
         };
@@ -112,7 +120,10 @@ async fn serve(args: RunArgs, shared: Arc<Shared>) -> anyhow::Result<()> {
     info!("shutting down: waiting for open sessions");
     let all = u32::try_from(args.max_connections).unwrap_or(u32::MAX);
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
-    if tokio::time::timeout(grace, permits.acquire_many(all)).await.is_err() {
+    if tokio::time::timeout(grace, permits.acquire_many(all))
+        .await
+        .is_err()
+    {
         warn!("sessions still open after the grace period; closing them");
     }
     Ok(())
@@ -128,7 +139,10 @@ async fn refuse_busy(mut tcp: tokio::net::TcpStream) {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret as K8sSecret;
-use pgwarden_api::{Action, DatabaseAccessPolicy};
+use pgwarden_api::{DatabaseAccessPolicy, DatabaseAccessPolicySpec};
 use serde::Deserialize;
 
 use super::{GatewayConfig, PolicyConfig, Secret};
+use crate::policy::Gate;
 use crate::upstream::{tls::UpstreamTls, Credential, UpstreamTarget};
 
 const POLICY_API_VERSION: &str = "pgwarden.io/v1alpha1";
@@ -90,7 +91,7 @@ fn ns_name(meta: &Meta) -> String {
 }
 
 /// Load and validate. Returns every error found, not just the first.
-pub fn load_files(files: &[PathBuf]) -> Result<GatewayConfig, ConfigErrors> {
+pub fn load_files(files: &[PathBuf], cache_entries: usize) -> Result<GatewayConfig, ConfigErrors> {
     let mut errors = Vec::new();
     let mut policies = Vec::new();
     let mut secrets: BTreeMap<String, Located<K8sSecret>> = BTreeMap::new();
@@ -109,7 +110,7 @@ pub fn load_files(files: &[PathBuf]) -> Result<GatewayConfig, ConfigErrors> {
 
     let mut resolved: Vec<Arc<PolicyConfig>> = Vec::new();
     for p in policies {
-        if let Some(cfg) = resolve_policy(p, &secrets, &mut errors) {
+        if let Some(cfg) = resolve_policy(p, &secrets, cache_entries, &mut errors) {
             if let Some(other) = resolved
                 .iter()
                 .find(|o| o.upstream.database == cfg.upstream.database)
@@ -232,15 +233,6 @@ fn read_file(
 fn unsupported_features(p: &DatabaseAccessPolicy) -> Vec<(&'static str, &'static str)> {
     let s = &p.spec;
     let mut out = Vec::new();
-    if !s.rules.is_empty() {
-        out.push(("spec.rules", "statement rules"));
-    }
-    if s.default_action != Action::Allow {
-        out.push((
-            "spec.defaultAction",
-            "defaultAction other than Allow (it needs the statement policy engine)",
-        ));
-    }
     if !s.masking.is_empty() {
         out.push(("spec.masking", "column masking"));
     }
@@ -248,7 +240,10 @@ fn unsupported_features(p: &DatabaseAccessPolicy) -> Vec<(&'static str, &'static
         out.push(("spec.identity.oidc", "OIDC identity"));
     }
     if s.identity.kubernetes.is_some() {
-        out.push(("spec.identity.kubernetes", "Kubernetes service-account identity"));
+        out.push((
+            "spec.identity.kubernetes",
+            "Kubernetes service-account identity",
+        ));
     }
     if s.approval.is_some() {
         out.push(("spec.approval", "approvals"));
@@ -262,9 +257,71 @@ fn unsupported_features(p: &DatabaseAccessPolicy) -> Vec<(&'static str, &'static
     out
 }
 
+/// Schema-level and semantic checks, and features this build cannot enforce.
+fn validate_policy(p: &Located<DatabaseAccessPolicy>, errors: &mut Vec<ConfigError>) {
+    let err = |path: &str, message: String| ConfigError {
+        file: p.file.clone(),
+        object: Some(p.object.clone()),
+        path: Some(path.to_owned()),
+        message,
+    };
+    for fe in p.value.spec.validate() {
+        errors.push(err(&fe.path, fe.message));
+    }
+    for (path, what) in unsupported_features(&p.value) {
+        errors.push(err(
+            path,
+            format!(
+                "{what} is not supported by this version of pgwarden yet; refusing to start rather than ignore it"
+            ),
+        ));
+    }
+}
+
+/// Policies only, validated, without resolving Secrets: what `pgwarden check`
+/// needs to judge statements. Returns (`namespace/name`, spec) pairs.
+pub fn load_policies(
+    files: &[PathBuf],
+) -> Result<Vec<(String, DatabaseAccessPolicySpec)>, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut policies = Vec::new();
+    let mut secrets = BTreeMap::new();
+    for file in files {
+        read_file(file, &mut policies, &mut secrets, &mut errors);
+    }
+    for p in &policies {
+        validate_policy(p, &mut errors);
+    }
+    if errors.is_empty() && policies.is_empty() {
+        errors.push(ConfigError {
+            file: files.first().cloned().unwrap_or_default(),
+            object: None,
+            path: None,
+            message: "no DatabaseAccessPolicy found".into(),
+        });
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    Ok(policies
+        .into_iter()
+        .map(|p| {
+            let ns = p
+                .value
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let name = p.value.metadata.name.clone().unwrap_or_default();
+            (format!("{ns}/{name}"), p.value.spec)
+        })
+        .collect())
+}
+
 fn resolve_policy(
     p: Located<DatabaseAccessPolicy>,
     secrets: &BTreeMap<String, Located<K8sSecret>>,
+    cache_entries: usize,
     errors: &mut Vec<ConfigError>,
 ) -> Option<PolicyConfig> {
     let before = errors.len();
@@ -275,17 +332,7 @@ fn resolve_policy(
         message,
     };
     let policy = &p.value;
-    for fe in policy.spec.validate() {
-        errors.push(err(&fe.path, fe.message));
-    }
-    for (path, what) in unsupported_features(policy) {
-        errors.push(err(
-            path,
-            format!(
-                "{what} is not supported by this version of pgwarden yet; refusing to start rather than ignore it"
-            ),
-        ));
-    }
+    validate_policy(&p, errors);
     let ns = policy
         .metadata
         .namespace
@@ -334,12 +381,17 @@ fn resolve_policy(
             let ca = match (&t.ca_secret, &t.ca_file) {
                 (Some(name), _) => {
                     let key = format!("{ns}/{name}");
-                    match secrets.get(&key).and_then(|s| secret_value(&s.value, "ca.crt")) {
+                    match secrets
+                        .get(&key)
+                        .and_then(|s| secret_value(&s.value, "ca.crt"))
+                    {
                         Some(pem) => Some(pem.into_bytes()),
                         None => {
                             errors.push(err(
                                 "spec.database.tls.caSecret",
-                                format!("Secret {key} with key \"ca.crt\" not found in the given files"),
+                                format!(
+                                    "Secret {key} with key \"ca.crt\" not found in the given files"
+                                ),
                             ));
                             None
                         }
@@ -387,6 +439,7 @@ fn resolve_policy(
             credential,
             tls,
         }),
+        gate: Gate::new(&policy.spec, cache_entries),
         spec: policy.spec.clone(),
     })
 }

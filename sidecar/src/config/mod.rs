@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use pgwarden_api::DatabaseAccessPolicySpec;
 
-pub use load::{load_files, ConfigError, ConfigErrors};
+pub use load::{load_files, load_policies, ConfigError, ConfigErrors};
 
+use crate::policy::Gate;
 use crate::upstream::UpstreamTarget;
 
 /// Everything the gateway serves. Immutable once built; a new snapshot replaces
@@ -48,6 +49,8 @@ pub struct PolicyConfig {
     pub id: String,
     pub spec: DatabaseAccessPolicySpec,
     pub upstream: Arc<UpstreamTarget>,
+    /// The compiled rules and verdict cache, shared by this policy's sessions.
+    pub gate: Gate,
 }
 
 /// A value that must never be printed: Debug and Display redact it.

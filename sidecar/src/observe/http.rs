@@ -32,7 +32,11 @@ pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, ready: Ar
     }
 }
 
-async fn respond(mut stream: TcpStream, metrics: &Metrics, ready: &AtomicBool) -> std::io::Result<()> {
+async fn respond(
+    mut stream: TcpStream,
+    metrics: &Metrics,
+    ready: &AtomicBool,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
@@ -52,9 +56,17 @@ async fn respond(mut stream: TcpStream, metrics: &Metrics, ready: &AtomicBool) -
         ("GET", "/readyz") if ready.load(Ordering::Acquire) => {
             ("200 OK", "text/plain", "ready\n".to_owned())
         }
-        ("GET", "/readyz") => ("503 Service Unavailable", "text/plain", "not ready\n".to_owned()),
+        ("GET", "/readyz") => (
+            "503 Service Unavailable",
+            "text/plain",
+            "not ready\n".to_owned(),
+        ),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-        _ => ("405 Method Not Allowed", "text/plain", "method not allowed\n".to_owned()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "method not allowed\n".to_owned(),
+        ),
     };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

@@ -35,15 +35,18 @@ impl Metrics {
             c
         };
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+            let c = IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("static metric definition");
             registry
                 .register(Box::new(c.clone()))
                 .expect("metric registered once");
             c
         };
-        let connections_active =
-            IntGauge::new("client_connections_active", "Client sessions currently open")
-                .expect("static metric definition");
+        let connections_active = IntGauge::new(
+            "client_connections_active",
+            "Client sessions currently open",
+        )
+        .expect("static metric definition");
         registry
             .register(Box::new(connections_active.clone()))
             .expect("metric registered once");

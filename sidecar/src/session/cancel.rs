@@ -49,7 +49,14 @@ impl CancelRegistry {
                 break pid;
             }
         };
-        map.insert(pid, Entry { secret, target, key });
+        map.insert(
+            pid,
+            Entry {
+                secret,
+                target,
+                key,
+            },
+        );
         Registration {
             registry: self,
             pid,

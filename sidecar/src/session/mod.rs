@@ -23,7 +23,6 @@ pub use relay::End;
 use crate::config::GatewayConfig;
 use crate::identity::{Authenticator, ClientTransport};
 use crate::observe::Metrics;
-use crate::policy::Gate;
 use crate::transport::ClientStream;
 use crate::upstream;
 use crate::wire::codec;
@@ -68,7 +67,11 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
                 StartupError::Tls(_) => "tls",
                 StartupError::Closed | StartupError::Io(_) => "closed",
             };
-            shared.metrics.connections_rejected.with_label_values(&[reason]).inc();
+            shared
+                .metrics
+                .connections_rejected
+                .with_label_values(&[reason])
+                .inc();
             return;
         }
     };
@@ -90,7 +93,11 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
             "no policy serves database \"{asked}\" on this gateway (it serves: {})",
             shared.config.databases().join(", ")
         ));
-        shared.metrics.connections_rejected.with_label_values(&["unknown_database"]).inc();
+        shared
+            .metrics
+            .connections_rejected
+            .with_label_values(&["unknown_database"])
+            .inc();
         return refuse(&mut stream, err).await;
     };
     let mut greeting = BytesMut::new();
@@ -99,7 +106,11 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         codec::put_negotiate_protocol_version(0, startup.declined_options.clone(), &mut greeting);
     }
     let Some(authenticator) = Authenticator::from_spec(&policy.spec) else {
-        return refuse(&mut stream, PgError::internal("the policy has no supported identity")).await;
+        return refuse(
+            &mut stream,
+            PgError::internal("the policy has no supported identity"),
+        )
+        .await;
     };
     let identity = match authenticator.authenticate(ClientTransport {
         peer,
@@ -108,21 +119,30 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         Ok(id) => id,
         Err(err) => {
             info!(reason = %err.message, "client authentication failed");
-            shared.metrics.connections_rejected.with_label_values(&["auth"]).inc();
+            shared
+                .metrics
+                .connections_rejected
+                .with_label_values(&["auth"])
+                .inc();
             return refuse(&mut stream, err).await;
         }
     };
     tracing::Span::current().record("subject", identity.subject.as_str());
 
-    let up = match upstream::connect(&policy.upstream, &startup.upstream_params, shared.limits).await {
-        Ok(up) => up,
-        Err(e) => {
-            // The upstream being down or refusing us is an operator problem.
-            warn!(error = %e, upstream.kind = e.kind(), "upstream login failed");
-            shared.metrics.upstream_errors.with_label_values(&[e.kind()]).inc();
-            return refuse(&mut stream, e.to_client_error()).await;
-        }
-    };
+    let up =
+        match upstream::connect(&policy.upstream, &startup.upstream_params, shared.limits).await {
+            Ok(up) => up,
+            Err(e) => {
+                // The upstream being down or refusing us is an operator problem.
+                warn!(error = %e, upstream.kind = e.kind(), "upstream login failed");
+                shared
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&[e.kind()])
+                    .inc();
+                return refuse(&mut stream, e.to_client_error()).await;
+            }
+        };
     let registration = up
         .key
         .clone()
@@ -150,9 +170,8 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         "session started"
     );
 
-    let gate = Gate::new(&policy.id, &policy.spec);
     let relay = relay::Relay {
-        gate: &gate,
+        gate: &policy.gate,
         metrics: &shared.metrics,
         nonce: format!("{:016x}", rand::random::<u64>()),
         status: up.status,
@@ -169,7 +188,9 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         End::ClientTerminated | End::ClientClosed | End::UpstreamClosed => {
             info!(end = ?end, "session ended")
         }
-        End::ClientViolation(e) => info!(error = %e.message, "session ended: client protocol violation"),
+        End::ClientViolation(e) => {
+            info!(error = %e.message, "session ended: client protocol violation")
+        }
         End::ClientIo(e) => info!(error = %e, "session ended: client connection failed"),
         End::UpstreamFailed(why) => warn!(error = %why, "session ended: upstream failed"),
     }

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::masking::ResultFilter;
 use crate::observe::Metrics;
-use crate::policy::{Gate, Verdict};
+use crate::policy::{Gate, SessionState, Verdict};
 use crate::wire::codec::{self, TxStatus};
 use crate::wire::conn::{FrameBuf, ReadError};
 use crate::wire::PgError;
@@ -63,7 +63,13 @@ pub struct Relay<'a> {
 }
 
 impl Relay<'_> {
-    pub async fn run<C, U>(self, client: C, client_frames: FrameBuf, upstream: U, upstream_frames: FrameBuf) -> End
+    pub async fn run<C, U>(
+        self,
+        client: C,
+        client_frames: FrameBuf,
+        upstream: U,
+        upstream_frames: FrameBuf,
+    ) -> End
     where
         C: AsyncRead + AsyncWrite + Unpin,
         U: AsyncRead + AsyncWrite + Unpin,
@@ -78,6 +84,7 @@ impl Relay<'_> {
                 nonce: &self.nonce,
                 next_seq: 0,
                 refusals: tx,
+                session: SessionState::default(),
             }
             .run(&mut cr, client_frames, &mut uw);
             let back = Backend {
@@ -127,6 +134,7 @@ struct Frontend<'a> {
     nonce: &'a str,
     next_seq: u64,
     refusals: mpsc::UnboundedSender<Pending>,
+    session: SessionState,
 }
 
 impl Frontend<'_> {
@@ -188,15 +196,20 @@ impl Frontend<'_> {
             b'Q' => {
                 let sql = codec::query_text(body).map_err(|e| violation("Query", e))?;
                 self.metrics.statements_simple.inc();
-                match self.gate.judge(sql) {
+                match self.gate.judge(sql, &mut self.session) {
                     Verdict::Allow => out.extend_from_slice(bytes),
                     Verdict::Refuse(err) => self.refuse_query(err, out),
                 }
             }
             b'P' => {
                 let parse = codec::parse(body).map_err(|e| violation("Parse", e))?;
-                match self.gate.judge(parse.query) {
-                    Verdict::Allow => out.extend_from_slice(bytes),
+                match self.gate.judge(parse.query, &mut self.session) {
+                    Verdict::Allow => {
+                        // Named statements share PREPARE's namespace: a later
+                        // SQL `EXECUTE name` runs this judged text.
+                        self.session.prepared(parse.statement);
+                        out.extend_from_slice(bytes);
+                    }
                     Verdict::Refuse(err) => self.refuse_parse(parse.statement, err, out),
                 }
             }
@@ -211,6 +224,13 @@ impl Frontend<'_> {
                     "the FunctionCall protocol message is not allowed (built-in rule)",
                 );
                 self.refuse_query(err, out);
+            }
+            b'C' => {
+                let (kind, name) = codec::close(body).map_err(|e| violation("Close", e))?;
+                if kind == b'S' {
+                    self.session.closed(name);
+                }
+                out.extend_from_slice(bytes);
             }
             b'X' => return Ok(Flow::Terminate),
             b'p' => {
@@ -272,7 +292,10 @@ fn sentinel_text(nonce: &str, seq: u64) -> String {
 fn sentinel_seq(message: &str, nonce: &str) -> Option<u64> {
     let marker = format!("pgwarden_refused_{nonce}_");
     let at = message.find(&marker)? + marker.len();
-    let digits: String = message[at..].chars().take_while(|c| c.is_ascii_digit()).collect();
+    let digits: String = message[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
     digits.parse().ok()
 }
 
@@ -317,7 +340,9 @@ impl Backend<'_> {
                     Ok(None) => break,
                     Err(e) => {
                         self.metrics.protocol_errors_upstream.inc();
-                        return End::UpstreamFailed(format!("invalid message from the upstream server: {e}"));
+                        return End::UpstreamFailed(format!(
+                            "invalid message from the upstream server: {e}"
+                        ));
                     }
                 };
                 let bytes = &frames.buffered()[..frame.wire_len];
@@ -340,7 +365,9 @@ impl Backend<'_> {
                 }
                 Err(e) => {
                     self.metrics.protocol_errors_upstream.inc();
-                    return End::UpstreamFailed(format!("invalid message from the upstream server: {e}"));
+                    return End::UpstreamFailed(format!(
+                        "invalid message from the upstream server: {e}"
+                    ));
                 }
             }
         }
@@ -408,6 +435,9 @@ mod tests {
         let msg = format!("syntax error at or near \"{s}\"");
         assert_eq!(sentinel_seq(&msg, nonce), Some(u64::MAX));
         assert_eq!(sentinel_seq(&msg, "fedcba9876543210"), None);
-        assert_eq!(sentinel_seq("syntax error at or near \"pgwarden_refused_\"", nonce), None);
+        assert_eq!(
+            sentinel_seq("syntax error at or near \"pgwarden_refused_\"", nonce),
+            None
+        );
     }
 }

@@ -83,7 +83,9 @@ async fn read_packet<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Result<Bytes
     let mut head = [0u8; 4];
     match s.read_exact(&mut head).await {
         Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(StartupError::Closed),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(StartupError::Closed)
+        }
         Err(e) => return Err(e.into()),
     }
     let len = match frame::cut_startup(&head) {
@@ -196,10 +198,7 @@ async fn fail(mut stream: ClientStream, err: PgError) -> Result<Negotiated, Star
 /// Apply the parameter policy. Refusals are FATAL: the client asked for
 /// something the gateway will not do, and silently dropping it could change
 /// what its statements mean.
-pub fn filter_params(
-    minor: u16,
-    params: Vec<(String, String)>,
-) -> Result<ClientStartup, PgError> {
+pub fn filter_params(minor: u16, params: Vec<(String, String)>) -> Result<ClientStartup, PgError> {
     let mut out = ClientStartup {
         requested_minor: minor,
         ..Default::default()
@@ -239,6 +238,12 @@ pub fn filter_params(
     }
     out.upstream_params
         .push(("client_encoding".into(), "UTF8".into()));
+    // Unqualified names are judged against this schema; pin it so the server
+    // resolves them the same way (changing it later is built-in denied).
+    out.upstream_params.push((
+        "search_path".into(),
+        crate::policy::analyze::PINNED_SCHEMA.into(),
+    ));
     Ok(out)
 }
 
@@ -247,7 +252,9 @@ mod tests {
     use super::*;
 
     fn p(kv: &[(&str, &str)]) -> Vec<(String, String)> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -271,21 +278,42 @@ mod tests {
         let names: Vec<_> = s.upstream_params.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             names,
-            ["DateStyle", "TimeZone", "extra_float_digits", "application_name", "client_encoding"]
+            [
+                "DateStyle",
+                "TimeZone",
+                "extra_float_digits",
+                "application_name",
+                "client_encoding",
+                "search_path"
+            ]
         );
         assert!(s
             .upstream_params
             .contains(&("client_encoding".into(), "UTF8".into())));
-        assert!(!s.upstream_params.iter().any(|(k, _)| k == "user" || k == "database"));
+        assert!(!s
+            .upstream_params
+            .iter()
+            .any(|(k, _)| k == "user" || k == "database"));
     }
 
     #[test]
     fn dangerous_parameters_are_refused() {
-        for key in ["options", "replication", "search_path", "role", "session_authorization", "Options"] {
+        for key in [
+            "options",
+            "replication",
+            "search_path",
+            "role",
+            "session_authorization",
+            "Options",
+        ] {
             let err = filter_params(0, p(&[(key, "x")])).unwrap_err();
             assert!(err.is_fatal(), "{key}");
             let shown = err.message.to_ascii_lowercase();
-            assert!(shown.contains(&key.to_ascii_lowercase()), "{key}: {}", err.message);
+            assert!(
+                shown.contains(&key.to_ascii_lowercase()),
+                "{key}: {}",
+                err.message
+            );
         }
     }
 
@@ -294,6 +322,6 @@ mod tests {
         let s = filter_params(2, p(&[("_pq_.test", "1"), ("user", "u")])).unwrap();
         assert_eq!(s.declined_options, vec!["_pq_.test".to_string()]);
         assert_eq!(s.requested_minor, 2);
-        assert_eq!(s.upstream_params.len(), 1);
+        assert_eq!(s.upstream_params.len(), 2);
     }
 }

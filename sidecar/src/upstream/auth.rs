@@ -101,7 +101,9 @@ impl<'a> Login<'a> {
                 self.state = State::ScramFinal(scram);
             }
             (State::ScramFinal(mut scram), AuthRequest::SaslFinal(data)) => {
-                scram.finish(data).map_err(|_| AuthError::ServerNotVerified)?;
+                scram
+                    .finish(data)
+                    .map_err(|_| AuthError::ServerNotVerified)?;
                 return Ok(Step::Wait);
             }
             (_, AuthRequest::Unsupported(code)) => return Err(AuthError::Unsupported(code)),

@@ -133,9 +133,9 @@ impl UpstreamError {
                 ))
                 .with_hint("an administrator must check the credentialsSecret of this policy")
             }
-            UpstreamError::Auth(_) => PgError::upstream_failed(format!(
-                "login to the upstream server failed: {self}"
-            )),
+            UpstreamError::Auth(_) => {
+                PgError::upstream_failed(format!("login to the upstream server failed: {self}"))
+            }
             _ => PgError::upstream_failed(self.to_string()),
         }
     }
@@ -144,10 +144,13 @@ impl UpstreamError {
 /// Open a TCP connection, with TLS when configured.
 async fn open(target: &UpstreamTarget) -> Result<(UpstreamStream, Option<Vec<u8>>), UpstreamError> {
     let addr = format!("{}:{}", target.host, target.port);
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((target.host.as_str(), target.port)))
-        .await
-        .map_err(|_| UpstreamError::Timeout(addr.clone()))?
-        .map_err(|source| UpstreamError::Connect { addr, source })?;
+    let tcp = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        TcpStream::connect((target.host.as_str(), target.port)),
+    )
+    .await
+    .map_err(|_| UpstreamError::Timeout(addr.clone()))?
+    .map_err(|source| UpstreamError::Connect { addr, source })?;
     // Small request/response messages: never wait for Nagle.
     tcp.set_nodelay(true)?;
     let UpstreamTls::Enabled(config) = &target.tls else {
@@ -217,7 +220,9 @@ async fn connect_inner(
     let mut authenticated = false;
     loop {
         let Some((frame, bytes)) = frames.next(&mut up.stream).await? else {
-            return Err(UpstreamError::Protocol("connection closed during login".into()));
+            return Err(UpstreamError::Protocol(
+                "connection closed during login".into(),
+            ));
         };
         let body = frame.body(&bytes);
         let bad = |e: codec::DecodeError| UpstreamError::Protocol(e.to_string());

@@ -5,11 +5,11 @@
 
 use std::sync::Arc;
 
+use pgwarden_api::TlsMode;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use pgwarden_api::TlsMode;
 
 #[derive(Clone)]
 pub enum UpstreamTls {
@@ -57,9 +57,7 @@ impl UpstreamTls {
                 if n == 0 {
                     return Err("CA bundle holds no certificate".into());
                 }
-                builder
-                    .with_root_certificates(roots)
-                    .with_no_client_auth()
+                builder.with_root_certificates(roots).with_no_client_auth()
             }
         };
         Ok(UpstreamTls::Enabled(Arc::new(config)))
@@ -173,7 +171,9 @@ fn der_any(buf: &[u8]) -> Option<(&[u8], &[u8])> {
             return None;
         }
         let bytes = buf.get(2..2 + n)?;
-        let len = bytes.iter().fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        let len = bytes
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
         (len, 2 + n)
     };
     let end = header.checked_add(len)?;

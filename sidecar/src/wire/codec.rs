@@ -138,6 +138,18 @@ pub fn parse(body: &[u8]) -> Result<Parse<'_>, DecodeError> {
     })
 }
 
+/// Close ('C'): 'S' (statement) or 'P' (portal), and the name.
+pub fn close(body: &[u8]) -> Result<(u8, &str), DecodeError> {
+    let mut r = Reader::new(body);
+    let kind = r.u8()?;
+    if kind != b'S' && kind != b'P' {
+        return Err(DecodeError::Invalid("Close kind must be 'S' or 'P'"));
+    }
+    let name = r.cstr()?;
+    r.finish()?;
+    Ok((kind, name))
+}
+
 /// A PasswordMessage carrying a cleartext password (or token).
 pub fn password(body: &[u8]) -> Result<&str, DecodeError> {
     let mut r = Reader::new(body);
@@ -333,7 +345,12 @@ pub const CANCEL_REQUEST: i32 = 80_877_102;
 
 /// StartupMessage for protocol 3.0 with the given parameters, in order.
 pub fn put_startup(params: &[(String, String)], out: &mut BytesMut) {
-    let body_len: usize = 4 + params.iter().map(|(k, v)| k.len() + v.len() + 2).sum::<usize>() + 1;
+    let body_len: usize = 4
+        + params
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum::<usize>()
+        + 1;
     out.put_i32((4 + body_len) as i32);
     out.put_i32(PROTOCOL_3_0);
     for (k, v) in params {
@@ -362,8 +379,14 @@ pub fn put_cancel_request(pid: i32, secret: &[u8], out: &mut BytesMut) {
 pub enum StartupPacket {
     Ssl,
     GssEnc,
-    Cancel { pid: i32, secret: Vec<u8> },
-    Startup { minor: u16, params: Vec<(String, String)> },
+    Cancel {
+        pid: i32,
+        secret: Vec<u8>,
+    },
+    Startup {
+        minor: u16,
+        params: Vec<(String, String)>,
+    },
     UnsupportedVersion(i32),
 }
 

@@ -102,7 +102,12 @@ impl Frame {
 // Debug prints type and size only: bodies hold SQL, parameters and row values.
 impl fmt::Debug for Frame {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Frame({:?}, {} bytes)", char::from(self.ty), self.wire_len)
+        write!(
+            f,
+            "Frame({:?}, {} bytes)",
+            char::from(self.ty),
+            self.wire_len
+        )
     }
 }
 
@@ -133,7 +138,9 @@ pub fn cut(buf: &[u8], dir: Direction, limits: &Limits) -> Result<Option<Frame>,
         return Ok(None);
     };
     let len = i32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]);
-    let len_us = usize::try_from(len).ok().filter(|l| (min..=max).contains(l));
+    let len_us = usize::try_from(len)
+        .ok()
+        .filter(|l| (min..=max).contains(l));
     let Some(len_us) = len_us else {
         return Err(FrameError::BadLength {
             ty: char::from(ty),

@@ -5,9 +5,15 @@ use proptest::prelude::*;
 fn query_text_is_exactly_one_terminated_string() {
     assert_eq!(query_text(b"SELECT 1\0"), Ok("SELECT 1"));
     // pgwire reads this as two messages; we refuse it.
-    assert_eq!(query_text(b"SELECT 1\0DROP TABLE t\0"), Err(DecodeError::Trailing(13)));
+    assert_eq!(
+        query_text(b"SELECT 1\0DROP TABLE t\0"),
+        Err(DecodeError::Trailing(13))
+    );
     assert_eq!(query_text(b"SELECT 1"), Err(DecodeError::MissingNul));
-    assert_eq!(query_text(b"SELECT '\xff'\0"), Err(DecodeError::InvalidUtf8));
+    assert_eq!(
+        query_text(b"SELECT '\xff'\0"),
+        Err(DecodeError::InvalidUtf8)
+    );
     assert_eq!(query_text(b"\0"), Ok(""));
 }
 
@@ -17,7 +23,10 @@ fn parse_checks_counts_before_allocating() {
     ok.extend_from_slice(&1i16.to_be_bytes());
     ok.extend_from_slice(&23u32.to_be_bytes());
     let p = parse(&ok).unwrap();
-    assert_eq!((p.statement, p.query, p.param_types), ("s1", "SELECT $1", vec![23]));
+    assert_eq!(
+        (p.statement, p.query, p.param_types),
+        ("s1", "SELECT $1", vec![23])
+    );
 
     // A claimed 32767 parameter types with none present: truncated, not a 128 KiB vector.
     let mut huge = b"\0SELECT 1\0".to_vec();
@@ -47,7 +56,10 @@ fn startup_packets_decode_strictly() {
         s,
         StartupPacket::Startup {
             minor: 0,
-            params: vec![("user".into(), "u".into()), ("database".into(), "shop".into())]
+            params: vec![
+                ("user".into(), "u".into()),
+                ("database".into(), "shop".into())
+            ]
         }
     );
     // 3.2 is recognised (we answer NegotiateProtocolVersion).
@@ -65,16 +77,29 @@ fn startup_packets_decode_strictly() {
     assert!(startup_packet(&startup_bytes(PROTOCOL_3_0, b"user\0a\0")).is_err());
     // Bytes after the terminator.
     assert!(startup_packet(&startup_bytes(PROTOCOL_3_0, b"user\0a\0\0zz")).is_err());
-    assert_eq!(startup_packet(&startup_bytes(SSL_REQUEST, b"")), Ok(StartupPacket::Ssl));
+    assert_eq!(
+        startup_packet(&startup_bytes(SSL_REQUEST, b"")),
+        Ok(StartupPacket::Ssl)
+    );
     assert!(startup_packet(&startup_bytes(SSL_REQUEST, b"x")).is_err());
     let cancel = startup_packet(&startup_bytes(CANCEL_REQUEST, &[0, 0, 0, 7, 1, 2, 3, 4])).unwrap();
-    assert_eq!(cancel, StartupPacket::Cancel { pid: 7, secret: vec![1, 2, 3, 4] });
+    assert_eq!(
+        cancel,
+        StartupPacket::Cancel {
+            pid: 7,
+            secret: vec![1, 2, 3, 4]
+        }
+    );
     assert!(startup_packet(&startup_bytes(CANCEL_REQUEST, &[0, 0, 0, 7, 1])).is_err());
 }
 
 #[test]
 fn startup_debug_hides_values() {
-    let s = startup_packet(&startup_bytes(PROTOCOL_3_0, b"user\0u\0options\0-c password=hunter2\0\0")).unwrap();
+    let s = startup_packet(&startup_bytes(
+        PROTOCOL_3_0,
+        b"user\0u\0options\0-c password=hunter2\0\0",
+    ))
+    .unwrap();
     let shown = format!("{s:?}");
     assert!(shown.contains("options"));
     assert!(!shown.contains("hunter2"), "{shown}");
@@ -84,12 +109,17 @@ fn startup_debug_hides_values() {
 fn auth_requests_decode() {
     let mut md5 = 5i32.to_be_bytes().to_vec();
     md5.extend_from_slice(&[9, 8, 7, 6]);
-    assert_eq!(auth_request(&md5), Ok(AuthRequest::Md5 { salt: [9, 8, 7, 6] }));
+    assert_eq!(
+        auth_request(&md5),
+        Ok(AuthRequest::Md5 { salt: [9, 8, 7, 6] })
+    );
     let mut sasl = 10i32.to_be_bytes().to_vec();
     sasl.extend_from_slice(b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0");
     assert_eq!(
         auth_request(&sasl),
-        Ok(AuthRequest::Sasl { mechanisms: vec!["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"] })
+        Ok(AuthRequest::Sasl {
+            mechanisms: vec!["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
+        })
     );
     assert_eq!(auth_request(&0i32.to_be_bytes()), Ok(AuthRequest::Ok));
     assert!(auth_request(&[0, 0, 0]).is_err());
@@ -125,9 +155,18 @@ fn errors_we_build_decode_back_to_the_same_fields() {
 #[test]
 fn startup_we_send_is_one_well_formed_packet() {
     let mut out = BytesMut::new();
-    put_startup(&[("user".into(), "app".into()), ("database".into(), "shop".into())], &mut out);
+    put_startup(
+        &[
+            ("user".into(), "app".into()),
+            ("database".into(), "shop".into()),
+        ],
+        &mut out,
+    );
     assert_eq!(crate::wire::frame::cut_startup(&out), Ok(Some(out.len())));
-    assert!(matches!(startup_packet(&out), Ok(StartupPacket::Startup { minor: 0, .. })));
+    assert!(matches!(
+        startup_packet(&out),
+        Ok(StartupPacket::Startup { minor: 0, .. })
+    ));
 }
 
 proptest! {

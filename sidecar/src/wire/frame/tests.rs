@@ -34,9 +34,15 @@ fn every_prefix_is_incomplete_until_the_message_is_whole() {
     let buf = pipeline();
     let first_len = msg(b'P', b"s1\0SELECT $1\0\0\0").len();
     for i in 0..first_len {
-        assert_eq!(cut(&buf[..i], Direction::Frontend, &L), Ok(None), "prefix {i}");
+        assert_eq!(
+            cut(&buf[..i], Direction::Frontend, &L),
+            Ok(None),
+            "prefix {i}"
+        );
     }
-    let f = cut(&buf[..first_len], Direction::Frontend, &L).unwrap().unwrap();
+    let f = cut(&buf[..first_len], Direction::Frontend, &L)
+        .unwrap()
+        .unwrap();
     assert_eq!((f.ty, f.wire_len), (b'P', first_len));
 }
 
@@ -85,9 +91,18 @@ fn hostile_lengths_are_refused_from_the_header_alone() {
 #[test]
 fn unknown_and_wrong_direction_types_are_refused() {
     // 'T' (RowDescription) is a server message; 'p' is a client message.
-    assert_eq!(cut(&[b'T'], Direction::Frontend, &L), Err(FrameError::UnknownType(b'T')));
-    assert_eq!(cut(&[b'p'], Direction::Backend, &L), Err(FrameError::UnknownType(b'p')));
-    assert_eq!(cut(&[0], Direction::Frontend, &L), Err(FrameError::UnknownType(0)));
+    assert_eq!(
+        cut(b"T", Direction::Frontend, &L),
+        Err(FrameError::UnknownType(b'T'))
+    );
+    assert_eq!(
+        cut(b"p", Direction::Backend, &L),
+        Err(FrameError::UnknownType(b'p'))
+    );
+    assert_eq!(
+        cut(&[0], Direction::Frontend, &L),
+        Err(FrameError::UnknownType(0))
+    );
 }
 
 #[test]

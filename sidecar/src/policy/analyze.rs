@@ -1,0 +1,918 @@
+//! Statement analysis, sans-IO: SQL text in, accesses out.
+//!
+//! PostgreSQL's own grammar (libpg_query) parses the text; the parse tree is
+//! walked *generically* (through its serde form), so no field of any node can
+//! be skipped by omission. Node kinds are an allowlist: a kind the analyser
+//! does not know makes the whole statement not understood, and therefore
+//! denied. Statement kinds get specific handling that says which class each
+//! relation they touch is accessed with.
+
+use std::fmt;
+
+use pgwarden_api::StatementClass as Class;
+use serde_json::{Map, Value};
+
+use super::catalog;
+
+/// `schema.name` after PostgreSQL's case folding and pgwarden's search_path.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QualifiedName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl fmt::Display for QualifiedName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// The schema pgwarden pins as search_path at session start.
+pub const PINNED_SCHEMA: &str = "public";
+
+/// What one access touches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Relation(QualifiedName),
+    /// A function call; `schema` is None when unqualified.
+    Function {
+        schema: Option<String>,
+        name: String,
+    },
+    /// A statement with no relation (DO, CREATE SCHEMA, LISTEN ...).
+    Statement,
+}
+
+/// Why an access is decided before any rule is consulted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fixed {
+    /// Built-in deny: never allowed. The text says what was found.
+    Deny(String),
+    /// Always allowed (transaction control, harmless SET/SHOW, cursors...).
+    Allow,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Access {
+    /// None for function accesses.
+    pub class: Option<Class>,
+    pub target: Target,
+    /// UPDATE/DELETE without a WHERE clause.
+    pub unfiltered: bool,
+    pub fixed: Option<Fixed>,
+}
+
+/// What a statement does to the session's prepared-statement namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    Prepare(String),
+    Execute(String),
+    Deallocate(Option<String>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Statement {
+    /// The class of the top-level statement (for logs and `check`).
+    pub class: Class,
+    pub accesses: Vec<Access>,
+    pub effect: Option<Effect>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AnalyzeError {
+    #[error("cannot parse statement: {0}")]
+    Parse(String),
+    #[error("pgwarden does not understand {0}")]
+    NotUnderstood(String),
+}
+
+/// Session facts that change what a statement means.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Settings {
+    /// `limits.statementTimeout` is set: statement_timeout is pinned too.
+    pub pin_statement_timeout: bool,
+}
+
+/// Analyse a query string (possibly several statements).
+pub fn analyze(sql: &str, settings: Settings) -> Result<Vec<Statement>, AnalyzeError> {
+    let parsed = pg_query::parse(sql, 0).map_err(|e| AnalyzeError::Parse(e.to_string()))?;
+    let tree = serde_json::to_value(&parsed.protobuf)
+        .map_err(|e| AnalyzeError::Parse(format!("parse tree: {e}")))?;
+    let stmts = tree
+        .get("stmts")
+        .and_then(Value::as_array)
+        .ok_or_else(|| AnalyzeError::NotUnderstood("the parse tree's shape".into()))?;
+    stmts
+        .iter()
+        .map(|raw| {
+            let (kind, body) = node_of(raw.get("stmt").unwrap_or(&Value::Null))
+                .ok_or_else(|| AnalyzeError::NotUnderstood("an empty statement node".into()))?;
+            let mut w = Walker::new(settings);
+            w.node(kind, body)?;
+            Ok(Statement {
+                class: w.top_class.unwrap_or(Class::Select),
+                accesses: w.accesses,
+                effect: w.effect,
+            })
+        })
+        .collect()
+}
+
+/// `{"node": {"Kind": {...}}}` → ("Kind", {...}).
+fn node_of(v: &Value) -> Option<(&str, &Map<String, Value>)> {
+    let inner = v.as_object()?.get("node")?.as_object()?;
+    if inner.len() != 1 {
+        return None;
+    }
+    let (k, body) = inner.iter().next()?;
+    Some((k.as_str(), body.as_object()?))
+}
+
+fn str_field<'a>(m: &'a Map<String, Value>, key: &str) -> &'a str {
+    m.get(key).and_then(Value::as_str).unwrap_or("")
+}
+
+fn list<'a>(m: &'a Map<String, Value>, key: &str) -> &'a [Value] {
+    m.get(key)
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+/// The strings of a name list such as FuncCall.funcname.
+fn name_list(items: &[Value]) -> Vec<String> {
+    items
+        .iter()
+        .filter_map(|n| match node_of(n) {
+            Some(("String", s)) => Some(str_field(s, "sval").to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+struct Walker {
+    settings: Settings,
+    accesses: Vec<Access>,
+    effect: Option<Effect>,
+    top_class: Option<Class>,
+    /// Class given to a relation reached without a more specific role.
+    read_class: Class,
+    /// CTE names visible at this point, innermost last.
+    ctes: Vec<Vec<String>>,
+}
+
+impl Walker {
+    fn new(settings: Settings) -> Self {
+        Walker {
+            settings,
+            accesses: Vec::new(),
+            effect: None,
+            top_class: None,
+            read_class: Class::Select,
+            ctes: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, class: Class, target: Target, unfiltered: bool, fixed: Option<Fixed>) {
+        self.accesses.push(Access {
+            class: Some(class),
+            target,
+            unfiltered,
+            fixed,
+        });
+    }
+
+    fn class_only(&mut self, class: Class) {
+        self.push(class, Target::Statement, false, None);
+    }
+
+    fn always(&mut self, class: Class) {
+        self.push(class, Target::Statement, false, Some(Fixed::Allow));
+    }
+
+    fn forbid(&mut self, class: Class, what: impl Into<String>) {
+        self.push(
+            class,
+            Target::Statement,
+            false,
+            Some(Fixed::Deny(what.into())),
+        );
+    }
+
+    fn set_top(&mut self, class: Class) {
+        if self.top_class.is_none() {
+            self.top_class = Some(class);
+        }
+    }
+
+    /// Walk with a different default class for relations, then restore.
+    fn with_class<T>(&mut self, class: Class, f: impl FnOnce(&mut Self) -> T) -> T {
+        let saved = std::mem::replace(&mut self.read_class, class);
+        let r = f(self);
+        self.read_class = saved;
+        r
+    }
+
+    // === generic walking ===
+
+    fn value(&mut self, v: &Value) -> Result<(), AnalyzeError> {
+        match v {
+            Value::Object(m) => {
+                if let Some((kind, body)) = node_of(v) {
+                    return self.node(kind, body);
+                }
+                if m.len() == 1 && m.get("node").is_some_and(Value::is_null) {
+                    return Ok(());
+                }
+                self.message(m)
+            }
+            Value::Array(items) => items.iter().try_for_each(|i| self.value(i)),
+            _ => Ok(()),
+        }
+    }
+
+    /// A message embedded without a Node wrapper (a typed field). Some carry
+    /// meaning by shape: a RangeVar has `relname`, a statement with a WITH
+    /// clause has `with_clause`.
+    fn message(&mut self, m: &Map<String, Value>) -> Result<(), AnalyzeError> {
+        if m.contains_key("relname") {
+            return self.range_var(m);
+        }
+        if m.contains_key("funcname") && m.contains_key("agg_star") {
+            return self.func_call(m);
+        }
+        if m.contains_key("with_clause") {
+            return self.with_scope(m, |w| w.fields(m, &["with_clause"]));
+        }
+        self.fields(m, &[])
+    }
+
+    fn fields(&mut self, m: &Map<String, Value>, skip: &[&str]) -> Result<(), AnalyzeError> {
+        for (k, v) in m {
+            if !skip.contains(&k.as_str()) {
+                self.value(v)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn field(&mut self, m: &Map<String, Value>, key: &str) -> Result<(), AnalyzeError> {
+        match m.get(key) {
+            Some(v) => self.value(v),
+            None => Ok(()),
+        }
+    }
+
+    // === names ===
+
+    fn is_cte(&self, name: &str) -> bool {
+        self.ctes
+            .iter()
+            .any(|scope| scope.iter().any(|n| n == name))
+    }
+
+    fn resolve(&self, schema: &str, name: &str) -> QualifiedName {
+        let schema = if !schema.is_empty() {
+            schema.to_owned()
+        } else if catalog::is_catalog_relation(name) {
+            // pg_catalog is searched before the pinned search_path.
+            "pg_catalog".to_owned()
+        } else {
+            PINNED_SCHEMA.to_owned()
+        };
+        QualifiedName {
+            schema,
+            name: name.to_owned(),
+        }
+    }
+
+    fn range_var(&mut self, m: &Map<String, Value>) -> Result<(), AnalyzeError> {
+        let schema = str_field(m, "schemaname");
+        let name = str_field(m, "relname");
+        if schema.is_empty() && self.is_cte(name) {
+            return Ok(());
+        }
+        let q = self.resolve(schema, name);
+        self.push(self.read_class, Target::Relation(q), false, None);
+        Ok(())
+    }
+
+    /// The relation a statement targets, with that statement's class.
+    fn target(
+        &mut self,
+        m: &Map<String, Value>,
+        key: &str,
+        class: Class,
+        unfiltered: bool,
+    ) -> Result<(), AnalyzeError> {
+        let Some(rv) = m.get(key).and_then(Value::as_object) else {
+            return Ok(());
+        };
+        let q = self.resolve(str_field(rv, "schemaname"), str_field(rv, "relname"));
+        self.push(class, Target::Relation(q), unfiltered, None);
+        Ok(())
+    }
+
+    fn func_call(&mut self, m: &Map<String, Value>) -> Result<(), AnalyzeError> {
+        let mut parts = name_list(list(m, "funcname"));
+        let name = parts.pop().unwrap_or_default();
+        let schema = parts.pop();
+        self.accesses.push(Access {
+            class: None,
+            target: Target::Function { schema, name },
+            unfiltered: false,
+            fixed: None,
+        });
+        self.fields(m, &["funcname"])
+    }
+
+    /// Make a statement's CTE names visible while `f` walks the statement.
+    /// CTE bodies see earlier CTEs of the list (all of them when RECURSIVE).
+    fn with_scope<T>(
+        &mut self,
+        m: &Map<String, Value>,
+        f: impl FnOnce(&mut Self) -> Result<T, AnalyzeError>,
+    ) -> Result<T, AnalyzeError> {
+        let Some(with) = m.get("with_clause").and_then(Value::as_object) else {
+            return f(self);
+        };
+        let recursive = with
+            .get("recursive")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let ctes: Vec<(&str, &Map<String, Value>)> = list(with, "ctes")
+            .iter()
+            .filter_map(|c| match node_of(c) {
+                Some(("CommonTableExpr", body)) => Some((str_field(body, "ctename"), body)),
+                _ => None,
+            })
+            .collect();
+        if ctes.len() != list(with, "ctes").len() {
+            return Err(AnalyzeError::NotUnderstood("a WITH clause entry".into()));
+        }
+        let names: Vec<String> = ctes.iter().map(|(n, _)| (*n).to_owned()).collect();
+        for (i, (_, body)) in ctes.iter().enumerate() {
+            let visible = if recursive {
+                names.clone()
+            } else {
+                names[..i].to_vec()
+            };
+            self.ctes.push(visible);
+            let r = self.with_class(Class::Select, |w| w.fields(body, &["ctename"]));
+            self.ctes.pop();
+            r?;
+        }
+        self.ctes.push(names);
+        let r = f(self);
+        self.ctes.pop();
+        r
+    }
+
+    // === node kinds ===
+
+    fn node(&mut self, kind: &str, b: &Map<String, Value>) -> Result<(), AnalyzeError> {
+        use Class::*;
+        match kind {
+            "RangeVar" => self.range_var(b),
+            "FuncCall" => self.func_call(b),
+
+            // --- reads and writes ---
+            "SelectStmt" => {
+                self.set_top(Select);
+                self.with_scope(b, |w| {
+                    if let Some(into) = b.get("into_clause").and_then(Value::as_object) {
+                        // SELECT INTO creates a table.
+                        w.target(into, "rel", Ddl, false)?;
+                    }
+                    w.with_class(Select, |w| w.fields(b, &["with_clause", "into_clause"]))
+                })
+            }
+            "InsertStmt" => {
+                self.set_top(Insert);
+                self.with_scope(b, |w| {
+                    w.target(b, "relation", Insert, false)?;
+                    if b.get("on_conflict_clause").is_some_and(|c| !c.is_null()) {
+                        // ON CONFLICT DO UPDATE updates existing rows.
+                        w.target(b, "relation", Update, false)?;
+                    }
+                    w.returning(b)?;
+                    w.with_class(Select, |w| w.fields(b, &["with_clause", "relation"]))
+                })
+            }
+            "UpdateStmt" => {
+                self.set_top(Update);
+                self.with_scope(b, |w| {
+                    let unfiltered = b.get("where_clause").is_none_or(Value::is_null);
+                    w.target(b, "relation", Update, unfiltered)?;
+                    w.returning(b)?;
+                    w.with_class(Select, |w| w.fields(b, &["with_clause", "relation"]))
+                })
+            }
+            "DeleteStmt" => {
+                self.set_top(Delete);
+                self.with_scope(b, |w| {
+                    let unfiltered = b.get("where_clause").is_none_or(Value::is_null);
+                    w.target(b, "relation", Delete, unfiltered)?;
+                    w.returning(b)?;
+                    w.with_class(Select, |w| w.fields(b, &["with_clause", "relation"]))
+                })
+            }
+            "MergeStmt" => {
+                self.set_top(Merge);
+                self.with_scope(b, |w| {
+                    w.target(b, "relation", Merge, false)?;
+                    w.returning(b)?;
+                    w.with_class(Select, |w| w.fields(b, &["with_clause", "relation"]))
+                })
+            }
+            "CopyStmt" => self.copy(b),
+            "ExplainStmt" => self.explain(b),
+            "DeclareCursorStmt" => {
+                self.set_top(Select);
+                self.with_class(Select, |w| w.field(b, "query"))
+            }
+            "FetchStmt" | "ClosePortalStmt" => {
+                // The cursor's query was judged at DECLARE.
+                self.set_top(Select);
+                self.always(Select);
+                Ok(())
+            }
+            "PrepareStmt" => {
+                let body = b.get("query").and_then(node_of);
+                let class = body.map(|(k, _)| top_class_of(k)).unwrap_or(Select);
+                self.set_top(class);
+                self.effect = Some(Effect::Prepare(str_field(b, "name").to_owned()));
+                self.field(b, "query")
+            }
+            "ExecuteStmt" => {
+                self.set_top(Select);
+                self.effect = Some(Effect::Execute(str_field(b, "name").to_owned()));
+                self.with_class(Select, |w| w.field(b, "params"))
+            }
+            "DeallocateStmt" => {
+                self.set_top(Session);
+                let name = str_field(b, "name");
+                self.effect = Some(Effect::Deallocate(
+                    (!name.is_empty()).then(|| name.to_owned()),
+                ));
+                self.always(Session);
+                Ok(())
+            }
+            "CreateTableAsStmt" => {
+                self.set_top(Ddl);
+                if let Some(into) = b.get("into").and_then(Value::as_object) {
+                    self.target(into, "rel", Ddl, false)?;
+                }
+                self.with_class(Select, |w| w.field(b, "query"))
+            }
+            "ViewStmt" => {
+                self.set_top(Ddl);
+                self.target(b, "view", Ddl, false)?;
+                // What the view reads is judged now: a view must not become a
+                // window onto something its creator may not read.
+                self.with_class(Select, |w| w.field(b, "query"))
+            }
+
+            // --- session and transaction ---
+            "TransactionStmt" | "ConstraintsSetStmt" => {
+                self.set_top(Transaction);
+                self.always(Transaction);
+                Ok(())
+            }
+            "VariableSetStmt" => self.set(b),
+            "VariableShowStmt" => {
+                self.set_top(Session);
+                self.always(Session);
+                Ok(())
+            }
+            "DiscardStmt" => {
+                self.set_top(Session);
+                // DISCARD ALL deallocates prepared statements; forgetting them
+                // for the other forms only makes a later EXECUTE stricter.
+                self.effect = Some(Effect::Deallocate(None));
+                self.always(Session);
+                Ok(())
+            }
+            "ListenStmt" | "UnlistenStmt" | "NotifyStmt" => {
+                self.set_top(Session);
+                self.class_only(Session);
+                Ok(())
+            }
+            "AlterSystemStmt" => {
+                self.set_top(Session);
+                self.forbid(Session, "ALTER SYSTEM");
+                Ok(())
+            }
+            "LoadStmt" => {
+                self.set_top(Code);
+                self.forbid(Code, "LOAD");
+                Ok(())
+            }
+            "CreateSubscriptionStmt" | "AlterSubscriptionStmt" => {
+                self.set_top(Ddl);
+                self.forbid(Ddl, "subscriptions (they connect to other servers)");
+                Ok(())
+            }
+
+            // --- code ---
+            "DoStmt" => {
+                self.set_top(Code);
+                self.class_only(Code);
+                Ok(())
+            }
+            "CallStmt" => {
+                self.set_top(Code);
+                self.class_only(Code);
+                self.with_class(Select, |w| w.fields(b, &[]))
+            }
+            "CreateFunctionStmt" => {
+                self.set_top(Ddl);
+                self.class_only(Ddl);
+                let language = list(b, "options").iter().find_map(|o| match node_of(o) {
+                    Some(("DefElem", d)) if str_field(d, "defname") == "language" => d
+                        .get("arg")
+                        .and_then(node_of)
+                        .map(|(_, s)| str_field(s, "sval").to_owned()),
+                    _ => None,
+                });
+                match language.as_deref() {
+                    None | Some("sql") | Some("plpgsql") => {}
+                    Some(other) => self.forbid(
+                        Ddl,
+                        format!(
+                            "functions in language {other} (untrusted code runs inside the server)"
+                        ),
+                    ),
+                }
+                // A BEGIN ATOMIC body is parsed: judge what it would do.
+                self.with_class(Select, |w| w.fields(b, &["options"]))
+            }
+
+            // --- privileges ---
+            "GrantStmt"
+            | "GrantRoleStmt"
+            | "AlterDefaultPrivilegesStmt"
+            | "CreateRoleStmt"
+            | "AlterRoleStmt"
+            | "AlterRoleSetStmt"
+            | "DropRoleStmt"
+            | "ReassignOwnedStmt"
+            | "DropOwnedStmt" => {
+                self.set_top(Privilege);
+                self.class_only(Privilege);
+                self.with_class(Privilege, |w| w.fields(b, &[]))
+            }
+
+            // --- maintenance ---
+            "TruncateStmt" => {
+                self.set_top(Truncate);
+                self.class_only(Truncate);
+                self.with_class(Truncate, |w| w.fields(b, &[]))
+            }
+            "VacuumStmt" | "ClusterStmt" | "ReindexStmt" | "CheckPointStmt" | "LockStmt" => {
+                self.set_top(Maintenance);
+                self.class_only(Maintenance);
+                self.with_class(Maintenance, |w| w.fields(b, &[]))
+            }
+
+            // DROP names its objects as name lists, not RangeVars.
+            "DropStmt" => {
+                self.set_top(Ddl);
+                self.class_only(Ddl);
+                for o in list(b, "objects") {
+                    if let Some(("List", l)) = node_of(o) {
+                        let mut parts = name_list(list(l, "items"));
+                        let name = parts.pop().unwrap_or_default();
+                        let schema = parts.pop().unwrap_or_default();
+                        let q = self.resolve(&schema, &name);
+                        self.push(Ddl, Target::Relation(q), false, None);
+                    }
+                }
+                self.with_class(Ddl, |w| w.fields(b, &["objects"]))
+            }
+
+            // --- schema changes: every relation named is a DDL target ---
+            k if DDL_STATEMENTS.contains(&k) => {
+                self.set_top(Ddl);
+                self.class_only(Ddl);
+                self.with_class(Ddl, |w| w.fields(b, &[]))
+            }
+
+            // --- expressions and clauses: walk their fields ---
+            k if EXPRESSION_NODES.contains(&k) => self.fields(b, &[]),
+
+            other => Err(AnalyzeError::NotUnderstood(format!("{other} nodes"))),
+        }
+    }
+
+    /// RETURNING reads the target's rows: an UPDATE allowed on a table must
+    /// not become a way to read columns a SELECT rule would refuse.
+    fn returning(&mut self, b: &Map<String, Value>) -> Result<(), AnalyzeError> {
+        let has_returning = match b.get("returning_clause") {
+            Some(Value::Object(r)) => !list(r, "exprs").is_empty(),
+            Some(Value::Array(a)) => !a.is_empty(),
+            _ => false,
+        } || !list(b, "returning_list").is_empty();
+        if has_returning {
+            self.target(b, "relation", Class::Select, false)?;
+        }
+        Ok(())
+    }
+
+    fn copy(&mut self, b: &Map<String, Value>) -> Result<(), AnalyzeError> {
+        let is_from = b.get("is_from").and_then(Value::as_bool).unwrap_or(false);
+        let class = if is_from {
+            Class::CopyFrom
+        } else {
+            Class::CopyTo
+        };
+        self.set_top(class);
+        let program = b
+            .get("is_program")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if program || !str_field(b, "filename").is_empty() {
+            self.forbid(class, "COPY to or from a program or server file");
+        }
+        self.target(b, "relation", class, false)?;
+        if let Some(q) = b.get("query").filter(|q| !q.is_null()) {
+            // COPY (query) TO: the query's reads, plus COPY_TO on each.
+            let start = self.accesses.len();
+            self.with_class(Class::Select, |w| w.value(q))?;
+            let copies: Vec<Access> = self.accesses[start..]
+                .iter()
+                .filter(|a| matches!(a.target, Target::Relation(_)))
+                .map(|a| Access {
+                    class: Some(Class::CopyTo),
+                    ..a.clone()
+                })
+                .collect();
+            self.accesses.extend(copies);
+        }
+        self.with_class(Class::Select, |w| w.fields(b, &["relation", "query"]))
+    }
+
+    fn explain(&mut self, b: &Map<String, Value>) -> Result<(), AnalyzeError> {
+        self.set_top(Class::Explain);
+        let analyze = list(b, "options").iter().any(|o| match node_of(o) {
+            Some(("DefElem", d)) if str_field(d, "defname") == "analyze" => !is_false(d.get("arg")),
+            _ => false,
+        });
+        let start = self.accesses.len();
+        let top = self.top_class;
+        self.field(b, "query")?;
+        self.top_class = top;
+        let inner: Vec<Access> = self.accesses.drain(start..).collect();
+        for a in &inner {
+            if let Target::Relation(_) = a.target {
+                self.accesses.push(Access {
+                    class: Some(Class::Explain),
+                    unfiltered: false,
+                    fixed: None,
+                    ..a.clone()
+                });
+            }
+        }
+        // ANALYZE executes the statement: it needs everything the statement
+        // itself needs. Without it nothing runs, but functions may still be
+        // evaluated while planning, and built-in denials stay.
+        for a in inner {
+            if analyze || a.class.is_none() || matches!(a.fixed, Some(Fixed::Deny(_))) {
+                self.accesses.push(a);
+            }
+        }
+        Ok(())
+    }
+
+    fn set(&mut self, b: &Map<String, Value>) -> Result<(), AnalyzeError> {
+        self.set_top(Class::Session);
+        // VariableSetKind: 5 = RESET, 6 = RESET ALL. RESET returns a setting
+        // to its session start value — which pgwarden pinned.
+        let kind = b.get("kind").and_then(Value::as_i64).unwrap_or(0);
+        let name = str_field(b, "name").to_ascii_lowercase();
+        if kind == 5 || kind == 6 {
+            self.always(Class::Session);
+            return Ok(());
+        }
+        let protected = catalog::PROTECTED_SETTINGS.contains(&name.as_str())
+            || (self.settings.pin_statement_timeout && name == "statement_timeout");
+        if protected {
+            let what = match name.as_str() {
+                "role" => "SET ROLE".to_owned(),
+                "session_authorization" => "SET SESSION AUTHORIZATION".to_owned(),
+                other => format!("changing {other}"),
+            };
+            self.forbid(Class::Session, what);
+        } else if catalog::HARMLESS_SETTINGS
+            .iter()
+            .any(|g| super::rules::glob_match(g, &name))
+        {
+            self.always(Class::Session);
+        } else {
+            self.class_only(Class::Session);
+        }
+        self.with_class(Class::Select, |w| w.fields(b, &[]))
+    }
+}
+
+/// `EXPLAIN (ANALYZE false)` and friends.
+fn is_false(arg: Option<&Value>) -> bool {
+    match arg.and_then(node_of) {
+        Some(("String", s)) => matches!(str_field(s, "sval"), "false" | "off" | "0" | "no"),
+        Some(("Boolean", s)) => !s.get("boolval").and_then(Value::as_bool).unwrap_or(false),
+        Some(("Integer", s)) => s.get("ival").and_then(Value::as_i64).unwrap_or(0) == 0,
+        _ => false,
+    }
+}
+
+fn top_class_of(kind: &str) -> Class {
+    match kind {
+        "InsertStmt" => Class::Insert,
+        "UpdateStmt" => Class::Update,
+        "DeleteStmt" => Class::Delete,
+        "MergeStmt" => Class::Merge,
+        _ => Class::Select,
+    }
+}
+
+const DDL_STATEMENTS: &[&str] = &[
+    "CreateStmt",
+    "AlterTableStmt",
+    "AlterTableCmd",
+    "IndexStmt",
+    "RenameStmt",
+    "CreateSeqStmt",
+    "AlterSeqStmt",
+    "CreateSchemaStmt",
+    "CreateTrigStmt",
+    "RuleStmt",
+    "CreateExtensionStmt",
+    "AlterExtensionStmt",
+    "AlterExtensionContentsStmt",
+    "CreateDomainStmt",
+    "AlterDomainStmt",
+    "CompositeTypeStmt",
+    "CreateEnumStmt",
+    "AlterEnumStmt",
+    "CreateRangeStmt",
+    "DefineStmt",
+    "CreatePolicyStmt",
+    "AlterPolicyStmt",
+    "AlterObjectSchemaStmt",
+    "AlterObjectDependsStmt",
+    "AlterOwnerStmt",
+    "CommentStmt",
+    "SecLabelStmt",
+    "CreateCastStmt",
+    "CreateOpClassStmt",
+    "CreateOpFamilyStmt",
+    "AlterOpFamilyStmt",
+    "AlterFunctionStmt",
+    "CreateStatsStmt",
+    "AlterStatsStmt",
+    "CreateEventTrigStmt",
+    "AlterEventTrigStmt",
+    "CreateFdwStmt",
+    "AlterFdwStmt",
+    "CreateForeignServerStmt",
+    "AlterForeignServerStmt",
+    "CreateUserMappingStmt",
+    "AlterUserMappingStmt",
+    "DropUserMappingStmt",
+    "CreateForeignTableStmt",
+    "ImportForeignSchemaStmt",
+    "CreatePublicationStmt",
+    "AlterPublicationStmt",
+    "DropSubscriptionStmt",
+    "CreateConversionStmt",
+    "CreateTransformStmt",
+    "CreatePlangStmt",
+    "CreatedbStmt",
+    "DropdbStmt",
+    "AlterDatabaseStmt",
+    "AlterDatabaseSetStmt",
+    "AlterDatabaseRefreshCollStmt",
+    "CreateTableSpaceStmt",
+    "DropTableSpaceStmt",
+    "AlterTableSpaceOptionsStmt",
+    "AlterTableMoveAllStmt",
+    "AlterTsdictionaryStmt",
+    "AlterTsconfigurationStmt",
+    "CreateAmStmt",
+    "AlterCollationStmt",
+    "AlterTypeStmt",
+    "AlterOperatorStmt",
+    "RefreshMatViewStmt",
+    "ReplicaIdentityStmt",
+    "ReturnStmt",
+];
+
+/// Raw-parse-tree nodes below statement level. Walking their fields finds
+/// every relation, function and sub-statement inside them.
+const EXPRESSION_NODES: &[&str] = &[
+    "Alias",
+    "IntoClause",
+    "ParamRef",
+    "AExpr",
+    "ColumnRef",
+    "AConst",
+    "TypeCast",
+    "CollateClause",
+    "RoleSpec",
+    "AStar",
+    "AIndices",
+    "AIndirection",
+    "AArrayExpr",
+    "ResTarget",
+    "MultiAssignRef",
+    "SortBy",
+    "WindowDef",
+    "RangeSubselect",
+    "RangeFunction",
+    "RangeTableSample",
+    "RangeTableFunc",
+    "RangeTableFuncCol",
+    "TypeName",
+    "ColumnDef",
+    "IndexElem",
+    "StatsElem",
+    "Constraint",
+    "DefElem",
+    "LockingClause",
+    "XmlSerialize",
+    "PartitionElem",
+    "PartitionSpec",
+    "PartitionBoundSpec",
+    "PartitionRangeDatum",
+    "PartitionCmd",
+    "TableLikeClause",
+    "FunctionParameter",
+    "ObjectWithArgs",
+    "AccessPriv",
+    "CreateOpClassItem",
+    "TriggerTransition",
+    "JsonFormat",
+    "JsonReturning",
+    "JsonValueExpr",
+    "JsonBehavior",
+    "JsonOutput",
+    "JsonArgument",
+    "JsonFuncExpr",
+    "JsonTablePathSpec",
+    "JsonTable",
+    "JsonTableColumn",
+    "JsonKeyValue",
+    "JsonParseExpr",
+    "JsonScalarExpr",
+    "JsonSerializeExpr",
+    "JsonObjectConstructor",
+    "JsonArrayConstructor",
+    "JsonArrayQueryConstructor",
+    "JsonAggConstructor",
+    "JsonObjectAgg",
+    "JsonArrayAgg",
+    "JsonIsPredicate",
+    "SubLink",
+    "BoolExpr",
+    "NullTest",
+    "BooleanTest",
+    "CaseExpr",
+    "CaseWhen",
+    "CoalesceExpr",
+    "MinMaxExpr",
+    "SqlvalueFunction",
+    "XmlExpr",
+    "RowExpr",
+    "GroupingSet",
+    "GroupingFunc",
+    "SetToDefault",
+    "CurrentOfExpr",
+    "NamedArgExpr",
+    "CommonTableExpr",
+    "CtesearchClause",
+    "CtecycleClause",
+    "WithClause",
+    "OnConflictClause",
+    "InferClause",
+    "MergeWhenClause",
+    "ReturningClause",
+    "ReturningOption",
+    "String",
+    "Integer",
+    "Float",
+    "Boolean",
+    "BitString",
+    "List",
+    "IntList",
+    "OidList",
+    "VacuumRelation",
+    "PublicationObjSpec",
+    "PublicationTable",
+    "RangeTblFunction",
+    "JoinExpr",
+    "ReplicaIdentityStmt",
+    "ReturnStmt",
+];
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,192 @@
+//! The decision, sans-IO: analysed statements + compiled policy → verdict.
+//!
+//! Per access: built-in decisions first (they cannot be overridden), then the
+//! first matching rule, then `defaultAction`. A statement's verdict is its
+//! most severe access; a query's is its most severe statement.
+
+use std::fmt;
+
+use pgwarden_api::{Action, StatementClass};
+
+use super::analyze::{Access, Fixed, Statement, Target};
+use super::catalog;
+use super::rules::{glob_match, CompiledRule};
+
+/// Who decided an access.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecidedBy {
+    /// The built-in deny list; the text says what was found.
+    BuiltinDeny(String),
+    /// Always allowed (table-less, transaction control, harmless catalogs...).
+    Always,
+    Rule(String),
+    Default,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessDecision {
+    pub access: Access,
+    pub action: Action,
+    pub by: DecidedBy,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    /// The access that decided the verdict (the first most severe one).
+    pub deciding: Option<AccessDecision>,
+    pub accesses: Vec<AccessDecision>,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Relation(q) => write!(f, "{q}"),
+            Target::Function {
+                schema: Some(s),
+                name,
+            } => write!(f, "function {s}.{name}"),
+            Target::Function { schema: None, name } => write!(f, "function {name}"),
+            Target::Statement => f.write_str("statement"),
+        }
+    }
+}
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.class, &self.target) {
+            (_, t @ Target::Function { .. }) => write!(f, "{t}")?,
+            (Some(c), Target::Statement) => write!(f, "{c}")?,
+            (Some(c), Target::Relation(q)) => write!(f, "{c} on {q}")?,
+            (None, t) => write!(f, "{t}")?,
+        }
+        if self.unfiltered {
+            f.write_str(" without WHERE")?;
+        }
+        Ok(())
+    }
+}
+
+impl Decision {
+    /// The message a client gets for a refusal (DESIGN §3: names the rule
+    /// and the access).
+    pub fn reason(&self) -> String {
+        let Some(d) = &self.deciding else {
+            return "allowed: no access to decide".into();
+        };
+        let verb = match self.action {
+            Action::Allow => "allowed",
+            Action::Deny => "denied",
+            Action::RequireApproval => "approval required",
+        };
+        match &d.by {
+            DecidedBy::BuiltinDeny(what) => format!("{verb} by built-in rule: {what}"),
+            DecidedBy::Always => format!("{verb}: {}", d.access),
+            DecidedBy::Rule(name) => format!("{verb} by rule \"{name}\": {}", d.access),
+            DecidedBy::Default => format!("{verb} by default action: {}", d.access),
+        }
+    }
+
+    pub fn rule_name(&self) -> Option<&str> {
+        match &self.deciding.as_ref()?.by {
+            DecidedBy::Rule(n) => Some(n),
+            DecidedBy::BuiltinDeny(_) => Some("builtin"),
+            DecidedBy::Always => Some("always"),
+            DecidedBy::Default => Some("default"),
+        }
+    }
+}
+
+fn severity(a: Action) -> u8 {
+    match a {
+        Action::Allow => 0,
+        Action::RequireApproval => 1,
+        Action::Deny => 2,
+    }
+}
+
+pub struct Policy {
+    pub rules: Vec<CompiledRule>,
+    pub default_action: Action,
+}
+
+impl Policy {
+    pub fn decide(&self, statements: &[Statement]) -> Decision {
+        let mut accesses = Vec::new();
+        for s in statements {
+            for a in &s.accesses {
+                accesses.push(self.decide_access(a, s.class));
+            }
+        }
+        let mut deciding: Option<&AccessDecision> = None;
+        for d in &accesses {
+            if deciding.is_none_or(|best| severity(d.action) > severity(best.action)) {
+                deciding = Some(d);
+            }
+        }
+        Decision {
+            action: deciding.map(|d| d.action).unwrap_or(Action::Allow),
+            deciding: deciding.cloned(),
+            accesses,
+        }
+    }
+
+    fn decide_access(&self, access: &Access, statement_class: StatementClass) -> AccessDecision {
+        let decided = |action, by| AccessDecision {
+            access: access.clone(),
+            action,
+            by,
+        };
+        match &access.fixed {
+            Some(Fixed::Deny(what)) => {
+                return decided(Action::Deny, DecidedBy::BuiltinDeny(what.clone()))
+            }
+            Some(Fixed::Allow) => return decided(Action::Allow, DecidedBy::Always),
+            None => {}
+        }
+        match &access.target {
+            Target::Relation(q) => {
+                let name = q.to_string();
+                if catalog::SENSITIVE_RELATIONS.contains(&name.as_str()) {
+                    return decided(
+                        Action::Deny,
+                        DecidedBy::BuiltinDeny(format!("relation {name}")),
+                    );
+                }
+                let harmless = catalog::HARMLESS_RELATIONS.contains(&name.as_str())
+                    || catalog::HARMLESS_SCHEMAS.contains(&q.schema.as_str());
+                if harmless && access.class == Some(StatementClass::Select) {
+                    return decided(Action::Allow, DecidedBy::Always);
+                }
+            }
+            Target::Function { name, .. } => {
+                if catalog::DENIED_FUNCTIONS
+                    .iter()
+                    .any(|g| glob_match(g, name))
+                {
+                    return decided(
+                        Action::Deny,
+                        DecidedBy::BuiltinDeny(format!("function {name}")),
+                    );
+                }
+            }
+            Target::Statement => {}
+        }
+        if let Some(rule) = self
+            .rules
+            .iter()
+            .find(|r| r.matches(access, statement_class))
+        {
+            return decided(rule.action, DecidedBy::Rule(rule.name.clone()));
+        }
+        if let Target::Function { schema, name } = &access.target {
+            // PostgreSQL's own functions (not in the deny list) are part of
+            // the language: now(), count(), lower() ...
+            let in_catalog = schema.as_deref().is_none_or(|s| s == "pg_catalog");
+            if in_catalog && catalog::is_builtin_function(name) {
+                return decided(Action::Allow, DecidedBy::Always);
+            }
+        }
+        decided(self.default_action, DecidedBy::Default)
+    }
+}

