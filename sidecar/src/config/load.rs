@@ -248,9 +248,6 @@ fn unsupported_features(p: &DatabaseAccessPolicy) -> Vec<(&'static str, &'static
     if s.approval.is_some() {
         out.push(("spec.approval", "approvals"));
     }
-    if s.limits.is_some() {
-        out.push(("spec.limits", "statement limits"));
-    }
     if s.recording.is_some() {
         out.push(("spec.recording", "session recording"));
     }

@@ -317,6 +317,16 @@ impl Walker {
         let mut parts = name_list(list(m, "funcname"));
         let name = parts.pop().unwrap_or_default();
         let schema = parts.pop();
+        let in_catalog = schema.as_deref().is_none_or(|s| s == "pg_catalog");
+        if name == "set_config" && in_catalog {
+            // set_config('name', ...) with a constant name is `SET name`
+            // (drivers such as asyncpg use it for jit); any other form stays
+            // a call of a built-in-denied function.
+            if let Some(setting) = list(m, "args").first().and_then(string_constant) {
+                self.setting_change(&setting.to_ascii_lowercase());
+                return self.fields(m, &["funcname"]);
+            }
+        }
         self.accesses.push(Access {
             class: None,
             target: Target::Function { schema, name },
@@ -694,10 +704,16 @@ impl Walker {
             self.always(Class::Session);
             return Ok(());
         }
-        let protected = catalog::PROTECTED_SETTINGS.contains(&name.as_str())
+        self.setting_change(&name);
+        self.with_class(Class::Select, |w| w.fields(b, &[]))
+    }
+
+    /// A change of a server setting, by SET or set_config.
+    fn setting_change(&mut self, name: &str) {
+        let protected = catalog::PROTECTED_SETTINGS.contains(&name)
             || (self.settings.pin_statement_timeout && name == "statement_timeout");
         if protected {
-            let what = match name.as_str() {
+            let what = match name {
                 "role" => "SET ROLE".to_owned(),
                 "session_authorization" => "SET SESSION AUTHORIZATION".to_owned(),
                 other => format!("changing {other}"),
@@ -705,13 +721,23 @@ impl Walker {
             self.forbid(Class::Session, what);
         } else if catalog::HARMLESS_SETTINGS
             .iter()
-            .any(|g| super::rules::glob_match(g, &name))
+            .any(|g| super::rules::glob_match(g, name))
         {
             self.always(Class::Session);
         } else {
             self.class_only(Class::Session);
         }
-        self.with_class(Class::Select, |w| w.fields(b, &[]))
+    }
+}
+
+/// The text of a string constant node (`'jit'`).
+fn string_constant(v: &Value) -> Option<String> {
+    match node_of(v) {
+        Some(("AConst", c)) => {
+            let sval = c.get("val")?.as_object()?.get("Sval")?.as_object()?;
+            Some(str_field(sval, "sval").to_owned())
+        }
+        _ => None,
     }
 }
 

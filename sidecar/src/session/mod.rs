@@ -5,6 +5,7 @@
 //! result or ends the connection with a FATAL the client can act on.
 
 mod cancel;
+mod limits;
 mod relay;
 mod startup;
 
@@ -129,20 +130,26 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
     };
     tracing::Span::current().record("subject", identity.subject.as_str());
 
-    let up =
-        match upstream::connect(&policy.upstream, &startup.upstream_params, shared.limits).await {
-            Ok(up) => up,
-            Err(e) => {
-                // The upstream being down or refusing us is an operator problem.
-                warn!(error = %e, upstream.kind = e.kind(), "upstream login failed");
-                shared
-                    .metrics
-                    .upstream_errors
-                    .with_label_values(&[e.kind()])
-                    .inc();
-                return refuse(&mut stream, e.to_client_error()).await;
-            }
-        };
+    let policy_limits = policy.spec.limits.clone().unwrap_or_default();
+    let statement_timeout = policy_limits.statement_timeout.map(|d| d.as_std());
+    let mut upstream_params = startup.upstream_params.clone();
+    if let Some(t) = statement_timeout {
+        // The server enforces it; SET statement_timeout is then built-in denied.
+        upstream_params.push(("statement_timeout".into(), format!("{}ms", t.as_millis())));
+    }
+    let up = match upstream::connect(&policy.upstream, &upstream_params, shared.limits).await {
+        Ok(up) => up,
+        Err(e) => {
+            // The upstream being down or refusing us is an operator problem.
+            warn!(error = %e, upstream.kind = e.kind(), "upstream login failed");
+            shared
+                .metrics
+                .upstream_errors
+                .with_label_values(&[e.kind()])
+                .inc();
+            return refuse(&mut stream, e.to_client_error()).await;
+        }
+    };
     let registration = up
         .key
         .clone()
@@ -175,6 +182,9 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         metrics: &shared.metrics,
         nonce: format!("{:016x}", rand::random::<u64>()),
         status: up.status,
+        max_rows: policy_limits.max_rows,
+        statement_timeout,
+        cancel: up.key.clone().map(|k| (policy.upstream.clone(), k)),
     };
     let end = relay
         .run(

@@ -18,9 +18,14 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::limits::{RowAction, RowLimiter, StatementClock};
 use crate::masking::ResultFilter;
 use crate::observe::Metrics;
 use crate::policy::{Gate, SessionState, Verdict};
+use crate::upstream::{self, BackendKey, UpstreamTarget};
 use crate::wire::codec::{self, TxStatus};
 use crate::wire::conn::{FrameBuf, ReadError};
 use crate::wire::PgError;
@@ -60,6 +65,21 @@ pub struct Relay<'a> {
     pub metrics: &'a Metrics,
     pub nonce: String,
     pub status: TxStatus,
+    pub max_rows: Option<u64>,
+    pub statement_timeout: Option<Duration>,
+    /// Where to send a cancel for this session's running statement.
+    pub cancel: Option<(Arc<UpstreamTarget>, BackendKey)>,
+}
+
+/// Cancel the session's running statement; fire and forget.
+fn spawn_cancel(cancel: &Option<(Arc<UpstreamTarget>, BackendKey)>) {
+    if let Some((target, key)) = cancel.clone() {
+        tokio::spawn(async move {
+            if let Err(e) = upstream::cancel(&target, &key).await {
+                tracing::warn!(error = %e, "cancelling a statement upstream failed");
+            }
+        });
+    }
 }
 
 impl Relay<'_> {
@@ -77,6 +97,7 @@ impl Relay<'_> {
         let (mut cr, mut cw) = tokio::io::split(client);
         let (mut ur, mut uw) = tokio::io::split(upstream);
         let (tx, rx) = mpsc::unbounded_channel();
+        let clock = StatementClock::default();
         let end = {
             let front = Frontend {
                 gate: self.gate,
@@ -85,6 +106,7 @@ impl Relay<'_> {
                 next_seq: 0,
                 refusals: tx,
                 session: SessionState::default(),
+                clock: &clock,
             }
             .run(&mut cr, client_frames, &mut uw);
             let back = Backend {
@@ -94,11 +116,16 @@ impl Relay<'_> {
                 pending: VecDeque::new(),
                 status: self.status,
                 filter: ResultFilter::default(),
+                limiter: self.max_rows.map(RowLimiter::new),
+                clock: &clock,
+                cancel: &self.cancel,
             }
             .run(&mut ur, upstream_frames, &mut cw);
+            let guard = guard_timeout(&clock, self.statement_timeout, &self.cancel);
             tokio::select! {
                 end = front => end,
                 end = back => end,
+                never = guard => match never {},
             }
         };
         // Both halves are dropped; tell each side what it needs to know.
@@ -126,6 +153,26 @@ impl Relay<'_> {
     }
 }
 
+/// The proxy-side statement timeout: cancel a request the server has not
+/// finished well after its own statement_timeout should have fired.
+async fn guard_timeout(
+    clock: &StatementClock,
+    timeout: Option<Duration>,
+    cancel: &Option<(Arc<UpstreamTarget>, BackendKey)>,
+) -> std::convert::Infallible {
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if clock.overdue(timeout) {
+            tracing::info!("statement exceeded limits.statementTimeout; cancelling it upstream");
+            spawn_cancel(cancel);
+        }
+    }
+}
+
 // === client → upstream ===
 
 struct Frontend<'a> {
@@ -135,6 +182,7 @@ struct Frontend<'a> {
     next_seq: u64,
     refusals: mpsc::UnboundedSender<Pending>,
     session: SessionState,
+    clock: &'a StatementClock,
 }
 
 impl Frontend<'_> {
@@ -156,6 +204,9 @@ impl Frontend<'_> {
                     }
                 };
                 let bytes = &frames.buffered()[..frame.wire_len];
+                if matches!(frame.ty, b'Q' | b'S' | b'F') {
+                    self.clock.request_sent();
+                }
                 match self.on_message(frame.ty, bytes, &mut out) {
                     Ok(Flow::Continue) => {}
                     Ok(Flow::Terminate) => {
@@ -324,6 +375,9 @@ struct Backend<'a> {
     pending: VecDeque<Pending>,
     status: TxStatus,
     filter: ResultFilter,
+    limiter: Option<RowLimiter>,
+    clock: &'a StatementClock,
+    cancel: &'a Option<(Arc<UpstreamTarget>, BackendKey)>,
 }
 
 impl Backend<'_> {
@@ -375,6 +429,20 @@ impl Backend<'_> {
 
     fn on_message(&mut self, ty: u8, bytes: &[u8], out: &mut BytesMut) -> Result<(), String> {
         let body = &bytes[5..];
+        if let Some(limiter) = &mut self.limiter {
+            match limiter.on_message(ty) {
+                RowAction::Forward => {}
+                RowAction::Drop => return Ok(()),
+                RowAction::DropAndCancel => {
+                    spawn_cancel(self.cancel);
+                    return Ok(());
+                }
+                RowAction::ReplaceWithError => {
+                    codec::put_error(&limiter.error(), out);
+                    return Ok(());
+                }
+            }
+        }
         match ty {
             b'E' => {
                 while let Ok(p) = self.refusals.try_recv() {
@@ -392,6 +460,7 @@ impl Backend<'_> {
                 out.extend_from_slice(bytes);
             }
             b'Z' => {
+                self.clock.request_done();
                 self.status = codec::ready_for_query(body).map_err(|e| e.to_string())?;
                 out.extend_from_slice(bytes);
             }

@@ -46,6 +46,8 @@ pub enum SqlState {
     AdminShutdown,
     /// 57P03: not ready (no configuration yet).
     CannotConnectNow,
+    /// 54000: a policy limit (maxRows) was exceeded.
+    ProgramLimitExceeded,
     /// XX000: a fault of ours.
     InternalError,
     /// 00000: what PostgreSQL puts on plain notices.
@@ -66,6 +68,7 @@ impl SqlState {
             SqlState::TooManyConnections => "53300",
             SqlState::AdminShutdown => "57P01",
             SqlState::CannotConnectNow => "57P03",
+            SqlState::ProgramLimitExceeded => "54000",
             SqlState::InternalError => "XX000",
             SqlState::SuccessfulCompletion => "00000",
         }
@@ -161,6 +164,11 @@ impl PgError {
             SqlState::AdminShutdown,
             "terminating connection: the gateway is shutting down",
         )
+    }
+
+    /// A policy limit cut a result off: ERROR, the session stays usable.
+    pub fn limit_exceeded(message: impl Into<String>) -> Self {
+        Self::new(Severity::Error, SqlState::ProgramLimitExceeded, message)
     }
 
     pub fn internal(message: impl Into<String>) -> Self {

@@ -121,7 +121,6 @@ fn features_not_enforced_yet_are_refused_not_ignored() {
             "  approval: {approvers: {users: [alice]}, wait: 1m}\n",
             "spec.approval",
         ),
-        ("  limits: {maxRows: 10}\n", "spec.limits"),
         ("  recording: {resultRows: 10}\n", "spec.recording"),
     ];
     for (extra, path) in cases {

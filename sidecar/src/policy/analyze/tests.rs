@@ -329,9 +329,31 @@ fn functions_at_any_depth() {
             "SELECT * FROM query_to_xml('select * from secrets', true, true, '')",
             &["function query_to_xml"],
         ),
+        // A constant setting name makes set_config a SET (asyncpg sets jit).
         (
             "SELECT set_config('search_path', 'evil', false)",
-            &["function set_config"],
+            &["SESSION [deny: changing search_path]"],
+        ),
+        (
+            "SELECT set_config('SEARCH_PATH', 'evil', false)",
+            &["SESSION [deny: changing search_path]"],
+        ),
+        (
+            "SELECT current_setting('jit'), set_config('jit', 'off', false)",
+            &["SESSION [always]", "function current_setting"],
+        ),
+        (
+            "SELECT set_config('log_statement', 'none', false)",
+            &["SESSION"],
+        ),
+        // A computed name cannot be judged: the call stays (built-in denied).
+        (
+            "SELECT set_config(name, 'x', false) FROM settings_to_try",
+            &["SELECT on public.settings_to_try", "function set_config"],
+        ),
+        (
+            "SELECT pg_catalog.set_config('role', 'postgres', false)",
+            &["SESSION [deny: SET ROLE]"],
         ),
         (
             "SELECT * FROM generate_series(1, 3)",
