@@ -205,6 +205,25 @@ impl Walker {
         }
     }
 
+    /// Walk a statement whose relations all get `class`; a statement that
+    /// names no relation (CREATE SCHEMA, VACUUM of everything) becomes one
+    /// class-only access, so rules with `tables` can still scope the rest.
+    fn targets_or_statement(
+        &mut self,
+        class: Class,
+        f: impl FnOnce(&mut Self) -> Result<(), AnalyzeError>,
+    ) -> Result<(), AnalyzeError> {
+        let start = self.accesses.len();
+        self.with_class(class, f)?;
+        let named = self.accesses[start..]
+            .iter()
+            .any(|a| a.class == Some(class) && matches!(a.target, Target::Relation(_)));
+        if !named {
+            self.class_only(class);
+        }
+        Ok(())
+    }
+
     /// Walk with a different default class for relations, then restore.
     fn with_class<T>(&mut self, class: Class, f: impl FnOnce(&mut Self) -> T) -> T {
         let saved = std::mem::replace(&mut self.read_class, class);
@@ -569,43 +588,40 @@ impl Walker {
             | "ReassignOwnedStmt"
             | "DropOwnedStmt" => {
                 self.set_top(Privilege);
-                self.class_only(Privilege);
-                self.with_class(Privilege, |w| w.fields(b, &[]))
+                self.targets_or_statement(Privilege, |w| w.fields(b, &[]))
             }
 
             // --- maintenance ---
             "TruncateStmt" => {
                 self.set_top(Truncate);
-                self.class_only(Truncate);
-                self.with_class(Truncate, |w| w.fields(b, &[]))
+                self.targets_or_statement(Truncate, |w| w.fields(b, &[]))
             }
             "VacuumStmt" | "ClusterStmt" | "ReindexStmt" | "CheckPointStmt" | "LockStmt" => {
                 self.set_top(Maintenance);
-                self.class_only(Maintenance);
-                self.with_class(Maintenance, |w| w.fields(b, &[]))
+                self.targets_or_statement(Maintenance, |w| w.fields(b, &[]))
             }
 
             // DROP names its objects as name lists, not RangeVars.
             "DropStmt" => {
                 self.set_top(Ddl);
-                self.class_only(Ddl);
-                for o in list(b, "objects") {
-                    if let Some(("List", l)) = node_of(o) {
-                        let mut parts = name_list(list(l, "items"));
-                        let name = parts.pop().unwrap_or_default();
-                        let schema = parts.pop().unwrap_or_default();
-                        let q = self.resolve(&schema, &name);
-                        self.push(Ddl, Target::Relation(q), false, None);
+                self.targets_or_statement(Ddl, |w| {
+                    for o in list(b, "objects") {
+                        if let Some(("List", l)) = node_of(o) {
+                            let mut parts = name_list(list(l, "items"));
+                            let name = parts.pop().unwrap_or_default();
+                            let schema = parts.pop().unwrap_or_default();
+                            let q = w.resolve(&schema, &name);
+                            w.push(Ddl, Target::Relation(q), false, None);
+                        }
                     }
-                }
-                self.with_class(Ddl, |w| w.fields(b, &["objects"]))
+                    w.fields(b, &["objects"])
+                })
             }
 
             // --- schema changes: every relation named is a DDL target ---
             k if DDL_STATEMENTS.contains(&k) => {
                 self.set_top(Ddl);
-                self.class_only(Ddl);
-                self.with_class(Ddl, |w| w.fields(b, &[]))
+                self.targets_or_statement(Ddl, |w| w.fields(b, &[]))
             }
 
             // --- expressions and clauses: walk their fields ---
@@ -764,7 +780,6 @@ fn top_class_of(kind: &str) -> Class {
 const DDL_STATEMENTS: &[&str] = &[
     "CreateStmt",
     "AlterTableStmt",
-    "AlterTableCmd",
     "IndexStmt",
     "RenameStmt",
     "CreateSeqStmt",
@@ -830,7 +845,6 @@ const DDL_STATEMENTS: &[&str] = &[
     "AlterOperatorStmt",
     "RefreshMatViewStmt",
     "ReplicaIdentityStmt",
-    "ReturnStmt",
 ];
 
 /// Raw-parse-tree nodes below statement level. Walking their fields finds
@@ -938,6 +952,7 @@ const EXPRESSION_NODES: &[&str] = &[
     "JoinExpr",
     "ReplicaIdentityStmt",
     "ReturnStmt",
+    "AlterTableCmd",
 ];
 
 #[cfg(test)]

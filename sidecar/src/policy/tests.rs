@@ -151,16 +151,28 @@ fn built_in_denials_cannot_be_overridden() {
 }
 
 #[test]
-fn rules_with_tables_never_match_tableless_statements() {
+fn rules_with_tables_scope_ddl_and_never_match_tableless_statements() {
     let g = Gate::new(
-        &spec("  - {name: orders-ddl, action: Allow, statements: [DDL], tables: [\"public.orders\"]}\n", "Deny"),
+        &spec(
+            "  - {name: app-ddl, action: Allow, statements: [DDL, TRUNCATE], tables: [\"public.app_*\"]}\n",
+            "Deny",
+        ),
         64,
     );
     assert_eq!(
-        verdict(&g, "ALTER TABLE orders ADD c int").0,
-        Action::Deny,
-        "the class-only DDL access is not covered"
+        verdict(&g, "ALTER TABLE app_orders ADD c int").0,
+        Action::Allow
     );
+    assert_eq!(
+        verdict(&g, "CREATE TABLE app_new (id int)").0,
+        Action::Allow
+    );
+    assert_eq!(verdict(&g, "TRUNCATE app_orders").0, Action::Allow);
+    assert_eq!(verdict(&g, "DROP TABLE app_a, orders").0, Action::Deny);
+    assert_eq!(verdict(&g, "ALTER TABLE orders ADD c int").0, Action::Deny);
+    // A statement with no table is not covered by a rule that names tables.
+    assert_eq!(verdict(&g, "CREATE SCHEMA s").0, Action::Deny);
+    assert_eq!(verdict(&g, "DO $$ BEGIN END $$").0, Action::Deny);
     let g = Gate::new(
         &spec(
             "  - {name: ddl, action: Allow, statements: [DDL]}\n",
