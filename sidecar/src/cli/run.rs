@@ -49,6 +49,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .enable_all()
             .build()?
     };
+    let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
     let shared = Arc::new(Shared {
         config: Arc::new(config),
         tls,
@@ -57,12 +58,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         limits: Limits {
             large: args.max_message_bytes,
         },
+        shutdown,
     });
-    runtime.block_on(serve(args, shared))?;
+    runtime.block_on(serve(args, shared, shutdown_tx))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(args: RunArgs, shared: Arc<Shared>) -> anyhow::Result<()> {
+async fn serve(
+    args: RunArgs,
+    shared: Arc<Shared>,
+    shutdown_tx: tokio::sync::watch::Sender<bool>,
+) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
     if let Some(addr) = args.metrics_listen {
         let l = TcpListener::bind(addr)
@@ -117,6 +123,8 @@ async fn serve(args: RunArgs, shared: Arc<Shared>) -> anyhow::Result<()> {
     }
     ready.store(false, Ordering::Release);
     drop(listener);
+    // Idle sessions close now; busy ones after their request completes.
+    let _ = shutdown_tx.send(true);
     info!("shutting down: waiting for open sessions");
     let all = u32::try_from(args.max_connections).unwrap_or(u32::MAX);
     let grace = Duration::from_secs(args.shutdown_grace_seconds);

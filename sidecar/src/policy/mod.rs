@@ -136,6 +136,9 @@ impl Gate {
         let j = self.evaluate(sql);
         match j.action() {
             Action::Allow => {}
+            Action::Deny if matches!(j.outcome, Err(AnalyzeError::Parse(_))) => {
+                return Verdict::Refuse(PgError::syntax_error(j.reason()))
+            }
             Action::Deny => return Verdict::Refuse(PgError::denied(j.reason())),
             Action::RequireApproval => {
                 return Verdict::Refuse(

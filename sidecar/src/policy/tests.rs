@@ -291,3 +291,13 @@ fn the_cache_returns_the_same_judgement_and_stays_bounded() {
         &off.evaluate("SELECT 1")
     ));
 }
+
+#[test]
+fn unparseable_text_is_refused_as_a_syntax_error() {
+    let g = design_gate();
+    let Verdict::Refuse(e) = g.judge("SELEC 1", &mut SessionState::default()) else {
+        panic!("should be refused");
+    };
+    assert_eq!(e.code.code(), "42601");
+    assert!(e.message.contains("cannot parse"), "{}", e.message);
+}

@@ -158,6 +158,11 @@ impl StatementClock {
         }
     }
 
+    /// No request is waiting for its ReadyForQuery.
+    pub fn idle(&self) -> bool {
+        self.outstanding.load(Ordering::Acquire) == 0
+    }
+
     /// True once per overdue request: the caller should cancel it.
     pub fn overdue(&self, timeout: Duration) -> bool {
         if self.outstanding.load(Ordering::Acquire) == 0 {

@@ -38,6 +38,8 @@ pub struct Shared {
     pub cancels: CancelRegistry,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    /// Becomes true when the gateway starts shutting down.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Serve one accepted client connection to its end. Never panics on input;
@@ -185,6 +187,7 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         max_rows: policy_limits.max_rows,
         statement_timeout,
         cancel: up.key.clone().map(|k| (policy.upstream.clone(), k)),
+        shutdown: shared.shutdown.clone(),
     };
     let end = relay
         .run(
@@ -195,7 +198,7 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         )
         .await;
     match &end {
-        End::ClientTerminated | End::ClientClosed | End::UpstreamClosed => {
+        End::ClientTerminated | End::ClientClosed | End::UpstreamClosed | End::Shutdown => {
             info!(end = ?end, "session ended")
         }
         End::ClientViolation(e) => {

@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +45,8 @@ pub enum End {
     UpstreamFailed(String),
     /// The client's socket failed.
     ClientIo(std::io::Error),
+    /// The gateway is shutting down and the session had nothing in flight.
+    Shutdown,
 }
 
 /// A refusal waiting for its sentinel's error to come back.
@@ -69,6 +71,8 @@ pub struct Relay<'a> {
     pub statement_timeout: Option<Duration>,
     /// Where to send a cancel for this session's running statement.
     pub cancel: Option<(Arc<UpstreamTarget>, BackendKey)>,
+    /// Becomes true when the gateway shuts down.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 /// Cancel the session's running statement; fire and forget.
@@ -122,9 +126,11 @@ impl Relay<'_> {
             }
             .run(&mut ur, upstream_frames, &mut cw);
             let guard = guard_timeout(&clock, self.statement_timeout, &self.cancel);
+            let drain = drain_on_shutdown(&clock, self.shutdown);
             tokio::select! {
                 end = front => end,
                 end = back => end,
+                end = drain => end,
                 never = guard => match never {},
             }
         };
@@ -138,6 +144,11 @@ impl Relay<'_> {
             }
             End::UpstreamFailed(why) => {
                 codec::put_error(&PgError::upstream_failed(why.clone()), &mut out);
+                let _ = cw.write_all(&out).await;
+                let _ = cw.flush().await;
+            }
+            End::Shutdown => {
+                codec::put_error(&PgError::shutting_down(), &mut out);
                 let _ = cw.write_all(&out).await;
                 let _ = cw.flush().await;
             }
@@ -169,6 +180,23 @@ async fn guard_timeout(
         if clock.overdue(timeout) {
             tracing::info!("statement exceeded limits.statementTimeout; cancelling it upstream");
             spawn_cancel(cancel);
+        }
+    }
+}
+
+/// On gateway shutdown, end the session as soon as no request is in flight:
+/// a statement that is running finishes (within the grace period) and its
+/// result reaches the client first.
+async fn drain_on_shutdown(clock: &StatementClock, mut shutdown: watch::Receiver<bool>) -> End {
+    if shutdown.wait_for(|down| *down).await.is_err() {
+        // The gateway dropped the sender without shutting down: never fires.
+        return std::future::pending().await;
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        if clock.idle() {
+            return End::Shutdown;
         }
     }
 }

@@ -38,6 +38,8 @@ pub enum SqlState {
     InvalidCatalogName,
     /// 42501: refused by policy.
     InsufficientPrivilege,
+    /// 42601: the statement does not parse (as the server would say).
+    SyntaxError,
     /// 0A000: a protocol feature the proxy does not offer.
     FeatureNotSupported,
     /// 53300: connection limit reached.
@@ -64,6 +66,7 @@ impl SqlState {
             SqlState::InvalidPassword => "28P01",
             SqlState::InvalidCatalogName => "3D000",
             SqlState::InsufficientPrivilege => "42501",
+            SqlState::SyntaxError => "42601",
             SqlState::FeatureNotSupported => "0A000",
             SqlState::TooManyConnections => "53300",
             SqlState::AdminShutdown => "57P01",
@@ -119,6 +122,12 @@ impl PgError {
     /// A statement refused by policy: ERROR, the session stays usable.
     pub fn denied(message: impl Into<String>) -> Self {
         Self::new(Severity::Error, SqlState::InsufficientPrivilege, message)
+    }
+
+    /// Text the parser rejects: refused with the server's own SQLSTATE, so
+    /// drivers that look for 42601 see a syntax error.
+    pub fn syntax_error(message: impl Into<String>) -> Self {
+        Self::new(Severity::Error, SqlState::SyntaxError, message)
     }
 
     /// A protocol feature the proxy refuses but the session survives.

@@ -1,0 +1,868 @@
+//! pgwarden benchmark: the same workloads directly against PostgreSQL and through the
+//! gateway, on one throwaway cluster.
+//!
+//! ```text
+//! scripts/bench [--quick] [--json] [--pgbouncer] [--secs N] [--rounds N] [--scale N]
+//! cargo run --release -p pgwarden-e2e --bin bench -- [same flags]
+//! ```
+//!
+//! 1. `pgbench -S` (select-only) in simple, extended and prepared mode with 1 and 8
+//!    clients, in rounds that alternate direct and gateway runs (so drift on the
+//!    machine affects both), plus the gateway's CPU time per statement (utime+stime
+//!    of the process over the run / transactions processed; one statement per
+//!    transaction with `-S`).
+//! 2. Streaming 2,000,000 rows with psql: seconds, MB/s of psql output, and the peak
+//!    RSS (VmHWM) of a fresh gateway that did nothing else.
+//! 3. RSS of a fresh gateway holding 500 idle client sessions.
+//!
+//! The gateway binary is `$PGWARDEN_BIN`, else `pgwarden` next to this executable
+//! (`target/release/pgwarden`: `cargo build --release -p pgwarden-sidecar`).
+//! Progress goes to stderr, the report (or JSON with `--json`) to stdout.
+#![forbid(unsafe_code)]
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use pgwarden_e2e::{libpq_command, run_command, Endpoint, Gateway, PgCluster, APP_PASSWORD};
+use serde_json::{json, Value};
+
+const STREAM_ROWS: u32 = 2_000_000;
+const IDLE_SESSIONS: usize = 500;
+const MODES: [&str; 3] = ["simple", "extended", "prepared"];
+const CLIENTS: [u32; 2] = [1, 8];
+
+// === options ===
+
+#[derive(Debug, Clone)]
+struct Options {
+    quick: bool,
+    json: bool,
+    pgbouncer: bool,
+    secs: u32,
+    rounds: u32,
+    scale: u32,
+}
+
+impl Options {
+    fn from_args() -> Result<Options, String> {
+        let mut args = std::env::args().skip(1);
+        let mut quick = false;
+        let mut json = false;
+        let mut pgbouncer = false;
+        let (mut secs, mut rounds, mut scale) = (None, None, None);
+        while let Some(arg) = args.next() {
+            let mut number = |name: &str| -> Result<u32, String> {
+                args.next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&n: &u32| n > 0)
+                    .ok_or_else(|| format!("{name} needs a positive number"))
+            };
+            match arg.as_str() {
+                "--quick" => quick = true,
+                "--json" => json = true,
+                "--pgbouncer" => pgbouncer = true,
+                "--secs" => secs = Some(number("--secs")?),
+                "--rounds" => rounds = Some(number("--rounds")?),
+                "--scale" => scale = Some(number("--scale")?),
+                "-h" | "--help" => {
+                    return Err("usage: bench [--quick] [--json] [--pgbouncer] [--secs N] \
+                                [--rounds N] [--scale N]"
+                        .to_string())
+                }
+                other => return Err(format!("unknown argument {other:?} (try --help)")),
+            }
+        }
+        Ok(Options {
+            quick,
+            json,
+            pgbouncer,
+            secs: secs.unwrap_or(if quick { 2 } else { 10 }),
+            rounds: rounds.unwrap_or(if quick { 2 } else { 3 }),
+            scale: scale.unwrap_or(if quick { 2 } else { 10 }),
+        })
+    }
+}
+
+fn progress(msg: impl AsRef<str>) {
+    eprintln!("bench: {}", msg.as_ref());
+}
+
+// === /proc ===
+
+/// utime + stime of `pid` in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
+    // Fields after the parenthesised command name start at field 3 (state); utime and
+    // stime are fields 14 and 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .expect("/proc/pid/stat has a command name");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| -> u64 {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("bad /proc/{pid}/stat field {n}: {stat}"))
+    };
+    field(14) + field(15)
+}
+
+fn clock_ticks_per_sec() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .filter(|&t: &u64| t > 0)
+        .unwrap_or(100)
+}
+
+/// A `VmRSS:`/`VmHWM:` line of /proc/<pid>/status, in KiB.
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+// === pgbench ===
+
+/// What one `pgbench -S` run reported.
+#[derive(Debug, Clone, Copy)]
+struct PgbenchRun {
+    tps: f64,
+    latency_ms: f64,
+    transactions: u64,
+    /// Gateway CPU ticks during the run (gateway runs only).
+    proxy_ticks: Option<u64>,
+}
+
+fn pgbench(env: &[(String, String)], args: &[&str], timeout: Duration) -> String {
+    let out = run_command(libpq_command("pgbench", env).args(args), None, timeout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "pgbench {args:?} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The first number after `prefix` on the line starting with it.
+fn number_after(report: &str, prefix: &str) -> f64 {
+    report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(prefix))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix:?} in pgbench output:\n{report}"))
+}
+
+fn run_select_only(
+    env: &[(String, String)],
+    mode: &str,
+    clients: u32,
+    secs: u32,
+    proxy_pid: Option<u32>,
+) -> PgbenchRun {
+    let (c, t) = (clients.to_string(), secs.to_string());
+    let args = ["-n", "-S", "-M", mode, "-c", &c, "-j", &c, "-T", &t];
+    let before = proxy_pid.map(cpu_ticks);
+    let report = pgbench(env, &args, Duration::from_secs(u64::from(secs) + 120));
+    let proxy_ticks = proxy_pid
+        .zip(before)
+        .map(|(pid, before)| cpu_ticks(pid) - before);
+    let failed = report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("number of failed transactions:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert_eq!(failed, 0, "pgbench reported failed transactions:\n{report}");
+    PgbenchRun {
+        tps: number_after(&report, "tps ="),
+        latency_ms: number_after(&report, "latency average ="),
+        transactions: number_after(&report, "number of transactions actually processed:") as u64,
+        proxy_ticks,
+    }
+}
+
+/// Averages over the rounds of one target.
+#[derive(Debug, Clone, Copy, Default)]
+struct Summary {
+    tps: f64,
+    latency_ms: f64,
+    transactions: u64,
+    proxy_us_per_stmt: Option<f64>,
+}
+
+fn summarize(runs: &[PgbenchRun], ticks_per_sec: u64) -> Summary {
+    let n = runs.len().max(1) as f64;
+    let transactions: u64 = runs.iter().map(|r| r.transactions).sum();
+    let ticks: Option<u64> = runs.iter().map(|r| r.proxy_ticks).sum();
+    Summary {
+        tps: runs.iter().map(|r| r.tps).sum::<f64>() / n,
+        latency_ms: runs.iter().map(|r| r.latency_ms).sum::<f64>() / n,
+        transactions,
+        proxy_us_per_stmt: ticks
+            .filter(|_| transactions > 0)
+            .map(|t| t as f64 * 1_000_000.0 / ticks_per_sec as f64 / transactions as f64),
+    }
+}
+
+/// One target of the pgbench comparison.
+struct Target<'a> {
+    name: &'static str,
+    env: Vec<(String, String)>,
+    pid: Option<u32>,
+    /// Modes this target cannot run (pgbouncer's transaction pooling vs `-M prepared`).
+    skip_modes: &'a [&'a str],
+}
+
+struct PgbenchRow {
+    mode: &'static str,
+    clients: u32,
+    results: Vec<Option<Summary>>,
+}
+
+fn pgbench_matrix(opts: &Options, targets: &[Target<'_>], ticks_per_sec: u64) -> Vec<PgbenchRow> {
+    let mut rows = Vec::new();
+    for mode in MODES {
+        for clients in CLIENTS {
+            let mut runs: Vec<Vec<PgbenchRun>> = vec![Vec::new(); targets.len()];
+            for round in 1..=opts.rounds {
+                for (i, target) in targets.iter().enumerate() {
+                    if target.skip_modes.contains(&mode) {
+                        continue;
+                    }
+                    let run = run_select_only(&target.env, mode, clients, opts.secs, target.pid);
+                    progress(format!(
+                        "pgbench -S -M {mode} -c {clients} round {round}/{}: {:<9} {:>9.0} tps {:>7.3} ms",
+                        opts.rounds, target.name, run.tps, run.latency_ms
+                    ));
+                    runs[i].push(run);
+                }
+            }
+            rows.push(PgbenchRow {
+                mode,
+                clients,
+                results: runs
+                    .iter()
+                    .map(|r| (!r.is_empty()).then(|| summarize(r, ticks_per_sec)))
+                    .collect(),
+            });
+        }
+    }
+    rows
+}
+
+// === streaming ===
+
+struct StreamResult {
+    secs: f64,
+    bytes: u64,
+}
+
+impl StreamResult {
+    fn mb_per_sec(&self) -> f64 {
+        self.bytes as f64 / 1_000_000.0 / self.secs
+    }
+}
+
+fn mean_stream(runs: &[StreamResult]) -> StreamResult {
+    let n = runs.len().max(1) as f64;
+    StreamResult {
+        secs: runs.iter().map(|r| r.secs).sum::<f64>() / n,
+        bytes: runs.first().map_or(0, |r| r.bytes),
+    }
+}
+
+/// `psql -A -t -c <2M rows>` with stdout counted as it arrives and then discarded.
+fn stream_rows(env: &[(String, String)]) -> StreamResult {
+    let sql = format!("SELECT g, repeat('x', 50) FROM generate_series(1, {STREAM_ROWS}) g");
+    let start = Instant::now();
+    let mut child = libpq_command("psql", env)
+        .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c", &sql])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn psql");
+    let mut stderr = child.stderr.take().expect("psql stderr");
+    let errors = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut stdout = child.stdout.take().expect("psql stdout");
+    let mut buf = vec![0u8; 1 << 16];
+    let mut bytes = 0u64;
+    let mut lines = 0u64;
+    loop {
+        let n = stdout.read(&mut buf).expect("read psql stdout");
+        if n == 0 {
+            break;
+        }
+        bytes += n as u64;
+        lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+    }
+    let status = child.wait().expect("wait psql");
+    let secs = start.elapsed().as_secs_f64();
+    let errors = errors.join().unwrap_or_default();
+    assert!(
+        status.success(),
+        "streaming psql failed ({status}): {errors}"
+    );
+    assert_eq!(lines, u64::from(STREAM_ROWS), "rows streamed");
+    StreamResult { secs, bytes }
+}
+
+// === idle sessions ===
+
+/// Opens a session with a plain StartupMessage (no TLS, no password: the gateway's
+/// localTrust) and returns the socket once ReadyForQuery arrived.
+fn open_idle_session(port: u16) -> Result<TcpStream, String> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let mut body = Vec::new();
+    body.extend_from_slice(&196_608u32.to_be_bytes()); // protocol 3.0
+    for (k, v) in [
+        ("user", "app"),
+        ("database", "shop"),
+        ("application_name", "pgwarden-bench-idle"),
+    ] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    msg.extend_from_slice(&body);
+    stream
+        .write_all(&msg)
+        .map_err(|e| format!("send startup: {e}"))?;
+    loop {
+        let mut header = [0u8; 5];
+        stream
+            .read_exact(&mut header)
+            .map_err(|e| format!("read message header: {e}"))?;
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        if !(4..=1 << 20).contains(&len) {
+            return Err(format!("bad message length {len}"));
+        }
+        let mut payload = vec![0u8; len - 4];
+        stream
+            .read_exact(&mut payload)
+            .map_err(|e| format!("read message: {e}"))?;
+        match header[0] {
+            b'Z' => return Ok(stream),
+            b'R' if payload.get(..4) != Some(&[0, 0, 0, 0]) => {
+                return Err("the gateway asked for a password".to_string())
+            }
+            b'E' => {
+                return Err(format!(
+                    "ErrorResponse: {}",
+                    String::from_utf8_lossy(&payload).replace('\0', " ")
+                ))
+            }
+            _ => {}
+        }
+    }
+}
+
+struct IdleResult {
+    baseline_kib: u64,
+    with_sessions_kib: u64,
+    open_secs: f64,
+}
+
+fn idle_sessions(gw: &Gateway) -> IdleResult {
+    let baseline_kib = proc_status_kib(gw.pid(), "VmRSS:");
+    let start = Instant::now();
+    const OPENERS: usize = 8;
+    let port = gw.port();
+    let handles: Vec<_> = (0..OPENERS)
+        .map(|i| {
+            let count = IDLE_SESSIONS / OPENERS + usize::from(i < IDLE_SESSIONS % OPENERS);
+            thread::spawn(move || {
+                (0..count)
+                    .map(|_| open_idle_session(port))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+        })
+        .collect();
+    let mut sessions = Vec::new();
+    for handle in handles {
+        match handle.join().expect("opener thread") {
+            Ok(mut opened) => sessions.append(&mut opened),
+            Err(e) => panic!(
+                "opening {IDLE_SESSIONS} idle sessions failed after {}: {e}\n--- pgwarden log (tail) ---\n{}",
+                sessions.len(),
+                tail_lines(&gw.logs(), 20)
+            ),
+        }
+    }
+    let open_secs = start.elapsed().as_secs_f64();
+    assert_eq!(sessions.len(), IDLE_SESSIONS);
+    // Let the gateway settle (buffers shrink after the startup burst).
+    thread::sleep(Duration::from_secs(1));
+    let with_sessions_kib = proc_status_kib(gw.pid(), "VmRSS:");
+    drop(sessions);
+    IdleResult {
+        baseline_kib,
+        with_sessions_kib,
+        open_secs,
+    }
+}
+
+fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+// === pgbouncer (optional) ===
+
+/// A pgbouncer in transaction-pooling mode in front of the cluster, run as the
+/// `postgres` user when we are root (it refuses to run as root).
+struct Pgbouncer {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Pgbouncer {
+    fn start(pg: &PgCluster) -> Result<Pgbouncer, String> {
+        let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .ok_or("pgbouncer not found (Debian package pgbouncer)")?;
+        let dir = tempfile::Builder::new()
+            .prefix("pgwarden-bench-pgbouncer-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let port = pgwarden_e2e::free_port();
+        let ini = format!(
+            "[databases]\n\
+             shop = host=127.0.0.1 port={upstream} dbname=shop user=app password={APP_PASSWORD}\n\
+             [pgbouncer]\n\
+             listen_addr = 127.0.0.1\n\
+             listen_port = {port}\n\
+             unix_socket_dir =\n\
+             auth_type = trust\n\
+             auth_file = {dir}/userlist.txt\n\
+             pool_mode = transaction\n\
+             max_client_conn = 1000\n\
+             default_pool_size = 16\n\
+             logfile = {dir}/pgbouncer.log\n\
+             pidfile = {dir}/pgbouncer.pid\n",
+            upstream = pg.port(),
+            dir = dir.path().display(),
+        );
+        fs::write(dir.path().join("pgbouncer.ini"), ini).map_err(|e| e.to_string())?;
+        fs::write(dir.path().join("userlist.txt"), "\"app\" \"\"\n").map_err(|e| e.to_string())?;
+        let root = fs::read_to_string("/proc/self/status")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1).map(|u| u == "0"))
+            .unwrap_or(false);
+        let mut cmd = if root {
+            let chown = Command::new("chown")
+                .args(["-R", "postgres:"])
+                .arg(dir.path())
+                .status()
+                .map_err(|e| e.to_string())?;
+            if !chown.success() {
+                return Err("chown of the pgbouncer dir to postgres failed".to_string());
+            }
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", "postgres", "--"]).arg(&bin);
+            cmd
+        } else {
+            Command::new(&bin)
+        };
+        cmd.arg(dir.path().join("pgbouncer.ini"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().map_err(|e| format!("spawn pgbouncer: {e}"))?;
+        let bouncer = Pgbouncer {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "pgbouncer did not listen on {port}: {}",
+                    fs::read_to_string(bouncer._dir.path().join("pgbouncer.log"))
+                        .unwrap_or_default()
+                ));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(bouncer)
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        [
+            ("PGHOST", "127.0.0.1".to_string()),
+            ("PGPORT", self.port.to_string()),
+            ("PGUSER", "app".to_string()),
+            ("PGDATABASE", "shop".to_string()),
+            ("PGSSLMODE", "disable".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// The pgbouncer process itself (runuser's child when started through runuser).
+    fn pid(&self) -> u32 {
+        let pidfile = self._dir.path().join("pgbouncer.pid");
+        fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| self.child.id())
+    }
+}
+
+impl Drop for Pgbouncer {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+// === report ===
+
+fn ratio(a: Option<Summary>, b: Option<Summary>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if a.tps > 0.0 => Some(b.tps / a.tps),
+        _ => None,
+    }
+}
+
+fn opt(v: Option<f64>, decimals: usize) -> String {
+    v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.decimals$}"))
+}
+
+fn summary_json(s: Option<Summary>) -> Value {
+    match s {
+        None => Value::Null,
+        Some(s) => json!({
+            "tps": s.tps,
+            "latency_ms": s.latency_ms,
+            "transactions": s.transactions,
+            "proxy_cpu_us_per_stmt": s.proxy_us_per_stmt,
+        }),
+    }
+}
+
+struct Report {
+    rows: Vec<PgbenchRow>,
+    target_names: Vec<&'static str>,
+    stream_direct: StreamResult,
+    stream_gateway: StreamResult,
+    stream_peak_before_kib: u64,
+    stream_peak_kib: u64,
+    idle: IdleResult,
+}
+
+fn print_text(opts: &Options, r: &Report) {
+    let mut out = String::new();
+    let has_bouncer = r.target_names.len() > 2;
+    let _ = writeln!(
+        out,
+        "\npgbench -S (select-only), scale {}, {} round(s) x {} s per target, targets interleaved; {} CPUs",
+        opts.scale,
+        opts.rounds,
+        opts.secs,
+        thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let _ = write!(
+        out,
+        "{:<9} {:>7} {:>11} {:>13} {:>6} {:>10} {:>12} {:>14}",
+        "mode",
+        "clients",
+        "direct tps",
+        "pgwarden tps",
+        "ratio",
+        "direct ms",
+        "pgwarden ms",
+        "proxy us/stmt"
+    );
+    if has_bouncer {
+        let _ = write!(out, " {:>14} {:>6}", "pgbouncer tps", "ratio");
+    }
+    out.push('\n');
+    for row in &r.rows {
+        let direct = row.results[0];
+        let gateway = row.results[1];
+        let _ = write!(
+            out,
+            "{:<9} {:>7} {:>11} {:>13} {:>6} {:>10} {:>12} {:>14}",
+            row.mode,
+            row.clients,
+            opt(direct.map(|s| s.tps), 0),
+            opt(gateway.map(|s| s.tps), 0),
+            opt(ratio(direct, gateway), 2),
+            opt(direct.map(|s| s.latency_ms), 3),
+            opt(gateway.map(|s| s.latency_ms), 3),
+            opt(gateway.and_then(|s| s.proxy_us_per_stmt), 1),
+        );
+        if has_bouncer {
+            let bouncer = row.results[2];
+            let _ = write!(
+                out,
+                " {:>14} {:>6}",
+                opt(bouncer.map(|s| s.tps), 0),
+                opt(ratio(direct, bouncer), 2)
+            );
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(
+        out,
+        "\nstreaming {STREAM_ROWS} rows with psql (simple protocol), {:.1} MB of output, mean of {} round(s):",
+        r.stream_direct.bytes as f64 / 1e6,
+        opts.rounds.min(2)
+    );
+    let _ = writeln!(
+        out,
+        "  direct    {:>6.2} s {:>7.1} MB/s",
+        r.stream_direct.secs,
+        r.stream_direct.mb_per_sec()
+    );
+    let _ = writeln!(
+        out,
+        "  pgwarden  {:>6.2} s {:>7.1} MB/s   (ratio {:.2})",
+        r.stream_gateway.secs,
+        r.stream_gateway.mb_per_sec(),
+        r.stream_gateway.mb_per_sec() / r.stream_direct.mb_per_sec()
+    );
+    let _ = writeln!(
+        out,
+        "  pgwarden peak RSS (VmHWM): {} KiB before, {} KiB after streaming",
+        r.stream_peak_before_kib, r.stream_peak_kib
+    );
+    let per_session =
+        (r.idle.with_sessions_kib as f64 - r.idle.baseline_kib as f64) / IDLE_SESSIONS as f64;
+    let _ = writeln!(
+        out,
+        "\n{IDLE_SESSIONS} idle sessions through pgwarden (opened in {:.1} s):\n  RSS {} KiB idle, {} KiB with the sessions ({per_session:.1} KiB per session)",
+        r.idle.open_secs, r.idle.baseline_kib, r.idle.with_sessions_kib
+    );
+    print!("{out}");
+}
+
+fn print_json(opts: &Options, r: &Report) {
+    let rows: Vec<Value> = r
+        .rows
+        .iter()
+        .map(|row| {
+            let mut v = json!({
+                "mode": row.mode,
+                "clients": row.clients,
+                "direct": summary_json(row.results[0]),
+                "pgwarden": summary_json(row.results[1]),
+                "ratio": ratio(row.results[0], row.results[1]),
+            });
+            if let Some(bouncer) = row.results.get(2) {
+                v["pgbouncer"] = summary_json(*bouncer);
+                v["pgbouncer_ratio"] = json!(ratio(row.results[0], *bouncer));
+            }
+            v
+        })
+        .collect();
+    let doc = json!({
+        "options": {"quick": opts.quick, "secs": opts.secs, "rounds": opts.rounds, "scale": opts.scale},
+        "cpus": thread::available_parallelism().map_or(0, |n| n.get()),
+        "pgbench_select_only": rows,
+        "streaming": {
+            "rows": STREAM_ROWS,
+            "bytes": r.stream_direct.bytes,
+            "direct": {"secs": r.stream_direct.secs, "mb_per_sec": r.stream_direct.mb_per_sec()},
+            "pgwarden": {"secs": r.stream_gateway.secs, "mb_per_sec": r.stream_gateway.mb_per_sec()},
+            "pgwarden_peak_rss_kib_before": r.stream_peak_before_kib,
+            "pgwarden_peak_rss_kib": r.stream_peak_kib,
+        },
+        "idle_sessions": {
+            "sessions": IDLE_SESSIONS,
+            "open_secs": r.idle.open_secs,
+            "rss_kib_baseline": r.idle.baseline_kib,
+            "rss_kib_with_sessions": r.idle.with_sessions_kib,
+        },
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&doc).expect("serialize report")
+    );
+}
+
+// === main ===
+
+/// `$PGWARDEN_BIN`, else `pgwarden` next to this executable; exported so the harness
+/// (which looks next to test executables) starts the same binary.
+fn locate_pgwarden() -> Result<PathBuf, String> {
+    let bin = match std::env::var_os("PGWARDEN_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("pgwarden"),
+    };
+    if !bin.exists() {
+        return Err(format!(
+            "{} not found: build it first (cargo build --release -p pgwarden-sidecar) or set PGWARDEN_BIN",
+            bin.display()
+        ));
+    }
+    // Still single-threaded here.
+    std::env::set_var("PGWARDEN_BIN", &bin);
+    Ok(bin)
+}
+
+fn main() -> ExitCode {
+    let opts = match Options::from_args() {
+        Ok(opts) => opts,
+        Err(msg) => {
+            eprintln!("{msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let bin = match locate_pgwarden() {
+        Ok(bin) => bin,
+        Err(msg) => {
+            eprintln!("bench: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let started = Instant::now();
+    progress(format!("pgwarden binary: {}", bin.display()));
+    let ticks_per_sec = clock_ticks_per_sec();
+
+    progress("starting PostgreSQL");
+    let pg = PgCluster::builder()
+        .setting("max_connections", &(IDLE_SESSIONS + 100).to_string())
+        .setting("shared_buffers", "'256MB'")
+        .setting("log_connections", "off")
+        .setting("log_disconnections", "off")
+        .start();
+    let direct_env = pg.direct_env();
+
+    progress(format!("pgbench -i -s {}", opts.scale));
+    pgbench(
+        &direct_env,
+        &["-i", "-q", "-s", &opts.scale.to_string()],
+        Duration::from_secs(600),
+    );
+
+    let gw = Gateway::start(&pg);
+    let bouncer = if opts.pgbouncer {
+        match Pgbouncer::start(&pg) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                progress(format!("skipping the pgbouncer comparison: {e}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut targets = vec![
+        Target {
+            name: "direct",
+            env: direct_env.clone(),
+            pid: None,
+            skip_modes: &[],
+        },
+        Target {
+            name: "pgwarden",
+            env: gw.env(),
+            pid: Some(gw.pid()),
+            skip_modes: &[],
+        },
+    ];
+    if let Some(b) = &bouncer {
+        targets.push(Target {
+            name: "pgbouncer",
+            env: b.env(),
+            pid: Some(b.pid()),
+            // Transaction pooling cannot keep protocol-level prepared statements.
+            skip_modes: &["prepared"],
+        });
+    }
+    let rows = pgbench_matrix(&opts, &targets, ticks_per_sec);
+    let target_names = targets.iter().map(|t| t.name).collect();
+    gw.assert_running();
+    drop(gw);
+    drop(bouncer);
+
+    let stream_rounds = opts.rounds.min(2);
+    progress(format!(
+        "streaming {STREAM_ROWS} rows: {stream_rounds} round(s) direct / fresh gateway"
+    ));
+    let gw = Gateway::start(&pg);
+    let stream_peak_before_kib = proc_status_kib(gw.pid(), "VmHWM:");
+    let (mut stream_direct, mut stream_gateway) = (Vec::new(), Vec::new());
+    for _ in 0..stream_rounds {
+        stream_direct.push(stream_rows(&direct_env));
+        stream_gateway.push(stream_rows(&gw.env()));
+    }
+    let stream_peak_kib = proc_status_kib(gw.pid(), "VmHWM:");
+    let (stream_direct, stream_gateway) =
+        (mean_stream(&stream_direct), mean_stream(&stream_gateway));
+    progress(format!(
+        "streaming: direct {:.2} s, pgwarden {:.2} s",
+        stream_direct.secs, stream_gateway.secs
+    ));
+    gw.assert_running();
+    drop(gw);
+
+    progress(format!(
+        "{IDLE_SESSIONS} idle sessions through a fresh gateway"
+    ));
+    let gw = Gateway::start(&pg);
+    let idle = idle_sessions(&gw);
+    gw.assert_running();
+    drop(gw);
+
+    let report = Report {
+        rows,
+        target_names,
+        stream_direct,
+        stream_gateway,
+        stream_peak_before_kib,
+        stream_peak_kib,
+        idle,
+    };
+    if opts.json {
+        print_json(&opts, &report);
+    } else {
+        print_text(&opts, &report);
+    }
+    progress(format!("done in {:.0} s", started.elapsed().as_secs_f64()));
+    ExitCode::SUCCESS
+}
