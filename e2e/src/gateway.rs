@@ -53,10 +53,20 @@ pub fn pgwarden_bin() -> PathBuf {
 }
 
 /// The default DatabaseAccessPolicy: localTrust subject `dev`, upstream
-/// 127.0.0.1:`port`/shop with credentials from Secret `shop-cred`, `defaultAction: Allow`.
+/// 127.0.0.1:`port`/shop with credentials from Secret `shop-cred`, under [`REALISTIC_RULES`].
 /// `upstream_tls` is `(mode, caFile)` for `spec.database.tls`. `defaultAction` is the
 /// last line of `spec`, so more `spec` fields can be appended with two-space indent.
 pub fn policy_yaml(port: u16, upstream_tls: Option<(&str, Option<&Path>)>) -> String {
+    policy_with_rules(port, upstream_tls, REALISTIC_RULES)
+}
+
+/// The same policy with `decision` (the `defaultAction:` and `rules:` lines,
+/// indented under `spec:`) in place of [`REALISTIC_RULES`].
+pub fn policy_with_rules(
+    port: u16,
+    upstream_tls: Option<(&str, Option<&Path>)>,
+    decision: &str,
+) -> String {
     let tls = match upstream_tls {
         None => String::new(),
         Some((mode, None)) => format!("    tls: {{mode: {mode}}}\n"),
@@ -76,9 +86,21 @@ pub fn policy_yaml(port: u16, upstream_tls: Option<(&str, Option<&Path>)>) -> St
          \x20   name: {APP_DATABASE}\n\
          \x20   credentialsSecret: {SECRET_NAME}\n\
          {tls}\
-         \x20 defaultAction: Allow\n"
+         {decision}"
     )
 }
+
+/// The default policy every e2e test runs under unless it brings its own: a
+/// realistic default-deny policy (ordered rules, built-ins, a table scope), so
+/// the client-compatibility tests prove legitimate traffic passes the gate.
+pub const REALISTIC_RULES: &str = "  defaultAction: Deny
+  rules:
+    - {name: no-file-access, action: Deny, functions: [\"pg_read_*\", \"lo_*\"]}
+    - {name: vault, action: Deny, tables: [\"vault.*\"]}
+    - {name: customer-bulk-writes, action: RequireApproval, statements: [UPDATE, DELETE], unfiltered: true, tables: [\"public.customers\"]}
+    - {name: app-schema, action: Allow, statements: [SELECT, INSERT, UPDATE, DELETE, MERGE, TRUNCATE, COPY_FROM, COPY_TO, DDL, EXPLAIN, MAINTENANCE], tables: [\"public.*\"]}
+    - {name: app-sessions, action: Allow, statements: [SESSION]}
+";
 
 fn secret_yaml(username: &str, password: &str) -> String {
     format!(

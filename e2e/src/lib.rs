@@ -30,7 +30,8 @@ mod tls;
 
 pub use client::{libpq_command, psql_query, run_command, run_psql, wait_until, Endpoint};
 pub use gateway::{
-    pgwarden_bin, policy_yaml, Gateway, GatewayBuilder, GatewayExit, POLICY_NAME, SECRET_NAME,
+    pgwarden_bin, policy_with_rules, policy_yaml, Gateway, GatewayBuilder, GatewayExit,
+    POLICY_NAME, REALISTIC_RULES, SECRET_NAME,
 };
 pub use net::{free_port, http_get};
 pub use pg::{PgCluster, PgClusterBuilder, UpstreamAuth, APP_DATABASE, APP_PASSWORD, APP_USER};

@@ -271,7 +271,31 @@ fn policy_yaml_is_the_documented_shape() {
     ] {
         assert!(yaml.contains(line), "{line:?} missing from:\n{yaml}");
     }
-    assert!(yaml.ends_with("  defaultAction: Allow\n"), "{yaml}");
+    // The default policy is the realistic default-deny one, and the real
+    // binary reads it so: app tables pass, anything else does not.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(&file, &yaml).unwrap();
+    for (sql, code) in [
+        ("SELECT * FROM public.items", 0),
+        ("CREATE TABLE ledger (id int)", 0),
+        ("SELECT * FROM vault.keys", 1),
+        ("DO $$ BEGIN END $$", 1),
+        ("DELETE FROM customers", 3),
+    ] {
+        let out = std::process::Command::new(pgwarden_bin())
+            .args(["check", "-f"])
+            .arg(&file)
+            .args(["--sql", sql])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
 }
 
 #[test]

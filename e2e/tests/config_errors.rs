@@ -2,7 +2,7 @@
 //! file, the object and the field path. Assertions use stable substrings (names and
 //! paths), not whole messages.
 
-use pgwarden_e2e::{policy_yaml, GatewayBuilder, GatewayExit};
+use pgwarden_e2e::{policy_with_rules, policy_yaml, GatewayBuilder, GatewayExit};
 
 const UNCONNECTED_PORT: u16 = 1;
 
@@ -82,7 +82,7 @@ fn unknown_field_names_the_path() {
     assert_mentions(&exit, &["policy.yaml", "spec.database", "hostname"]);
 
     let exit = refused(GatewayBuilder::unconnected().policy_yaml(policy_with(
-        "  defaultAction: Allow\n",
+        "  defaultAction: Deny\n",
         "  defaultActoin: Allow\n",
     )));
     assert_mentions(&exit, &["policy.yaml", "defaultActoin"]);
@@ -91,7 +91,7 @@ fn unknown_field_names_the_path() {
 #[test]
 fn bad_enum_value_names_the_path() {
     let exit = refused(GatewayBuilder::unconnected().policy_yaml(policy_with(
-        "  defaultAction: Allow\n",
+        "  defaultAction: Deny\n",
         "  defaultAction: Maybe\n",
     )));
     assert_mentions(&exit, &["policy.yaml", "defaultAction", "Maybe"]);
@@ -127,9 +127,10 @@ fn assert_not_supported_yet(policy: String, field: &str) {
 
 #[test]
 fn bad_rules_name_their_index() {
-    let mut policy = default_policy();
-    policy.push_str(
-        "  rules:\n    - {name: no-ddl, action: Deny, statements: [DDL]}\n    \
+    let policy = policy_with_rules(
+        UNCONNECTED_PORT,
+        None,
+        "  defaultAction: Deny\n  rules:\n    - {name: no-ddl, action: Deny, statements: [DDL]}\n    \
          - {name: reads, action: Allow, statements: [SELEKT]}\n",
     );
     let exit = refused(GatewayBuilder::unconnected().policy_yaml(policy));
@@ -138,9 +139,10 @@ fn bad_rules_name_their_index() {
         &["policy.yaml", "spec.rules[1].statements", "SELEKT"],
     );
 
-    let mut policy = default_policy();
-    policy.push_str(
-        "  rules:\n    - {name: no-ddl, action: Deny, statements: [DDL]}\n    \
+    let policy = policy_with_rules(
+        UNCONNECTED_PORT,
+        None,
+        "  defaultAction: Deny\n  rules:\n    - {name: no-ddl, action: Deny, statements: [DDL]}\n    \
          - {name: no-ddl, action: Allow, statements: [SELECT]}\n",
     );
     let exit = refused(GatewayBuilder::unconnected().policy_yaml(policy));

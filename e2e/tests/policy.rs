@@ -4,7 +4,7 @@
 
 use std::process::Output;
 
-use pgwarden_e2e::{policy_yaml, psql_query, run_psql, Endpoint, Gateway, PgCluster};
+use pgwarden_e2e::{policy_with_rules, psql_query, run_psql, Endpoint, Gateway, PgCluster};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
@@ -23,17 +23,16 @@ fn cluster() -> PgCluster {
 
 /// The default policy with `default_action` and the given `rules:` items.
 fn gateway(pg: &PgCluster, default_action: &str, rules: &[&str]) -> Gateway {
-    let mut policy = policy_yaml(pg.port(), None).replace(
-        "  defaultAction: Allow\n",
-        &format!("  defaultAction: {default_action}\n"),
-    );
+    let mut decision = format!("  defaultAction: {default_action}\n");
     if !rules.is_empty() {
-        policy.push_str("  rules:\n");
+        decision.push_str("  rules:\n");
         for rule in rules {
-            policy.push_str(&format!("    - {rule}\n"));
+            decision.push_str(&format!("    - {rule}\n"));
         }
     }
-    Gateway::builder(pg).policy_yaml(policy).start()
+    Gateway::builder(pg)
+        .policy_yaml(policy_with_rules(pg.port(), None, &decision))
+        .start()
 }
 
 fn stderr_of(out: &Output) -> String {

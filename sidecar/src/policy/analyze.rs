@@ -618,6 +618,27 @@ impl Walker {
                 })
             }
 
+            // COMMENT/SECURITY LABEL name their object as a name list too.
+            "CommentStmt" | "SecLabelStmt" => {
+                self.set_top(Ddl);
+                let objtype = b.get("objtype").and_then(Value::as_i64).unwrap_or(0);
+                self.targets_or_statement(Ddl, |w| {
+                    if let Some(("List", l)) = b.get("object").and_then(node_of) {
+                        let mut parts = name_list(list(l, "items"));
+                        if objtype == OBJECT_COLUMN {
+                            parts.pop();
+                        }
+                        if RELATION_OBJECT_TYPES.contains(&objtype) {
+                            let name = parts.pop().unwrap_or_default();
+                            let schema = parts.pop().unwrap_or_default();
+                            let q = w.resolve(&schema, &name);
+                            w.push(Ddl, Target::Relation(q), false, None);
+                        }
+                    }
+                    w.fields(b, &["object"])
+                })
+            }
+
             // --- schema changes: every relation named is a DDL target ---
             k if DDL_STATEMENTS.contains(&k) => {
                 self.set_top(Ddl);
@@ -777,6 +798,11 @@ fn top_class_of(kind: &str) -> Class {
     }
 }
 
+/// pg_query's ObjectType values for objects that are relations (or a column
+/// of one).
+const OBJECT_COLUMN: i64 = 7;
+const RELATION_OBJECT_TYPES: &[i64] = &[OBJECT_COLUMN, 19, 21, 24, 38, 42, 52];
+
 const DDL_STATEMENTS: &[&str] = &[
     "CreateStmt",
     "AlterTableStmt",
@@ -802,8 +828,6 @@ const DDL_STATEMENTS: &[&str] = &[
     "AlterObjectSchemaStmt",
     "AlterObjectDependsStmt",
     "AlterOwnerStmt",
-    "CommentStmt",
-    "SecLabelStmt",
     "CreateCastStmt",
     "CreateOpClassStmt",
     "CreateOpFamilyStmt",

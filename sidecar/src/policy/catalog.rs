@@ -111,6 +111,8 @@ pub const HARMLESS_RELATIONS: &[&str] = &[
     "pg_catalog.pg_settings",
     "pg_catalog.pg_shdepend",
     "pg_catalog.pg_shdescription",
+    "pg_catalog.pg_stat_gssapi",
+    "pg_catalog.pg_stat_ssl",
     "pg_catalog.pg_statistic_ext",
     "pg_catalog.pg_tables",
     "pg_catalog.pg_tablespace",

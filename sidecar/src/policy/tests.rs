@@ -198,6 +198,14 @@ fn user_functions_fall_to_the_default_builtins_do_not() {
     let (a, why) = verdict(&g, "SELECT public.dump_cards()");
     assert_eq!(a, Action::Deny, "{why}");
     assert_eq!(verdict(&g, "SELECT dump_cards()").0, Action::Deny);
+    assert_eq!(
+        verdict(
+            &g,
+            "SELECT (information_schema._pg_expandarray(ARRAY[1])).n"
+        )
+        .0,
+        Action::Allow
+    );
     // A user function in another schema named like a built-in is not one.
     assert_eq!(verdict(&g, "SELECT evil.lower('x')").0, Action::Deny);
 }
