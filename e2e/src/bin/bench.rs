@@ -593,7 +593,6 @@ struct Report {
 
 fn print_text(opts: &Options, r: &Report) {
     let mut out = String::new();
-    let has_bouncer = r.target_names.len() > 2;
     let _ = writeln!(
         out,
         "\npgbench -S (select-only), scale {}, {} round(s) x {} s per target, targets interleaved; {} CPUs",
@@ -602,44 +601,40 @@ fn print_text(opts: &Options, r: &Report) {
         opts.secs,
         thread::available_parallelism().map_or(0, |n| n.get())
     );
+    // One column group per target after `direct`: tps, ratio to direct, and
+    // the target process's CPU time per transaction.
     let _ = write!(
         out,
-        "{:<9} {:>7} {:>11} {:>13} {:>6} {:>10} {:>12} {:>14}",
-        "mode",
-        "clients",
-        "direct tps",
-        "pgwarden tps",
-        "ratio",
-        "direct ms",
-        "pgwarden ms",
-        "proxy us/stmt"
+        "{:<9} {:>7} {:>11} {:>10}",
+        "mode", "clients", "direct tps", "direct ms"
     );
-    if has_bouncer {
-        let _ = write!(out, " {:>14} {:>6}", "pgbouncer tps", "ratio");
+    for name in r.target_names.iter().skip(1) {
+        let _ = write!(
+            out,
+            " | {:>13} {:>6} {:>9}",
+            format!("{name} tps"),
+            "ratio",
+            "us/stmt"
+        );
     }
     out.push('\n');
     for row in &r.rows {
         let direct = row.results[0];
-        let gateway = row.results[1];
         let _ = write!(
             out,
-            "{:<9} {:>7} {:>11} {:>13} {:>6} {:>10} {:>12} {:>14}",
+            "{:<9} {:>7} {:>11} {:>10}",
             row.mode,
             row.clients,
             opt(direct.map(|s| s.tps), 0),
-            opt(gateway.map(|s| s.tps), 0),
-            opt(ratio(direct, gateway), 2),
             opt(direct.map(|s| s.latency_ms), 3),
-            opt(gateway.map(|s| s.latency_ms), 3),
-            opt(gateway.and_then(|s| s.proxy_us_per_stmt), 1),
         );
-        if has_bouncer {
-            let bouncer = row.results[2];
+        for result in row.results.iter().skip(1) {
             let _ = write!(
                 out,
-                " {:>14} {:>6}",
-                opt(bouncer.map(|s| s.tps), 0),
-                opt(ratio(direct, bouncer), 2)
+                " | {:>13} {:>6} {:>9}",
+                opt(result.map(|s| s.tps), 0),
+                opt(ratio(direct, *result), 2),
+                opt(result.and_then(|s| s.proxy_us_per_stmt), 1),
             );
         }
         out.push('\n');
@@ -687,12 +682,11 @@ fn print_json(opts: &Options, r: &Report) {
                 "mode": row.mode,
                 "clients": row.clients,
                 "direct": summary_json(row.results[0]),
-                "pgwarden": summary_json(row.results[1]),
-                "ratio": ratio(row.results[0], row.results[1]),
             });
-            if let Some(bouncer) = row.results.get(2) {
-                v["pgbouncer"] = summary_json(*bouncer);
-                v["pgbouncer_ratio"] = json!(ratio(row.results[0], *bouncer));
+            // Every other target by name, with its ratio to direct.
+            for (name, result) in r.target_names.iter().zip(&row.results).skip(1) {
+                v[*name] = summary_json(*result);
+                v[format!("{name}_ratio")] = json!(ratio(row.results[0], *result));
             }
             v
         })
@@ -780,6 +774,12 @@ fn main() -> ExitCode {
     );
 
     let gw = Gateway::start(&pg);
+    // The same gateway with the verdict cache off: every statement is parsed
+    // and judged again, which shows what the cache saves.
+    let gw_nocache = Gateway::builder(&pg)
+        .arg("--verdict-cache-entries")
+        .arg("0")
+        .start();
     let bouncer = if opts.pgbouncer {
         match Pgbouncer::start(&pg) {
             Ok(b) => Some(b),
@@ -804,6 +804,12 @@ fn main() -> ExitCode {
             pid: Some(gw.pid()),
             skip_modes: &[],
         },
+        Target {
+            name: "no-cache",
+            env: gw_nocache.env(),
+            pid: Some(gw_nocache.pid()),
+            skip_modes: &[],
+        },
     ];
     if let Some(b) = &bouncer {
         targets.push(Target {
@@ -817,7 +823,9 @@ fn main() -> ExitCode {
     let rows = pgbench_matrix(&opts, &targets, ticks_per_sec);
     let target_names = targets.iter().map(|t| t.name).collect();
     gw.assert_running();
+    gw_nocache.assert_running();
     drop(gw);
+    drop(gw_nocache);
     drop(bouncer);
 
     let stream_rounds = opts.rounds.min(2);
