@@ -44,6 +44,11 @@ fn access_json(a: &Access) -> serde_json::Value {
             name,
         } => ("function", Some(format!("{s}.{name}"))),
         Target::Function { schema: None, name } => ("function", Some(name.clone())),
+        Target::Operator {
+            schema: Some(s),
+            name,
+        } => ("operator", Some(format!("{s}.{name}"))),
+        Target::Operator { schema: None, name } => ("operator", Some(name.clone())),
         Target::Statement => ("statement", None),
     };
     json!({
@@ -84,6 +89,8 @@ pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         },
     };
     let gate = Gate::new(&chosen.1, 0);
+    // What a live session learns from the database at login.
+    gate.learn_user_code(args.user_functions.clone(), args.user_operators.clone());
     let mut session = policy::SessionState::default();
     for name in &args.prepared {
         session.prepared(name);
@@ -98,8 +105,8 @@ pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     // What depends on the session (EXECUTE of an unknown name) comes last,
     // exactly as on the wire.
     if action == Action::Allow {
-        if let Err(why) = policy::apply_effects(&judgement, &mut session) {
-            (action, rule, reason) = (Action::Deny, Some("session"), why);
+        if let Err((refined, why)) = gate.refine(&judgement, &mut session) {
+            (action, rule, reason) = (refined, Some("session"), why);
         }
     }
     let accesses: Vec<_> = decision

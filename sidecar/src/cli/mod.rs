@@ -48,6 +48,13 @@ pub struct CheckArgs {
     /// Names the session has already prepared (for judging EXECUTE).
     #[arg(long = "prepared")]
     pub prepared: Vec<String>,
+    /// Functions that exist outside pg_catalog in the database (a live
+    /// gateway reads them at login): calls by these names are user code.
+    #[arg(long = "user-function")]
+    pub user_functions: Vec<String>,
+    /// Operators that exist outside pg_catalog in the database.
+    #[arg(long = "user-operator")]
+    pub user_operators: Vec<String>,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
 }

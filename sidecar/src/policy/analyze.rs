@@ -39,6 +39,11 @@ pub enum Target {
         schema: Option<String>,
         name: String,
     },
+    /// An operator; user-defined operators run user functions.
+    Operator {
+        schema: Option<String>,
+        name: String,
+    },
     /// A statement with no relation (DO, CREATE SCHEMA, LISTEN ...).
     Statement,
 }
@@ -68,6 +73,10 @@ pub enum Effect {
     Prepare(String),
     Execute(String),
     Deallocate(Option<String>),
+    /// CREATE FUNCTION/PROCEDURE of this (unqualified) name.
+    DefinesFunction(String),
+    /// CREATE OPERATOR of this name.
+    DefinesOperator(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +85,10 @@ pub struct Statement {
     pub class: Class,
     pub accesses: Vec<Access>,
     pub effect: Option<Effect>,
+    /// Names after a dot in column references (`o.f`, `(o).f`): attribute
+    /// notation calls a function `f(o)` when no column `f` exists, so these
+    /// are checked against the database's user functions.
+    pub attribute_refs: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -109,10 +122,14 @@ pub fn analyze(sql: &str, settings: Settings) -> Result<Vec<Statement>, AnalyzeE
                 .ok_or_else(|| AnalyzeError::NotUnderstood("an empty statement node".into()))?;
             let mut w = Walker::new(settings);
             w.node(kind, body)?;
+            let mut attribute_refs = w.attribute_refs;
+            attribute_refs.sort();
+            attribute_refs.dedup();
             Ok(Statement {
                 class: w.top_class.unwrap_or(Class::Select),
                 accesses: w.accesses,
                 effect: w.effect,
+                attribute_refs,
             })
         })
         .collect()
@@ -159,6 +176,7 @@ struct Walker {
     read_class: Class,
     /// CTE names visible at this point, innermost last.
     ctes: Vec<Vec<String>>,
+    attribute_refs: Vec<String>,
 }
 
 impl Walker {
@@ -170,6 +188,7 @@ impl Walker {
             top_class: None,
             read_class: Class::Select,
             ctes: Vec::new(),
+            attribute_refs: Vec::new(),
         }
     }
 
@@ -355,6 +374,21 @@ impl Walker {
         self.fields(m, &["funcname"])
     }
 
+    /// An operator named by an expression (`a === b`, `OPERATOR(s.===)`).
+    fn operator(&mut self, name: &[Value]) {
+        let mut parts = name_list(name);
+        let Some(name) = parts.pop() else {
+            return;
+        };
+        let schema = parts.pop();
+        self.accesses.push(Access {
+            class: None,
+            target: Target::Operator { schema, name },
+            unfiltered: false,
+            fixed: None,
+        });
+    }
+
     /// Make a statement's CTE names visible while `f` walks the statement.
     /// CTE bodies see earlier CTEs of the list (all of them when RECURSIVE).
     fn with_scope<T>(
@@ -404,6 +438,31 @@ impl Walker {
         match kind {
             "RangeVar" => self.range_var(b),
             "FuncCall" => self.func_call(b),
+            "AExpr" => {
+                self.operator(list(b, "name"));
+                self.fields(b, &["name"])
+            }
+            "SubLink" => {
+                self.operator(list(b, "oper_name"));
+                self.fields(b, &["oper_name"])
+            }
+            "SortBy" => {
+                self.operator(list(b, "use_op"));
+                self.fields(b, &["use_op"])
+            }
+            "ColumnRef" => {
+                let fields = name_list(list(b, "fields"));
+                self.attribute_refs.extend(fields.into_iter().skip(1));
+                Ok(())
+            }
+            "AIndirection" => {
+                for i in list(b, "indirection") {
+                    if let Some(("String", s)) = node_of(i) {
+                        self.attribute_refs.push(str_field(s, "sval").to_owned());
+                    }
+                }
+                self.fields(b, &[])
+            }
 
             // --- reads and writes ---
             "SelectStmt" => {
@@ -557,6 +616,9 @@ impl Walker {
             "CreateFunctionStmt" => {
                 self.set_top(Ddl);
                 self.class_only(Ddl);
+                if let Some(name) = name_list(list(b, "funcname")).pop() {
+                    self.effect = Some(Effect::DefinesFunction(name));
+                }
                 let language = list(b, "options").iter().find_map(|o| match node_of(o) {
                     Some(("DefElem", d)) if str_field(d, "defname") == "language" => d
                         .get("arg")
@@ -616,6 +678,16 @@ impl Walker {
                     }
                     w.fields(b, &["objects"])
                 })
+            }
+
+            "DefineStmt" => {
+                self.set_top(Ddl);
+                if b.get("kind").and_then(Value::as_i64) == Some(OBJECT_OPERATOR) {
+                    if let Some(name) = name_list(list(b, "defnames")).pop() {
+                        self.effect = Some(Effect::DefinesOperator(name));
+                    }
+                }
+                self.targets_or_statement(Ddl, |w| w.fields(b, &[]))
             }
 
             // COMMENT/SECURITY LABEL name their object as a name list too.
@@ -801,6 +873,7 @@ fn top_class_of(kind: &str) -> Class {
 /// pg_query's ObjectType values for objects that are relations (or a column
 /// of one).
 const OBJECT_COLUMN: i64 = 7;
+const OBJECT_OPERATOR: i64 = 26;
 const RELATION_OBJECT_TYPES: &[i64] = &[OBJECT_COLUMN, 19, 21, 24, 38, 42, 52];
 
 const DDL_STATEMENTS: &[&str] = &[
@@ -822,7 +895,6 @@ const DDL_STATEMENTS: &[&str] = &[
     "CreateEnumStmt",
     "AlterEnumStmt",
     "CreateRangeStmt",
-    "DefineStmt",
     "CreatePolicyStmt",
     "AlterPolicyStmt",
     "AlterObjectSchemaStmt",

@@ -14,6 +14,14 @@ static PG_CATALOG_RELATIONS: LazyLock<HashSet<&'static str>> =
 static PG_CATALOG_FUNCTIONS: LazyLock<HashSet<&'static str>> =
     LazyLock::new(|| include_str!("catalog/pg15_functions.txt").lines().collect());
 
+/// Operators in pg_catalog on PostgreSQL 15 (scripts/gen-catalog).
+static PG_CATALOG_OPERATORS: LazyLock<HashSet<&'static str>> =
+    LazyLock::new(|| include_str!("catalog/pg15_operators.txt").lines().collect());
+
+pub fn is_builtin_operator(name: &str) -> bool {
+    PG_CATALOG_OPERATORS.contains(name)
+}
+
 pub fn is_catalog_relation(name: &str) -> bool {
     PG_CATALOG_RELATIONS.contains(name)
 }
@@ -135,7 +143,8 @@ pub const HARMLESS_RELATIONS: &[&str] = &[
 pub const HARMLESS_SCHEMAS: &[&str] = &["information_schema"];
 
 /// Functions that are never callable, whatever the rules say: they execute SQL
-/// text the proxy cannot see (`query_to_xml`, `dblink`), touch server files
+/// text the proxy cannot see (`query_to_xml`, `dblink`, `ts_stat`, the
+/// two-argument `ts_rewrite`), touch server files
 /// (`pg_read_file`, `lo_import`, `pg_ls_dir`), other servers, other sessions
 /// (`pg_terminate_backend`, `pg_stat_get_activity`), or server settings
 /// (`set_config` could change search_path behind the proxy's back).
@@ -145,6 +154,7 @@ pub const DENIED_FUNCTIONS: &[&str] = &[
     "*_to_xml*",
     "*_to_xmlschema",
     "ts_stat",
+    "ts_rewrite",
     "pg_read_*",
     "lo_*",
     "loread",

@@ -47,6 +47,11 @@ impl fmt::Display for Target {
                 name,
             } => write!(f, "function {s}.{name}"),
             Target::Function { schema: None, name } => write!(f, "function {name}"),
+            Target::Operator {
+                schema: Some(s),
+                name,
+            } => write!(f, "operator {s}.{name}"),
+            Target::Operator { schema: None, name } => write!(f, "operator {name}"),
             Target::Statement => f.write_str("statement"),
         }
     }
@@ -55,7 +60,7 @@ impl fmt::Display for Target {
 impl fmt::Display for Access {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (&self.class, &self.target) {
-            (_, t @ Target::Function { .. }) => write!(f, "{t}")?,
+            (_, t @ (Target::Function { .. } | Target::Operator { .. })) => write!(f, "{t}")?,
             (Some(c), Target::Statement) => write!(f, "{c}")?,
             (Some(c), Target::Relation(q)) => write!(f, "{c} on {q}")?,
             (None, t) => write!(f, "{t}")?,
@@ -132,6 +137,25 @@ impl Policy {
     }
 
     fn decide_access(&self, access: &Access, statement_class: StatementClass) -> AccessDecision {
+        self.decide_access_as(access, statement_class, false)
+    }
+
+    /// Decide a call of a function or operator known to exist outside
+    /// pg_catalog under this name: it is user code, never "built-in".
+    pub fn decide_user_code(
+        &self,
+        access: &Access,
+        statement_class: StatementClass,
+    ) -> AccessDecision {
+        self.decide_access_as(access, statement_class, true)
+    }
+
+    fn decide_access_as(
+        &self,
+        access: &Access,
+        statement_class: StatementClass,
+        user_code: bool,
+    ) -> AccessDecision {
         let decided = |action, by| AccessDecision {
             access: access.clone(),
             action,
@@ -159,6 +183,7 @@ impl Policy {
                     return decided(Action::Allow, DecidedBy::Always);
                 }
             }
+            Target::Operator { .. } => {}
             Target::Function { name, .. } => {
                 if catalog::DENIED_FUNCTIONS
                     .iter()
@@ -178,6 +203,15 @@ impl Policy {
             .find(|r| r.matches(access, statement_class))
         {
             return decided(rule.action, DecidedBy::Rule(rule.name.clone()));
+        }
+        if user_code {
+            return decided(self.default_action, DecidedBy::Default);
+        }
+        if let Target::Operator { schema, name } = &access.target {
+            let in_catalog = schema.as_deref().is_none_or(|s| s == "pg_catalog");
+            if in_catalog && catalog::is_builtin_operator(name) {
+                return decided(Action::Allow, DecidedBy::Always);
+            }
         }
         if let Target::Function { schema, name } = &access.target {
             // PostgreSQL's own functions (not in the deny list) are part of

@@ -13,14 +13,14 @@ pub mod decide;
 pub mod rules;
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use pgwarden_api::{Action, DatabaseAccessPolicySpec};
 
 use crate::wire::PgError;
-use analyze::{AnalyzeError, Effect, Settings, Statement};
+use analyze::{Access, AnalyzeError, Effect, Settings, Statement, Target};
 use cache::VerdictCache;
-use decide::{Decision, Policy};
+use decide::{DecidedBy, Decision, Policy};
 use rules::CompiledRule;
 
 /// Outcome for one statement text. A refusal carries the error the client
@@ -73,11 +73,25 @@ impl SessionState {
     }
 }
 
+/// Names of functions and operators that exist outside pg_catalog in the
+/// database. A call by such a name may resolve to user code (PostgreSQL picks
+/// an overload by argument types across the search path, and `o.f` calls
+/// `f(o)`), so it is never treated as built-in.
+#[derive(Debug, Default)]
+pub struct UserCode {
+    pub functions: HashSet<String>,
+    pub operators: HashSet<String>,
+}
+
 /// One policy's compiled rules and verdict cache, shared by its sessions.
 pub struct Gate {
     policy: Policy,
     settings: Settings,
     cache: VerdictCache,
+    /// Learnt from the database at each login and from CREATE FUNCTION /
+    /// CREATE OPERATOR that pass; it only grows (a dropped name stays, which
+    /// is merely stricter).
+    user_code: Mutex<UserCode>,
 }
 
 impl std::fmt::Debug for Gate {
@@ -105,7 +119,23 @@ impl Gate {
                     .is_some_and(|l| l.statement_timeout.is_some()),
             },
             cache: VerdictCache::new(cache_entries),
+            user_code: Mutex::new(UserCode::default()),
         }
+    }
+
+    fn user_code(&self) -> MutexGuard<'_, UserCode> {
+        self.user_code.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Add names of functions and operators found outside pg_catalog.
+    pub fn learn_user_code(
+        &self,
+        functions: impl IntoIterator<Item = String>,
+        operators: impl IntoIterator<Item = String>,
+    ) {
+        let mut uc = self.user_code();
+        uc.functions.extend(functions);
+        uc.operators.extend(operators);
     }
 
     /// Analyse and decide, from the cache when this text was seen before.
@@ -148,38 +178,123 @@ impl Gate {
                 )
             }
         }
-        match apply_effects(&j, session) {
+        match self.refine(&j, session) {
             Ok(()) => Verdict::Allow,
-            Err(why) => Verdict::Refuse(PgError::denied(why)),
+            Err((Action::RequireApproval, why)) => Verdict::Refuse(
+                PgError::denied(why)
+                    .with_hint("this version of pgwarden cannot hold statements for approval yet"),
+            ),
+            Err((_, why)) => Verdict::Refuse(PgError::denied(why)),
         }
     }
-}
 
-/// Apply an allowed text's effects on the session's prepared statements.
-/// EXECUTE runs what was prepared: allowed only for names this session
-/// prepared through pgwarden (their text was judged then). Statements are
-/// simulated in order so `PREPARE p ...; EXECUTE p` in one string works.
-pub fn apply_effects(j: &Judgement, session: &mut SessionState) -> Result<(), String> {
-    let mut prepared = session.prepared.clone();
-    for s in &j.statements {
-        match &s.effect {
-            Some(Effect::Prepare(n)) => {
-                prepared.insert(n.clone());
+    /// The session- and database-dependent part of a verdict, applied after
+    /// the (cached, text-only) judgement allowed a text:
+    /// - calls and operators judged built-in by name are re-judged as user
+    ///   code when the database has user code of that name;
+    /// - attribute notation (`o.f`) naming a user function is a call of it;
+    /// - EXECUTE runs only names this session prepared through pgwarden,
+    ///   simulating the text's statements in order (`PREPARE p ...; EXECUTE p`).
+    ///
+    /// On success the text's effects are applied to the session and the gate.
+    pub fn refine(
+        &self,
+        j: &Judgement,
+        session: &mut SessionState,
+    ) -> Result<(), (Action, String)> {
+        let Ok(decision) = &j.outcome else {
+            return Ok(());
+        };
+        {
+            let uc = self.user_code();
+            let shadowed = decision
+                .accesses
+                .iter()
+                .filter(|d| d.by == DecidedBy::Always);
+            for d in shadowed {
+                let is_user = match &d.access.target {
+                    Target::Function { schema: None, name } => uc.functions.contains(name),
+                    Target::Operator { schema: None, name } => uc.operators.contains(name),
+                    _ => false,
+                };
+                if is_user {
+                    self.refuse_user_code(&d.access, &j.statements)?;
+                }
             }
-            Some(Effect::Deallocate(Some(n))) => {
-                prepared.remove(n);
+            for s in &j.statements {
+                for name in s
+                    .attribute_refs
+                    .iter()
+                    .filter(|n| uc.functions.contains(*n))
+                {
+                    let call = Access {
+                        class: None,
+                        target: Target::Function {
+                            schema: None,
+                            name: name.clone(),
+                        },
+                        unfiltered: false,
+                        fixed: None,
+                    };
+                    self.refuse_user_code(&call, std::slice::from_ref(s))?;
+                }
             }
-            Some(Effect::Deallocate(None)) => prepared.clear(),
-            Some(Effect::Execute(n)) if !prepared.contains(n) => {
-                return Err(format!(
-                    "denied: EXECUTE of \"{n}\", which was not prepared through pgwarden in this session"
-                ));
-            }
-            _ => {}
         }
+        let mut prepared = session.prepared.clone();
+        let (mut functions, mut operators) = (Vec::new(), Vec::new());
+        for s in &j.statements {
+            match &s.effect {
+                Some(Effect::Prepare(n)) => {
+                    prepared.insert(n.clone());
+                }
+                Some(Effect::Deallocate(Some(n))) => {
+                    prepared.remove(n);
+                }
+                Some(Effect::Deallocate(None)) => prepared.clear(),
+                Some(Effect::Execute(n)) if !prepared.contains(n) => {
+                    return Err((
+                        Action::Deny,
+                        format!(
+                            "denied: EXECUTE of \"{n}\", which was not prepared through pgwarden in this session"
+                        ),
+                    ));
+                }
+                Some(Effect::DefinesFunction(n)) => functions.push(n.clone()),
+                Some(Effect::DefinesOperator(n)) => operators.push(n.clone()),
+                _ => {}
+            }
+        }
+        session.prepared = prepared;
+        self.learn_user_code(functions, operators);
+        Ok(())
     }
-    session.prepared = prepared;
-    Ok(())
+
+    fn refuse_user_code(
+        &self,
+        access: &Access,
+        statements: &[Statement],
+    ) -> Result<(), (Action, String)> {
+        let class = statements
+            .first()
+            .map(|s| s.class)
+            .unwrap_or(pgwarden_api::StatementClass::Select);
+        let d = self.policy.decide_user_code(access, class);
+        if d.action == Action::Allow {
+            return Ok(());
+        }
+        let decision = Decision {
+            action: d.action,
+            deciding: Some(d.clone()),
+            accesses: vec![d],
+        };
+        Err((
+            decision.action,
+            format!(
+                "{} (user code of that name exists in the database)",
+                decision.reason()
+            ),
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -58,7 +58,7 @@ impl CompiledRule {
     /// relation and statement accesses.
     pub fn matches(&self, access: &Access, statement_class: StatementClass) -> bool {
         match &access.target {
-            Target::Function { schema, name } => {
+            Target::Function { schema, name } | Target::Operator { schema, name } => {
                 if self.functions.is_empty() {
                     return false;
                 }

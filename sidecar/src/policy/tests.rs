@@ -309,3 +309,107 @@ fn unparseable_text_is_refused_as_a_syntax_error() {
     assert_eq!(e.code.code(), "42601");
     assert!(e.message.contains("cannot parse"), "{}", e.message);
 }
+
+#[test]
+fn names_of_user_code_are_never_built_in() {
+    let g = design_gate();
+    let allow = |g: &Gate, sql: &str| g.judge(sql, &mut SessionState::default()) == Verdict::Allow;
+    // Before the gate knows of user code: built-in by name.
+    let no_rules = Gate::new(
+        &spec(
+            "  - {name: r, action: Allow, statements: [SELECT], tables: [\"public.orders\"]}\n",
+            "Deny",
+        ),
+        64,
+    );
+    assert!(allow(&no_rules, "SELECT upper('x')"));
+    assert!(allow(&no_rules, "SELECT 1 + 1"));
+    assert!(allow(&no_rules, "SELECT o.order_audit FROM orders o"));
+    // The database has public.upper(int), an operator ===, a function
+    // order_audit(orders) (reachable as o.order_audit) and pg_trgm's %.
+    no_rules.learn_user_code(
+        ["upper".to_string(), "order_audit".to_string()],
+        ["===".to_string(), "%".to_string()],
+    );
+    for sql in [
+        "SELECT upper(1)",
+        "SELECT o.order_audit FROM orders o",
+        "SELECT (o).order_audit FROM orders o",
+        "SELECT 1 === 1",
+        "SELECT 7 % 2",
+    ] {
+        let Verdict::Refuse(e) = no_rules.judge(sql, &mut SessionState::default()) else {
+            panic!("{sql} should be refused once user code of that name exists");
+        };
+        // Built-in names are refused as user code; other names (===) were
+        // never built-in and fall to the default action.
+        assert!(
+            e.message.contains("user code") || e.message.contains("default action"),
+            "{sql}: {}",
+            e.message
+        );
+    }
+    // Names that are not shadowed stay built-in; qualified pg_catalog calls too.
+    assert!(allow(&no_rules, "SELECT lower('x'), 1 + 1"));
+    assert!(allow(&no_rules, "SELECT pg_catalog.upper('x')"));
+    // A schema-qualified user operator is user code without any snapshot.
+    assert!(!allow(&no_rules, "SELECT 1 OPERATOR(public.===) 1"));
+    // ... unless a rule allows it (operators are matched by `functions`).
+    assert!(allow(&g, "SELECT 1 OPERATOR(public.===) 1"));
+    // A rule may allow user code explicitly.
+    let permissive = Gate::new(
+        &spec(
+            "  - {name: funcs, action: Allow, functions: [\"upper\"]}\n",
+            "Deny",
+        ),
+        64,
+    );
+    permissive.learn_user_code(["upper".to_string()], []);
+    assert!(allow(&permissive, "SELECT upper(1)"));
+}
+
+#[test]
+fn functions_created_through_the_gate_become_user_code() {
+    let g = Gate::new(
+        &spec(
+            "  - {name: ddl, action: Allow, statements: [DDL]}\n",
+            "Deny",
+        ),
+        64,
+    );
+    let mut s = SessionState::default();
+    assert_eq!(g.judge("SELECT lower('x')", &mut s), Verdict::Allow);
+    assert_eq!(
+        g.judge(
+            "CREATE FUNCTION lower(int) RETURNS text LANGUAGE sql AS 'SELECT 1'",
+            &mut s
+        ),
+        Verdict::Allow
+    );
+    // Any session of this policy now treats lower() as user code.
+    assert!(matches!(
+        g.judge("SELECT lower('x')", &mut SessionState::default()),
+        Verdict::Refuse(_)
+    ));
+    assert_eq!(
+        g.judge(
+            "CREATE OPERATOR === (FUNCTION = f, LEFTARG = int, RIGHTARG = int)",
+            &mut s
+        ),
+        Verdict::Allow
+    );
+    assert!(matches!(
+        g.judge("SELECT 1 === 1", &mut s),
+        Verdict::Refuse(_)
+    ));
+}
+
+#[test]
+fn ts_rewrite_runs_sql_text_and_is_built_in_denied() {
+    let (a, why) = verdict(
+        &design_gate(),
+        "SELECT ts_rewrite('a'::tsquery, 'SELECT 1')",
+    );
+    assert_eq!(a, Action::Deny);
+    assert!(why.contains("built-in"), "{why}");
+}

@@ -152,6 +152,21 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
             return refuse(&mut stream, e.to_client_error()).await;
         }
     };
+    // What user code exists decides whether a call by a built-in's name is
+    // built-in (see policy::Gate::refine). Without it, no session.
+    let mut up = up;
+    match upstream::user_code(&mut up, shared.limits).await {
+        Ok((functions, operators)) => policy.gate.learn_user_code(functions, operators),
+        Err(e) => {
+            warn!(error = %e, "reading the database's user functions failed");
+            shared
+                .metrics
+                .upstream_errors
+                .with_label_values(&[e.kind()])
+                .inc();
+            return refuse(&mut stream, e.to_client_error()).await;
+        }
+    }
     let registration = up
         .key
         .clone()

@@ -288,3 +288,68 @@ pub async fn cancel(target: &UpstreamTarget, key: &BackendKey) -> Result<(), Ups
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
     Ok(())
 }
+
+/// Names of functions and operators outside pg_catalog and
+/// information_schema: calls by these names may reach user code.
+const USER_CODE_QUERY: &str = "SELECT 'f', proname FROM pg_catalog.pg_proc \
+     WHERE pronamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace) \
+     UNION SELECT 'o', oprname FROM pg_catalog.pg_operator \
+     WHERE oprnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)";
+
+/// Ask the freshly logged-in server which user functions and operators
+/// exist, before the client's session starts. Returns (functions, operators).
+pub async fn user_code(
+    up: &mut Upstream,
+    limits: Limits,
+) -> Result<(Vec<String>, Vec<String>), UpstreamError> {
+    let mut out = BytesMut::new();
+    codec::put_query(USER_CODE_QUERY, &mut out);
+    up.stream.write_all(&out).await?;
+    up.stream.flush().await?;
+    let mut frames =
+        FrameBuf::with_bytes(Direction::Backend, limits, std::mem::take(&mut up.leftover));
+    let (mut functions, mut operators) = (Vec::new(), Vec::new());
+    let bad = |e: codec::DecodeError| UpstreamError::Protocol(e.to_string());
+    loop {
+        let Some((frame, bytes)) = frames.next(&mut up.stream).await? else {
+            return Err(UpstreamError::Protocol(
+                "connection closed during the catalog query".into(),
+            ));
+        };
+        let body = frame.body(&bytes);
+        match frame.ty {
+            b'D' => {
+                let cols = codec::data_row(body).map_err(bad)?;
+                let text = |i: usize| {
+                    cols.get(i)
+                        .copied()
+                        .flatten()
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                };
+                match (text(0).as_deref(), text(1)) {
+                    (Some("f"), Some(name)) => functions.push(name),
+                    (Some("o"), Some(name)) => operators.push(name),
+                    _ => return Err(UpstreamError::Protocol("unexpected catalog row".into())),
+                }
+            }
+            b'E' => {
+                let fields = codec::notice_fields(body).map_err(bad)?;
+                let message = fields
+                    .iter()
+                    .find(|(k, _)| *k == b'M')
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default();
+                return Err(UpstreamError::Protocol(format!(
+                    "catalog query failed: {message}"
+                )));
+            }
+            b'Z' => {
+                up.status = codec::ready_for_query(body).map_err(bad)?;
+                up.leftover = frames.into_bytes();
+                return Ok((functions, operators));
+            }
+            // RowDescription, CommandComplete, notices, parameter changes.
+            _ => {}
+        }
+    }
+}

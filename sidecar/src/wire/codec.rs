@@ -205,6 +205,28 @@ pub fn auth_request(body: &[u8]) -> Result<AuthRequest<'_>, DecodeError> {
     Ok(req)
 }
 
+/// DataRow ('D'): the column values, None for SQL NULL.
+pub fn data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, DecodeError> {
+    let mut r = Reader::new(body);
+    let n = r.i16()?;
+    let n = usize::try_from(n).map_err(|_| DecodeError::Invalid("negative column count"))?;
+    // Each column needs at least its 4-byte length: bound the allocation.
+    if n > body.len() / 4 {
+        return Err(DecodeError::Truncated);
+    }
+    let mut cols = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = r.i32()?;
+        cols.push(match len {
+            -1 => None,
+            l if l >= 0 => Some(r.bytes(l as usize)?),
+            _ => return Err(DecodeError::Invalid("negative column length")),
+        });
+    }
+    r.finish()?;
+    Ok(cols)
+}
+
 pub fn parameter_status(body: &[u8]) -> Result<(&str, &str), DecodeError> {
     let mut r = Reader::new(body);
     let name = r.cstr()?;

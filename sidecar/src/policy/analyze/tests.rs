@@ -1,11 +1,13 @@
 use super::*;
 
-/// Each access as one readable line; fixed decisions are marked.
+/// Each access as one readable line; fixed decisions are marked. Operators
+/// are everywhere (`=`), so they have their own test.
 fn summary(sql: &str) -> Vec<String> {
     let stmts = analyze(sql, Settings::default()).unwrap_or_else(|e| panic!("{sql}: {e}"));
     let mut out: Vec<String> = stmts
         .iter()
         .flat_map(|s| s.accesses.iter())
+        .filter(|a| !matches!(a.target, Target::Operator { .. }))
         .map(|a| {
             let mark = match &a.fixed {
                 Some(Fixed::Deny(w)) => format!(" [deny: {w}]"),
@@ -454,4 +456,28 @@ fn effects_on_prepared_statements() {
             Some(Effect::Deallocate(None)),
         ]
     );
+}
+
+#[test]
+fn operators_and_attribute_notation_are_recorded() {
+    let s = &analyze(
+        "SELECT o.total, (o).audit, s.t.c FROM orders o WHERE a === b AND x = ANY (SELECT 1) ORDER BY y USING <",
+        Settings::default(),
+    )
+    .unwrap()[0];
+    let ops: Vec<String> = s
+        .accesses
+        .iter()
+        .filter(|a| matches!(a.target, Target::Operator { .. }))
+        .map(|a| a.to_string())
+        .collect();
+    for op in ["operator ===", "operator =", "operator <"] {
+        assert!(ops.contains(&op.to_string()), "{op} missing from {ops:?}");
+    }
+    assert_eq!(s.attribute_refs, vec!["audit", "c", "t", "total"]);
+    let q = &analyze("SELECT 1 OPERATOR(public.===) 1", Settings::default()).unwrap()[0];
+    assert!(q
+        .accesses
+        .iter()
+        .any(|a| a.to_string() == "operator public.==="));
 }

@@ -169,6 +169,31 @@ fn startup_we_send_is_one_well_formed_packet() {
     ));
 }
 
+#[test]
+fn data_rows_decode_strictly() {
+    let mut row = 3i16.to_be_bytes().to_vec();
+    row.extend_from_slice(&2i32.to_be_bytes());
+    row.extend_from_slice(b"ab");
+    row.extend_from_slice(&(-1i32).to_be_bytes());
+    row.extend_from_slice(&0i32.to_be_bytes());
+    assert_eq!(
+        data_row(&row),
+        Ok(vec![Some(&b"ab"[..]), None, Some(&b""[..])])
+    );
+    // A huge column count with no columns: refused before allocating.
+    assert_eq!(
+        data_row(&i16::MAX.to_be_bytes()),
+        Err(DecodeError::Truncated)
+    );
+    let mut short = 1i16.to_be_bytes().to_vec();
+    short.extend_from_slice(&10i32.to_be_bytes());
+    short.extend_from_slice(b"abc");
+    assert_eq!(data_row(&short), Err(DecodeError::Truncated));
+    let mut neg = 1i16.to_be_bytes().to_vec();
+    neg.extend_from_slice(&(-2i32).to_be_bytes());
+    assert!(data_row(&neg).is_err());
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 4000, ..ProptestConfig::default() })]
 
@@ -183,6 +208,7 @@ proptest! {
         let _ = backend_key_data(&body);
         let _ = ready_for_query(&body);
         let _ = notice_fields(&body);
+        let _ = data_row(&body);
         let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
         packet.extend_from_slice(&body);
         let _ = startup_packet(&packet);
