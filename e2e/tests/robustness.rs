@@ -190,30 +190,15 @@ impl RawClient {
 
     /// Messages until ReadyForQuery (inclusive); panics on an error or close.
     fn read_until_ready(&mut self) -> Vec<Message> {
-        let mut msgs = Vec::new();
-        loop {
-            match self.read(&msgs) {
-                Reply::Message(m) => {
-                    let done = m.0 == b'Z';
-                    assert_ne!(
-                        m.0,
-                        b'E',
-                        "{}: unexpected error: {:?}",
-                        self.what,
-                        error_fields(&m.1)
-                    );
-                    msgs.push(m);
-                    if done {
-                        return msgs;
-                    }
-                }
-                Reply::Closed => panic!(
-                    "{}: closed before ReadyForQuery; got [{}]",
-                    self.what,
-                    describe(&msgs)
-                ),
-            }
+        let msgs = self.read_until_ready_allowing_errors();
+        if let Some(err) = msgs.iter().find(|m| m.0 == b'E') {
+            panic!(
+                "{}: unexpected error: {:?}",
+                self.what,
+                error_fields(&err.1)
+            );
         }
+        msgs
     }
 
     /// Messages until ReadyForQuery (inclusive), errors included.

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn, Instrument};
 pub use cancel::CancelRegistry;
 pub use relay::End;
 
-use crate::config::GatewayConfig;
+use crate::config::{GatewayConfig, PolicyConfig};
 use crate::identity::{Authenticator, ClientTransport};
 use crate::observe::Metrics;
 use crate::transport::ClientStream;
@@ -139,7 +139,7 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         // The server enforces it; SET statement_timeout is then built-in denied.
         upstream_params.push(("statement_timeout".into(), format!("{}ms", t.as_millis())));
     }
-    let up = match upstream::connect(&policy.upstream, &upstream_params, shared.limits).await {
+    let up = match open_upstream(policy, &upstream_params, shared.limits).await {
         Ok(up) => up,
         Err(e) => {
             // The upstream being down or refusing us is an operator problem.
@@ -152,21 +152,6 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
             return refuse(&mut stream, e.to_client_error()).await;
         }
     };
-    // What user code exists decides whether a call by a built-in's name is
-    // built-in (see policy::Gate::refine). Without it, no session.
-    let mut up = up;
-    match upstream::user_code(&mut up, shared.limits).await {
-        Ok((functions, operators)) => policy.gate.learn_user_code(functions, operators),
-        Err(e) => {
-            warn!(error = %e, "reading the database's user functions failed");
-            shared
-                .metrics
-                .upstream_errors
-                .with_label_values(&[e.kind()])
-                .inc();
-            return refuse(&mut stream, e.to_client_error()).await;
-        }
-    }
     let registration = up
         .key
         .clone()
@@ -223,6 +208,20 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         End::UpstreamFailed(why) => warn!(error = %why, "session ended: upstream failed"),
     }
     drop(registration);
+}
+
+/// Log in upstream and read which user code the database has: whether a call
+/// by a built-in's name is built-in depends on it (policy::Gate::refine), so
+/// without it there is no session.
+async fn open_upstream(
+    policy: &PolicyConfig,
+    params: &[(String, String)],
+    limits: Limits,
+) -> Result<upstream::Upstream, upstream::UpstreamError> {
+    let mut up = upstream::connect(&policy.upstream, params, limits).await?;
+    let (functions, operators) = upstream::user_code(&mut up, limits).await?;
+    policy.gate.learn_user_code(functions, operators);
+    Ok(up)
 }
 
 async fn refuse(stream: &mut ClientStream, err: PgError) {
