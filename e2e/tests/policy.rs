@@ -306,3 +306,24 @@ async fn extended_protocol_refusals_keep_the_session_in_sync() {
     });
     gw.assert_running();
 }
+
+/// Refusals are logged (rule, object, SQLSTATE) but never with the statement's
+/// values: not from a policy refusal, not from a parser message quoting them.
+#[test]
+fn refusals_are_logged_without_values() {
+    let pg = cluster();
+    let gw = gateway(&pg, "Deny", &[]);
+    let canary = "CANARY-4929-1234-5678";
+    for sql in [
+        format!("SELECT * FROM customers WHERE email = '{canary}'"),
+        format!("SELECT 1 '{canary}' FROM"),
+    ] {
+        let out = run_psql(&gw.env(), &["-c", &sql], None);
+        assert!(!out.status.success(), "{sql} was allowed");
+    }
+    let logs = gw.logs();
+    assert!(logs.contains("statement refused"), "{logs}");
+    assert!(logs.contains("SELECT on public.customers"), "{logs}");
+    assert!(logs.contains("statement cannot be parsed"), "{logs}");
+    assert!(!logs.contains(canary), "a value reached the log:\n{logs}");
+}

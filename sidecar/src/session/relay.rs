@@ -28,7 +28,7 @@ use crate::policy::{Gate, SessionState, Verdict};
 use crate::upstream::{self, BackendKey, UpstreamTarget};
 use crate::wire::codec::{self, TxStatus};
 use crate::wire::conn::{FrameBuf, ReadError};
-use crate::wire::PgError;
+use crate::wire::{PgError, SqlState};
 
 /// How a session ended.
 #[derive(Debug)]
@@ -326,6 +326,14 @@ impl Frontend<'_> {
 
     fn sentinel(&mut self, err: PgError) -> String {
         self.metrics.statements_refused.inc();
+        // The reason names rules, classes and objects, never values; a parser
+        // message can quote the statement, so parse failures are not echoed.
+        let reason = if err.code == SqlState::SyntaxError {
+            "statement cannot be parsed"
+        } else {
+            err.message.as_str()
+        };
+        tracing::info!(sqlstate = err.code.code(), reason, "statement refused");
         let seq = self.next_seq;
         self.next_seq += 1;
         // Sent before the sentinel's bytes go out, so the upstream half always
