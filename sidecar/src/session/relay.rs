@@ -16,8 +16,9 @@ use std::fmt::Write as _;
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,14 +76,48 @@ pub struct Relay<'a> {
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// Cancel the session's running statement; fire and forget.
-fn spawn_cancel(cancel: &Option<(Arc<UpstreamTarget>, BackendKey)>) {
-    if let Some((target, key)) = cancel.clone() {
+/// A cancel the proxy sent and the server may not have acted on yet.
+///
+/// PostgreSQL cancels whatever its backend is running when the signal lands,
+/// and ignores it while the backend waits for a command. So while a cancel is
+/// in flight nothing more is sent upstream: the cancel can then only hit the
+/// statement it was meant for (or nothing), never the next one.
+#[derive(Default)]
+struct CancelInFlight {
+    active: AtomicBool,
+    done: Notify,
+}
+
+impl CancelInFlight {
+    /// Cancel the session's running statement, in the background.
+    fn start(self: &Arc<Self>, cancel: &Option<(Arc<UpstreamTarget>, BackendKey)>) {
+        let Some((target, key)) = cancel.clone() else {
+            return;
+        };
+        if self.active.swap(true, Ordering::AcqRel) {
+            return; // one at a time is enough
+        }
+        let this = self.clone();
         tokio::spawn(async move {
+            // Returns once the postmaster has signalled the backend and closed
+            // the cancel connection.
             if let Err(e) = upstream::cancel(&target, &key).await {
                 tracing::warn!(error = %e, "cancelling a statement upstream failed");
             }
+            this.active.store(false, Ordering::Release);
+            this.done.notify_waiters();
         });
+    }
+
+    /// Wait until no cancel is in flight.
+    async fn settled(&self) {
+        loop {
+            let notified = self.done.notified();
+            if !self.active.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -102,6 +137,7 @@ impl Relay<'_> {
         let (mut ur, mut uw) = tokio::io::split(upstream);
         let (tx, rx) = mpsc::unbounded_channel();
         let clock = StatementClock::default();
+        let cancels = Arc::new(CancelInFlight::default());
         let end = {
             let front = Frontend {
                 gate: self.gate,
@@ -111,6 +147,7 @@ impl Relay<'_> {
                 refusals: tx,
                 session: SessionState::default(),
                 clock: &clock,
+                cancels: &cancels,
             }
             .run(&mut cr, client_frames, &mut uw);
             let back = Backend {
@@ -123,9 +160,10 @@ impl Relay<'_> {
                 limiter: self.max_rows.map(RowLimiter::new),
                 clock: &clock,
                 cancel: &self.cancel,
+                cancels: &cancels,
             }
             .run(&mut ur, upstream_frames, &mut cw);
-            let guard = guard_timeout(&clock, self.statement_timeout, &self.cancel);
+            let guard = guard_timeout(&clock, self.statement_timeout, &self.cancel, &cancels);
             let drain = drain_on_shutdown(&clock, self.shutdown);
             tokio::select! {
                 end = front => end,
@@ -170,6 +208,7 @@ async fn guard_timeout(
     clock: &StatementClock,
     timeout: Option<Duration>,
     cancel: &Option<(Arc<UpstreamTarget>, BackendKey)>,
+    cancels: &Arc<CancelInFlight>,
 ) -> std::convert::Infallible {
     let Some(timeout) = timeout else {
         return std::future::pending().await;
@@ -179,7 +218,7 @@ async fn guard_timeout(
         tick.tick().await;
         if clock.overdue(timeout) {
             tracing::info!("statement exceeded limits.statementTimeout; cancelling it upstream");
-            spawn_cancel(cancel);
+            cancels.start(cancel);
         }
     }
 }
@@ -211,6 +250,7 @@ struct Frontend<'a> {
     refusals: mpsc::UnboundedSender<Pending>,
     session: SessionState,
     clock: &'a StatementClock,
+    cancels: &'a Arc<CancelInFlight>,
 }
 
 impl Frontend<'_> {
@@ -250,6 +290,9 @@ impl Frontend<'_> {
                 frames.consume(frame.wire_len);
             }
             let n = out.len();
+            if !out.is_empty() {
+                self.cancels.settled().await;
+            }
             if let Err(e) = write(w, &mut out).await {
                 return End::UpstreamFailed(format!("writing to the upstream server failed: {e}"));
             }
@@ -414,6 +457,7 @@ struct Backend<'a> {
     limiter: Option<RowLimiter>,
     clock: &'a StatementClock,
     cancel: &'a Option<(Arc<UpstreamTarget>, BackendKey)>,
+    cancels: &'a Arc<CancelInFlight>,
 }
 
 impl Backend<'_> {
@@ -470,7 +514,7 @@ impl Backend<'_> {
                 RowAction::Forward => {}
                 RowAction::Drop => return Ok(()),
                 RowAction::DropAndCancel => {
-                    spawn_cancel(self.cancel);
+                    self.cancels.start(self.cancel);
                     return Ok(());
                 }
                 RowAction::ReplaceWithError => {

@@ -112,3 +112,88 @@ impl<'a> Login<'a> {
         Ok(Step::Send(out))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn credential() -> Credential {
+        Credential {
+            username: "app".into(),
+            password: Secret::new("pw".into()),
+        }
+    }
+
+    /// The SASLInitialResponse body: mechanism, then the client-first message.
+    fn initial(step: Step) -> (String, String) {
+        let Step::Send(msg) = step else {
+            panic!("expected a message to send, got {step:?}");
+        };
+        let body = &msg[5..];
+        let nul = body.iter().position(|&b| b == 0).unwrap();
+        let mechanism = String::from_utf8(body[..nul].to_vec()).unwrap();
+        let data = String::from_utf8_lossy(&body[nul + 5..]).into_owned();
+        (mechanism, data)
+    }
+
+    #[test]
+    fn over_tls_scram_binds_to_the_server_certificate_when_offered() {
+        let cred = credential();
+        let mut login = Login::new(&cred, Some(vec![7; 32]));
+        let (mech, first) = initial(
+            login
+                .step(AuthRequest::Sasl {
+                    mechanisms: vec![SCRAM_SHA_256_PLUS, SCRAM_SHA_256],
+                })
+                .unwrap(),
+        );
+        assert_eq!(mech, "SCRAM-SHA-256-PLUS");
+        assert!(first.starts_with("p=tls-server-end-point,,"), "{first}");
+    }
+
+    #[test]
+    fn without_plus_or_tls_the_gs2_flag_says_so() {
+        let cred = credential();
+        // TLS, but the server offers no -PLUS: 'y' reveals a downgrade.
+        let mut login = Login::new(&cred, Some(vec![7; 32]));
+        let (mech, first) = initial(
+            login
+                .step(AuthRequest::Sasl {
+                    mechanisms: vec![SCRAM_SHA_256],
+                })
+                .unwrap(),
+        );
+        assert_eq!((mech.as_str(), &first[..3]), ("SCRAM-SHA-256", "y,,"));
+        // Plain TCP: 'n'.
+        let mut login = Login::new(&cred, None);
+        let (_, first) = initial(
+            login
+                .step(AuthRequest::Sasl {
+                    mechanisms: vec![SCRAM_SHA_256_PLUS, SCRAM_SHA_256],
+                })
+                .unwrap(),
+        );
+        assert!(first.starts_with("n,,"), "{first}");
+    }
+
+    #[test]
+    fn a_server_that_skips_the_scram_proof_is_refused() {
+        let cred = credential();
+        let mut login = Login::new(&cred, None);
+        login
+            .step(AuthRequest::Sasl {
+                mechanisms: vec![SCRAM_SHA_256],
+            })
+            .unwrap();
+        // AuthenticationOk without SASLContinue/SASLFinal: an impostor.
+        assert_eq!(login.step(AuthRequest::Ok), Err(AuthError::OutOfOrder));
+        // md5 answers with the salted hash, never the password.
+        let mut login = Login::new(&cred, None);
+        let Step::Send(msg) = login.step(AuthRequest::Md5 { salt: [1, 2, 3, 4] }).unwrap() else {
+            panic!("md5 should answer");
+        };
+        assert!(!String::from_utf8_lossy(&msg).contains("pw\0"));
+        assert!(String::from_utf8_lossy(&msg).contains("md5"));
+    }
+}
