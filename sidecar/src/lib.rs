@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod glob;
 pub mod identity;
 pub mod masking;
 pub mod observe;

@@ -97,6 +97,23 @@ pub struct RunArgs {
     /// Seconds to let open sessions finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
+    /// PEM CA bundle trusted (besides the Mozilla roots) when fetching a
+    /// token issuer's discovery document and keys; repeatable.
+    #[arg(long = "issuer-ca-file")]
+    pub issuer_ca_files: Vec<PathBuf>,
+    /// The cluster's service-account token issuer, for `identity.kubernetes`.
+    #[arg(long, env = "PGWARDEN_KUBERNETES_ISSUER")]
+    pub kubernetes_issuer: Option<String>,
+    /// The cluster issuer's JWKS as a file, instead of fetching it.
+    #[arg(long, env = "PGWARDEN_KUBERNETES_JWKS_FILE")]
+    pub kubernetes_jwks_file: Option<PathBuf>,
+    /// Namespace of the pod this sidecar serves (downward API); Kubernetes
+    /// tokens from other namespaces are refused.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+    /// Name of the pod this sidecar serves; tokens bound to other pods are refused.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
 }
 
 pub fn main_with(cli: Cli) -> anyhow::Result<std::process::ExitCode> {

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use super::RunArgs;
 use crate::config;
+use crate::identity::IdentityOptions;
 use crate::observe::{self, Metrics};
 use crate::session::{self, CancelRegistry, Shared};
 use crate::wire::{codec, Limits, PgError};
@@ -20,7 +21,17 @@ use crate::wire::{codec, Limits, PgError};
 const EXIT_CONFIG: u8 = 2;
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let config = match config::load_files(&args.files, args.verdict_cache_entries) {
+    let opts = config::LoadOptions {
+        cache_entries: args.verdict_cache_entries,
+        identity: IdentityOptions {
+            ca_files: args.issuer_ca_files.clone(),
+            kubernetes_issuer: args.kubernetes_issuer.clone(),
+            kubernetes_jwks_file: args.kubernetes_jwks_file.clone(),
+            pod_namespace: args.pod_namespace.clone(),
+            pod_name: args.pod_name.clone(),
+        },
+    };
+    let config = match config::load_files(&args.files, &opts) {
         Ok(c) => c,
         Err(errors) => {
             eprint!("pgwarden: {errors}");
@@ -84,6 +95,9 @@ async fn serve(
         .await
         .with_context(|| format!("binding --listen {}", args.listen))?;
     for p in &shared.config.policies {
+        // Token keys are fetched in the background: an issuer that is down
+        // leaves the gateway ready, refusing logins with the fetch error.
+        p.authenticator.start();
         info!(policy.name = %p.id, database = %p.upstream.database,
               upstream = %format!("{}:{}", p.upstream.host, p.upstream.port), "serving policy");
     }

@@ -12,6 +12,7 @@ use pgwarden_api::{DatabaseAccessPolicy, DatabaseAccessPolicySpec};
 use serde::Deserialize;
 
 use super::{GatewayConfig, PolicyConfig, Secret};
+use crate::identity::{Authenticator, IdentityOptions};
 use crate::policy::Gate;
 use crate::upstream::{tls::UpstreamTls, Credential, UpstreamTarget};
 
@@ -90,8 +91,25 @@ fn ns_name(meta: &Meta) -> String {
     )
 }
 
+/// Gateway settings that shape how policies are resolved.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Verdict cache size per policy.
+    pub cache_entries: usize,
+    pub identity: IdentityOptions,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            cache_entries: crate::policy::DEFAULT_CACHE_ENTRIES,
+            identity: IdentityOptions::default(),
+        }
+    }
+}
+
 /// Load and validate. Returns every error found, not just the first.
-pub fn load_files(files: &[PathBuf], cache_entries: usize) -> Result<GatewayConfig, ConfigErrors> {
+pub fn load_files(files: &[PathBuf], opts: &LoadOptions) -> Result<GatewayConfig, ConfigErrors> {
     let mut errors = Vec::new();
     let mut policies = Vec::new();
     let mut secrets: BTreeMap<String, Located<K8sSecret>> = BTreeMap::new();
@@ -110,7 +128,7 @@ pub fn load_files(files: &[PathBuf], cache_entries: usize) -> Result<GatewayConf
 
     let mut resolved: Vec<Arc<PolicyConfig>> = Vec::new();
     for p in policies {
-        if let Some(cfg) = resolve_policy(p, &secrets, cache_entries, &mut errors) {
+        if let Some(cfg) = resolve_policy(p, &secrets, opts, &mut errors) {
             if let Some(other) = resolved
                 .iter()
                 .find(|o| o.upstream.database == cfg.upstream.database)
@@ -236,15 +254,6 @@ fn unsupported_features(p: &DatabaseAccessPolicy) -> Vec<(&'static str, &'static
     if !s.masking.is_empty() {
         out.push(("spec.masking", "column masking"));
     }
-    if s.identity.oidc.is_some() {
-        out.push(("spec.identity.oidc", "OIDC identity"));
-    }
-    if s.identity.kubernetes.is_some() {
-        out.push((
-            "spec.identity.kubernetes",
-            "Kubernetes service-account identity",
-        ));
-    }
     if s.approval.is_some() {
         out.push(("spec.approval", "approvals"));
     }
@@ -318,7 +327,7 @@ pub fn load_policies(
 fn resolve_policy(
     p: Located<DatabaseAccessPolicy>,
     secrets: &BTreeMap<String, Located<K8sSecret>>,
-    cache_entries: usize,
+    opts: &LoadOptions,
     errors: &mut Vec<ConfigError>,
 ) -> Option<PolicyConfig> {
     let before = errors.len();
@@ -421,10 +430,25 @@ fn resolve_policy(
             None
         }
     };
+    // Before the emptiness check below: validate() already reported a policy
+    // with no identity, so only report what it could not know.
+    let authenticator = if errors.len() == before {
+        let dir = p.file.parent().unwrap_or(Path::new("."));
+        match Authenticator::from_spec(&policy.spec, dir, &opts.identity) {
+            Ok(a) => Some(a),
+            Err((path, message)) => {
+                errors.push(err(path, message));
+                None
+            }
+        }
+    } else {
+        None
+    };
     if errors.len() != before {
         return None;
     }
-    let (Some(credential), Some(tls)) = (credential, tls) else {
+    let (Some(credential), Some(tls), Some(authenticator)) = (credential, tls, authenticator)
+    else {
         return None;
     };
     Some(PolicyConfig {
@@ -436,7 +460,8 @@ fn resolve_policy(
             credential,
             tls,
         }),
-        gate: Gate::new(&policy.spec, cache_entries),
+        gate: Gate::new(&policy.spec, opts.cache_entries),
+        authenticator,
         spec: policy.spec.clone(),
     })
 }

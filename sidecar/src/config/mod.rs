@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use pgwarden_api::DatabaseAccessPolicySpec;
 
-pub use load::{load_files, load_policies, ConfigError, ConfigErrors};
+pub use load::{load_files, load_policies, ConfigError, ConfigErrors, LoadOptions};
 
+use crate::identity::Authenticator;
 use crate::policy::Gate;
 use crate::upstream::UpstreamTarget;
 
@@ -51,6 +52,8 @@ pub struct PolicyConfig {
     pub upstream: Arc<UpstreamTarget>,
     /// The compiled rules and verdict cache, shared by this policy's sessions.
     pub gate: Gate,
+    /// Who may connect: built from `spec.identity`, shared by its sessions.
+    pub authenticator: Authenticator,
 }
 
 /// A value that must never be printed: Debug and Display redact it.

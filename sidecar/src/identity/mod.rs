@@ -2,9 +2,22 @@
 //! policy, chosen from `spec.identity`; it may talk to the client (ask for a
 //! password or token) and yields an `Identity` or a FATAL for the client.
 
+mod fetch;
+mod jwks;
+mod keys;
+mod token;
+
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pgwarden_api::DatabaseAccessPolicySpec;
+
+pub use fetch::Fetcher;
+pub use jwks::KeySet;
+pub use keys::{KeySource, KeyStore};
+pub use token::{TokenError, TokenRules, VerifiedToken, LEEWAY_SECS};
 
 use crate::wire::PgError;
 
@@ -13,6 +26,11 @@ use crate::wire::PgError;
 pub struct Identity {
     pub subject: String,
     pub method: &'static str,
+    /// Claims a reviewer cares about (repository, workflow, namespace, ...).
+    pub attributes: Vec<(String, String)>,
+    /// When the credential stops being valid (seconds since the epoch); the
+    /// session runs no new statement after it.
+    pub expires_at: Option<u64>,
 }
 
 /// Transport facts the authenticator needs.
@@ -22,25 +40,148 @@ pub struct ClientTransport {
     pub tls: bool,
 }
 
+/// Gateway-wide settings for token identities, from the command line (or,
+/// in a cluster, the operator).
+#[derive(Debug, Clone, Default)]
+pub struct IdentityOptions {
+    /// Extra PEM CA bundles for fetching issuer documents over https.
+    pub ca_files: Vec<PathBuf>,
+    /// The cluster's service-account token issuer (`--service-account-issuer`).
+    pub kubernetes_issuer: Option<String>,
+    /// Its JWKS as a file, for clusters whose issuer is not reachable.
+    pub kubernetes_jwks_file: Option<PathBuf>,
+    /// The pod this sidecar serves: a Kubernetes token must come from it.
+    pub pod_namespace: Option<String>,
+    pub pod_name: Option<String>,
+}
+
 #[derive(Debug)]
 pub enum Authenticator {
     /// Standalone only: loopback clients are this subject, no credential asked.
     LocalTrust { subject: String },
+    /// A JWT sent as the cleartext password (OIDC or Kubernetes tokens).
+    Token(Arc<TokenAuthenticator>),
+}
+
+#[derive(Debug)]
+pub struct TokenAuthenticator {
+    method: &'static str,
+    rules: TokenRules,
+    keys: Arc<KeyStore>,
 }
 
 impl Authenticator {
-    /// None when the policy names no identity this build supports (the config
-    /// loader refuses those policies before they get here).
-    pub fn from_spec(spec: &DatabaseAccessPolicySpec) -> Option<Self> {
-        spec.identity
-            .local_trust
-            .as_ref()
-            .map(|lt| Authenticator::LocalTrust {
+    /// Build from a policy's `spec.identity`. `policy_dir` anchors a relative
+    /// `jwksFile`. Errors are (field path, message) for the config loader.
+    pub fn from_spec(
+        spec: &DatabaseAccessPolicySpec,
+        policy_dir: &Path,
+        opts: &IdentityOptions,
+    ) -> Result<Self, (&'static str, String)> {
+        let id = &spec.identity;
+        if let Some(lt) = &id.local_trust {
+            return Ok(Authenticator::LocalTrust {
                 subject: lt.subject.clone(),
-            })
+            });
+        }
+        let fetcher = || {
+            let pems = opts
+                .ca_files
+                .iter()
+                .map(|p| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display())))
+                .collect::<Result<Vec<_>, _>>()?;
+            Fetcher::new(&pems)
+        };
+        if let Some(oidc) = &id.oidc {
+            const P: &str = "spec.identity.oidc";
+            let source = match (&oidc.jwks_file, &oidc.jwks_uri) {
+                (Some(file), _) => {
+                    let path = policy_dir.join(file);
+                    check_jwks_file(&path).map_err(|e| ("spec.identity.oidc.jwksFile", e))?;
+                    KeySource::File(path)
+                }
+                (None, Some(uri)) => KeySource::Uri(uri.clone()),
+                (None, None) => KeySource::Discovery {
+                    issuer: oidc.issuer.clone(),
+                },
+            };
+            let rules = TokenRules {
+                issuer: oidc.issuer.clone(),
+                audiences: oidc.audiences.clone(),
+                subjects: oidc.subjects.clone(),
+                claims: oidc
+                    .claims
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            };
+            let keys = KeyStore::new(source, fetcher().map_err(|e| (P, e))?);
+            return Ok(Authenticator::Token(Arc::new(TokenAuthenticator {
+                method: "oidc",
+                rules,
+                keys: Arc::new(keys),
+            })));
+        }
+        if let Some(k8s) = &id.kubernetes {
+            const P: &str = "spec.identity.kubernetes";
+            let issuer = opts.kubernetes_issuer.clone().ok_or((
+                P,
+                "Kubernetes identity needs the cluster's service-account issuer: \
+                 pass --kubernetes-issuer (env PGWARDEN_KUBERNETES_ISSUER)"
+                    .to_string(),
+            ))?;
+            let source = match &opts.kubernetes_jwks_file {
+                Some(path) => {
+                    check_jwks_file(path).map_err(|e| (P, e))?;
+                    KeySource::File(path.clone())
+                }
+                None => KeySource::Discovery {
+                    issuer: issuer.clone(),
+                },
+            };
+            // A projected token names its pod; only this pod's may be used.
+            let mut claims = Vec::new();
+            if let Some(ns) = &opts.pod_namespace {
+                claims.push(("kubernetes.io.namespace".to_string(), ns.clone()));
+            }
+            if let Some(pod) = &opts.pod_name {
+                claims.push(("kubernetes.io.pod.name".to_string(), pod.clone()));
+            }
+            let rules = TokenRules {
+                issuer,
+                audiences: vec![k8s.audience.clone()],
+                subjects: vec!["system:serviceaccount:*".into()],
+                claims,
+            };
+            let keys = KeyStore::new(source, fetcher().map_err(|e| (P, e))?);
+            return Ok(Authenticator::Token(Arc::new(TokenAuthenticator {
+                method: "kubernetes",
+                rules,
+                keys: Arc::new(keys),
+            })));
+        }
+        Err(("spec.identity", "no identity is configured".into()))
     }
 
-    pub fn authenticate(&self, transport: ClientTransport) -> Result<Identity, PgError> {
+    /// Start background work (key refresh). Needs a running tokio runtime.
+    pub fn start(&self) {
+        if let Authenticator::Token(t) = self {
+            t.keys.clone().spawn_refresher();
+        }
+    }
+
+    /// Whether the client must send a password (the token).
+    pub fn wants_password(&self) -> bool {
+        matches!(self, Authenticator::Token(_))
+    }
+
+    /// Decide who the client is. `password` is what it sent when
+    /// `wants_password`.
+    pub async fn authenticate(
+        &self,
+        transport: ClientTransport,
+        password: Option<&str>,
+    ) -> Result<Identity, PgError> {
         match self {
             Authenticator::LocalTrust { subject } => {
                 if !transport.peer.ip().is_loopback() {
@@ -51,36 +192,107 @@ impl Authenticator {
                 Ok(Identity {
                     subject: subject.clone(),
                     method: "localTrust",
+                    attributes: Vec::new(),
+                    expires_at: None,
+                })
+            }
+            Authenticator::Token(t) => {
+                let token = password.unwrap_or("");
+                let verified = t
+                    .verify(token)
+                    .await
+                    .map_err(|e| PgError::bad_password(format!("token rejected: {e}")))?;
+                Ok(Identity {
+                    subject: verified.subject,
+                    method: t.method,
+                    attributes: verified.attributes,
+                    expires_at: Some(verified.expires_at),
                 })
             }
         }
     }
+
+    /// Transport rule checked before a token is asked for: it travels as a
+    /// cleartext password, so only over TLS or within the host.
+    pub fn check_transport(&self, transport: ClientTransport) -> Result<(), PgError> {
+        if self.wants_password() && !transport.tls && !transport.peer.ip().is_loopback() {
+            return Err(PgError::not_authorized(
+                "tokens are accepted only over TLS or from loopback; connect with sslmode=require",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl TokenAuthenticator {
+    pub async fn verify(&self, token: &str) -> Result<VerifiedToken, TokenError> {
+        let keys = match self.keys.current() {
+            Ok(k) => k,
+            Err(_) => {
+                // Perhaps the issuer is back: one rate-limited try.
+                self.keys.refresh_for_kid("").await;
+                self.keys.current().map_err(TokenError::NoKeys)?
+            }
+        };
+        match token::verify(token, &keys, &self.rules, unix_now()) {
+            Err(TokenError::UnknownKid(kid)) => {
+                // Rotated keys: refresh once (rate-limited), then decide.
+                self.keys.refresh_for_kid(&kid).await;
+                let keys = self.keys.current().map_err(TokenError::NoKeys)?;
+                token::verify(token, &keys, &self.rules, unix_now())
+            }
+            other => other,
+        }
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+}
+
+/// A jwksFile must be readable and hold a usable key when the gateway starts.
+fn check_jwks_file(path: &Path) -> Result<(), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    KeySet::from_json(&bytes)
+        .map(|_| ())
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn local_trust_admits_loopback_only() {
+    #[tokio::test]
+    async fn local_trust_admits_loopback_only() {
         let a = Authenticator::LocalTrust {
             subject: "dev".into(),
         };
         for peer in ["127.0.0.1:5000", "[::1]:5000", "127.3.4.5:1"] {
             let id = a
-                .authenticate(ClientTransport {
-                    peer: peer.parse().unwrap(),
-                    tls: false,
-                })
+                .authenticate(
+                    ClientTransport {
+                        peer: peer.parse().unwrap(),
+                        tls: false,
+                    },
+                    None,
+                )
+                .await
                 .unwrap();
             assert_eq!(id.subject, "dev");
         }
         for peer in ["10.0.0.7:5000", "[2001:db8::1]:5000", "192.168.1.2:1"] {
             let err = a
-                .authenticate(ClientTransport {
-                    peer: peer.parse().unwrap(),
-                    tls: true,
-                })
+                .authenticate(
+                    ClientTransport {
+                        peer: peer.parse().unwrap(),
+                        tls: true,
+                    },
+                    None,
+                )
+                .await
                 .unwrap_err();
             assert!(err.is_fatal());
             assert!(err.message.contains("loopback"));

@@ -22,7 +22,7 @@ pub use cancel::CancelRegistry;
 pub use relay::End;
 
 use crate::config::{GatewayConfig, PolicyConfig};
-use crate::identity::{Authenticator, ClientTransport};
+use crate::identity::{ClientTransport, Identity};
 use crate::observe::Metrics;
 use crate::transport::ClientStream;
 use crate::upstream;
@@ -108,17 +108,7 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         // We speak 3.0 and none of the requested protocol options.
         codec::put_negotiate_protocol_version(0, startup.declined_options.clone(), &mut greeting);
     }
-    let Some(authenticator) = Authenticator::from_spec(&policy.spec) else {
-        return refuse(
-            &mut stream,
-            PgError::internal("the policy has no supported identity"),
-        )
-        .await;
-    };
-    let identity = match authenticator.authenticate(ClientTransport {
-        peer,
-        tls: stream.is_tls(),
-    }) {
+    let identity = match authenticate(&mut stream, peer, policy, shared.limits).await {
         Ok(id) => id,
         Err(err) => {
             info!(reason = %err.message, "client authentication failed");
@@ -175,6 +165,7 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
     info!(
         policy.name = %policy.id,
         identity.method = identity.method,
+        identity.claims = %DisplayAttributes(&identity.attributes),
         application_name = startup.application_name.as_deref().unwrap_or(""),
         "session started"
     );
@@ -188,6 +179,7 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         statement_timeout,
         cancel: up.key.clone().map(|k| (policy.upstream.clone(), k)),
         shutdown: shared.shutdown.clone(),
+        expires: identity.expires_at.map(expiry_instant),
     };
     let end = relay
         .run(
@@ -198,7 +190,11 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         )
         .await;
     match &end {
-        End::ClientTerminated | End::ClientClosed | End::UpstreamClosed | End::Shutdown => {
+        End::ClientTerminated
+        | End::ClientClosed
+        | End::UpstreamClosed
+        | End::Shutdown
+        | End::CredentialExpired => {
             info!(end = ?end, "session ended")
         }
         End::ClientViolation(e) => {
@@ -208,6 +204,81 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         End::UpstreamFailed(why) => warn!(error = %why, "session ended: upstream failed"),
     }
     drop(registration);
+}
+
+/// Establish who the client is: for token identities, ask for the token as a
+/// cleartext password (only over TLS or loopback) and verify it.
+async fn authenticate(
+    stream: &mut ClientStream,
+    peer: SocketAddr,
+    policy: &PolicyConfig,
+    limits: Limits,
+) -> Result<Identity, PgError> {
+    let auth = &policy.authenticator;
+    let transport = ClientTransport {
+        peer,
+        tls: stream.is_tls(),
+    };
+    auth.check_transport(transport)?;
+    if !auth.wants_password() {
+        return auth.authenticate(transport, None).await;
+    }
+    let mut ask = BytesMut::new();
+    codec::put_auth_cleartext_request(&mut ask);
+    stream
+        .write_all(&ask)
+        .await
+        .map_err(|e| PgError::protocol_violation(format!("client connection failed: {e}")))?;
+    stream
+        .flush()
+        .await
+        .map_err(|e| PgError::protocol_violation(format!("client connection failed: {e}")))?;
+    let mut frames = FrameBuf::new(Direction::Frontend, limits);
+    let frame = tokio::time::timeout(PASSWORD_TIMEOUT, frames.next(stream))
+        .await
+        .map_err(|_| PgError::protocol_violation("no password message within 30s"))?;
+    let (frame, bytes) = match frame {
+        Ok(Some(f)) => f,
+        Ok(None) => {
+            return Err(PgError::protocol_violation(
+                "client closed during authentication",
+            ))
+        }
+        Err(e) => return Err(PgError::protocol_violation(e.to_string())),
+    };
+    if frame.ty != b'p' {
+        return Err(PgError::protocol_violation(
+            "expected a password message (the token)",
+        ));
+    }
+    let token = codec::password(frame.body(&bytes))
+        .map_err(|e| PgError::protocol_violation(format!("invalid password message: {e}")))?;
+    auth.authenticate(transport, Some(token)).await
+}
+
+/// The monotonic instant a token's `exp` (with the accepted clock skew)
+/// corresponds to.
+fn expiry_instant(exp: u64) -> std::time::Instant {
+    let left = (exp + crate::identity::LEEWAY_SECS).saturating_sub(crate::identity::unix_now());
+    std::time::Instant::now() + std::time::Duration::from_secs(left)
+}
+
+/// How long a client may take to send its token once asked.
+const PASSWORD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `key=value` pairs for the session log line.
+struct DisplayAttributes<'a>(&'a [(String, String)]);
+
+impl std::fmt::Display for DisplayAttributes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (k, v)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{k}={v:?}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Log in upstream and read which user code the database has: whether a call

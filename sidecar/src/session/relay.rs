@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::limits::{RowAction, RowLimiter, StatementClock};
 use crate::masking::ResultFilter;
@@ -48,6 +48,8 @@ pub enum End {
     ClientIo(std::io::Error),
     /// The gateway is shutting down and the session had nothing in flight.
     Shutdown,
+    /// The client's token expired; no new statement may run on it.
+    CredentialExpired,
 }
 
 /// A refusal waiting for its sentinel's error to come back.
@@ -74,6 +76,8 @@ pub struct Relay<'a> {
     pub cancel: Option<(Arc<UpstreamTarget>, BackendKey)>,
     /// Becomes true when the gateway shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// When the client's credential (token) stops being valid.
+    pub expires: Option<Instant>,
 }
 
 /// A cancel the proxy sent and the server may not have acted on yet.
@@ -148,6 +152,7 @@ impl Relay<'_> {
                 session: SessionState::default(),
                 clock: &clock,
                 cancels: &cancels,
+                expires: self.expires,
             }
             .run(&mut cr, client_frames, &mut uw);
             let back = Backend {
@@ -165,10 +170,12 @@ impl Relay<'_> {
             .run(&mut ur, upstream_frames, &mut cw);
             let guard = guard_timeout(&clock, self.statement_timeout, &self.cancel, &cancels);
             let drain = drain_on_shutdown(&clock, self.shutdown);
+            let expiry = end_at_expiry(&clock, self.expires);
             tokio::select! {
                 end = front => end,
                 end = back => end,
                 end = drain => end,
+                end = expiry => end,
                 never = guard => match never {},
             }
         };
@@ -187,6 +194,11 @@ impl Relay<'_> {
             }
             End::Shutdown => {
                 codec::put_error(&PgError::shutting_down(), &mut out);
+                let _ = cw.write_all(&out).await;
+                let _ = cw.flush().await;
+            }
+            End::CredentialExpired => {
+                codec::put_error(&PgError::credential_expired(), &mut out);
                 let _ = cw.write_all(&out).await;
                 let _ = cw.flush().await;
             }
@@ -240,6 +252,23 @@ async fn drain_on_shutdown(clock: &StatementClock, mut shutdown: watch::Receiver
     }
 }
 
+/// When the client's token expires, end the session at its next idle
+/// moment (a statement already running finishes and its result is
+/// delivered); `Frontend` refuses to start anything new after the deadline.
+async fn end_at_expiry(clock: &StatementClock, expires: Option<Instant>) -> End {
+    let Some(deadline) = expires else {
+        return std::future::pending().await;
+    };
+    tokio::time::sleep_until(deadline.into()).await;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        if clock.idle() {
+            return End::CredentialExpired;
+        }
+    }
+}
+
 // === client → upstream ===
 
 struct Frontend<'a> {
@@ -251,6 +280,7 @@ struct Frontend<'a> {
     session: SessionState,
     clock: &'a StatementClock,
     cancels: &'a Arc<CancelInFlight>,
+    expires: Option<Instant>,
 }
 
 impl Frontend<'_> {
@@ -272,6 +302,11 @@ impl Frontend<'_> {
                     }
                 };
                 let bytes = &frames.buffered()[..frame.wire_len];
+                if matches!(frame.ty, b'Q' | b'P' | b'B' | b'E' | b'F')
+                    && self.expires.is_some_and(|d| Instant::now() >= d)
+                {
+                    return End::CredentialExpired;
+                }
                 if matches!(frame.ty, b'Q' | b'S' | b'F') {
                     self.clock.request_sent();
                 }

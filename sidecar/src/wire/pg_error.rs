@@ -147,6 +147,15 @@ impl PgError {
         Self::new(Severity::Fatal, SqlState::InvalidPassword, message)
     }
 
+    /// The session's token expired: FATAL, the client reconnects with a new one.
+    pub fn credential_expired() -> Self {
+        Self::new(
+            Severity::Fatal,
+            SqlState::InvalidPassword,
+            "terminating connection: the token this session authenticated with has expired; reconnect with a fresh token",
+        )
+    }
+
     pub fn unknown_database(message: impl Into<String>) -> Self {
         Self::new(Severity::Fatal, SqlState::InvalidCatalogName, message)
     }

@@ -37,7 +37,7 @@ fn files(docs: &[&str]) -> (tempfile::TempDir, Vec<PathBuf>) {
 
 fn errors(docs: &[&str]) -> Vec<ConfigError> {
     let (_d, paths) = files(docs);
-    load_files(&paths, 16)
+    load_files(&paths, &LoadOptions::default())
         .expect_err("configuration should be refused")
         .0
 }
@@ -45,7 +45,7 @@ fn errors(docs: &[&str]) -> Vec<ConfigError> {
 #[test]
 fn policy_and_secret_in_one_multi_document_file() {
     let (_d, paths) = files(&[&format!("{POLICY}---\n{SECRET}\n---\n")]);
-    let cfg = load_files(&paths, 16).unwrap();
+    let cfg = load_files(&paths, &LoadOptions::default()).unwrap();
     let p = cfg.select(Some("shop")).unwrap();
     assert_eq!(p.id, "ci/p1");
     assert_eq!(p.upstream.credential.username, "app");
@@ -67,7 +67,7 @@ metadata: {name: cred, namespace: ci}
 data: {username: YXBw, password: cHctZnJvbS1kYXRh}
 "#;
     let (_d, paths) = files(&[POLICY, secret]);
-    let cfg = load_files(&paths, 16).unwrap();
+    let cfg = load_files(&paths, &LoadOptions::default()).unwrap();
     assert_eq!(
         cfg.policies[0].upstream.credential.password.expose(),
         "pw-from-data"
@@ -132,14 +132,39 @@ fn features_not_enforced_yet_are_refused_not_ignored() {
             .unwrap_or_else(|| panic!("{path}: {errs:?}"));
         assert!(e.message.contains("not supported"), "{e}");
     }
-    let oidc = POLICY.replace(
-        "identity: {localTrust: {subject: dev}}",
+}
+
+fn with_identity(identity: &str) -> String {
+    POLICY.replace("identity: {localTrust: {subject: dev}}", identity)
+}
+
+#[test]
+fn token_identities_load_or_say_what_is_missing() {
+    // Discovery needs no I/O at load time: an issuer that is down must not
+    // stop the gateway from starting.
+    let oidc = with_identity(
         "identity: {oidc: {issuer: \"https://issuer.example\", audiences: [pgwarden]}}",
     );
-    let errs = errors(&[&oidc, SECRET]);
+    let (_d, paths) = files(&[&oidc, SECRET]);
+    let cfg = load_files(&paths, &LoadOptions::default()).unwrap();
+    assert!(cfg.policies[0].authenticator.wants_password());
+
+    let missing = with_identity(
+        "identity: {oidc: {issuer: \"https://issuer.example\", audiences: [pgwarden], jwksFile: nope.json}}",
+    );
+    let errs = errors(&[&missing, SECRET]);
+    let e = errs
+        .iter()
+        .find(|e| e.path.as_deref() == Some("spec.identity.oidc.jwksFile"))
+        .unwrap_or_else(|| panic!("{errs:?}"));
+    assert!(e.message.contains("nope.json"), "{e}");
+
+    let k8s = with_identity("identity: {kubernetes: {audience: pgwarden}}");
+    let errs = errors(&[&k8s, SECRET]);
     assert!(
         errs.iter()
-            .any(|e| e.path.as_deref() == Some("spec.identity.oidc")),
+            .any(|e| e.path.as_deref() == Some("spec.identity.kubernetes")
+                && e.message.contains("--kubernetes-issuer")),
         "{errs:?}"
     );
 }
@@ -164,9 +189,12 @@ fn unsupported_kinds_and_unreadable_files_are_errors() {
     let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n";
     let e = &errors(&[POLICY, SECRET, cm])[0];
     assert!(e.message.contains("unsupported object v1/ConfigMap"), "{e}");
-    let e = load_files(&[PathBuf::from("/nonexistent/policy.yaml")], 16)
-        .unwrap_err()
-        .0;
+    let e = load_files(
+        &[PathBuf::from("/nonexistent/policy.yaml")],
+        &LoadOptions::default(),
+    )
+    .unwrap_err()
+    .0;
     assert!(e[0].to_string().contains("/nonexistent/policy.yaml"));
 }
 
