@@ -67,6 +67,17 @@ pub fn policy_with_rules(
     upstream_tls: Option<(&str, Option<&Path>)>,
     decision: &str,
 ) -> String {
+    policy_with_identity(port, upstream_tls, "localTrust: {subject: dev}", decision)
+}
+
+/// The same, with `identity` (one YAML flow line such as
+/// `oidc: {issuer: ..., audiences: [...]}`) in place of localTrust.
+pub fn policy_with_identity(
+    port: u16,
+    upstream_tls: Option<(&str, Option<&Path>)>,
+    identity: &str,
+    decision: &str,
+) -> String {
     let tls = match upstream_tls {
         None => String::new(),
         Some((mode, None)) => format!("    tls: {{mode: {mode}}}\n"),
@@ -79,7 +90,7 @@ pub fn policy_with_rules(
          kind: DatabaseAccessPolicy\n\
          metadata:\n  name: {POLICY_NAME}\n  namespace: default\n\
          spec:\n\
-         \x20 identity:\n    localTrust: {{subject: dev}}\n\
+         \x20 identity:\n    {identity}\n\
          \x20 database:\n\
          \x20   host: 127.0.0.1\n\
          \x20   port: {port}\n\
@@ -125,6 +136,7 @@ pub struct GatewayBuilder {
     extra_files: Vec<(String, String)>,
     args: Vec<OsString>,
     env: Vec<(String, String)>,
+    identity: Option<String>,
 }
 
 /// `pgwarden run` exited (or refused to start) before it became ready.
@@ -177,7 +189,15 @@ impl GatewayBuilder {
             extra_files: Vec::new(),
             args: Vec::new(),
             env: Vec::new(),
+            identity: None,
         }
+    }
+
+    /// `spec.identity` of the default policy, as one YAML flow line (see
+    /// [`policy_with_identity`]).
+    pub fn identity(mut self, yaml: impl Into<String>) -> Self {
+        self.identity = Some(yaml.into());
+        self
     }
 
     /// Replaces the whole policy.yaml (see [`policy_yaml`] for the default).
@@ -189,11 +209,15 @@ impl GatewayBuilder {
     /// The policy.yaml this builder will write.
     pub fn policy_text(&self) -> String {
         self.policy.clone().unwrap_or_else(|| {
-            policy_yaml(
+            policy_with_identity(
                 self.upstream_port,
                 self.upstream_tls
                     .as_ref()
                     .map(|(mode, ca)| (mode.as_str(), ca.as_deref())),
+                self.identity
+                    .as_deref()
+                    .unwrap_or("localTrust: {subject: dev}"),
+                REALISTIC_RULES,
             )
         })
     }

@@ -25,15 +25,16 @@
 mod client;
 mod gateway;
 mod net;
+pub mod oidc;
 mod pg;
 mod tls;
 
 pub use client::{libpq_command, psql_query, run_command, run_psql, wait_until, Endpoint};
 pub use gateway::{
-    pgwarden_bin, policy_with_rules, policy_yaml, Gateway, GatewayBuilder, GatewayExit,
-    POLICY_NAME, REALISTIC_RULES, SECRET_NAME,
+    pgwarden_bin, policy_with_identity, policy_with_rules, policy_yaml, Gateway, GatewayBuilder,
+    GatewayExit, POLICY_NAME, REALISTIC_RULES, SECRET_NAME,
 };
-pub use net::{free_port, http_get};
+pub use net::{free_port, http_get, http_post};
 pub use pg::{PgCluster, PgClusterBuilder, UpstreamAuth, APP_DATABASE, APP_PASSWORD, APP_USER};
 pub use tls::{ServerCert, TestCa, TestPki};
 

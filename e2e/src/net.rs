@@ -1,4 +1,5 @@
-//! Ports and a minimal HTTP/1.0 GET (enough for /metrics, /healthz, /readyz).
+//! Ports and a minimal HTTP/1.0 client (enough for /metrics, /healthz, /readyz
+//! and the OpenID Provider fixture's admin endpoint).
 
 use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
@@ -24,12 +25,22 @@ pub fn free_port() -> u16 {
 
 /// `GET path` over plain HTTP/1.0 to 127.0.0.1:`port`; returns (status, body).
 pub fn http_get(port: u16, path: &str) -> io::Result<(u16, String)> {
+    http_request(port, "GET", path)
+}
+
+/// `POST path` with an empty body; returns (status, body).
+pub fn http_post(port: u16, path: &str) -> io::Result<(u16, String)> {
+    http_request(port, "POST", path)
+}
+
+fn http_request(port: u16, method: &str, path: &str) -> io::Result<(u16, String)> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let request =
-        format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;

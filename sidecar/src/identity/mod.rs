@@ -298,4 +298,29 @@ mod tests {
             assert!(err.message.contains("loopback"));
         }
     }
+
+    #[test]
+    fn tokens_travel_only_over_tls_or_loopback() {
+        let spec: DatabaseAccessPolicySpec = serde_yaml_ng::from_str(
+            "identity: {oidc: {issuer: \"https://issuer.example\", audiences: [pgwarden]}}\n\
+             database: {host: db, name: shop, credentialsSecret: s}\n\
+             defaultAction: Deny\n",
+        )
+        .unwrap();
+        let auth =
+            Authenticator::from_spec(&spec, Path::new("."), &IdentityOptions::default()).unwrap();
+        assert!(auth.wants_password());
+        let at = |peer: &str, tls: bool| {
+            auth.check_transport(ClientTransport {
+                peer: peer.parse().unwrap(),
+                tls,
+            })
+        };
+        assert!(at("127.0.0.1:1", false).is_ok());
+        assert!(at("[::1]:1", false).is_ok());
+        assert!(at("10.1.2.3:1", true).is_ok());
+        let err = at("10.1.2.3:1", false).unwrap_err();
+        assert!(err.is_fatal());
+        assert!(err.message.contains("TLS"), "{}", err.message);
+    }
 }

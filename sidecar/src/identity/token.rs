@@ -147,7 +147,7 @@ impl fmt::Display for TokenError {
                 "the token claims to be issued {}s in the future (iat {iat}); check the clocks",
                 iat.saturating_sub(*now)
             ),
-            MissingClaim(c) => write!(f, "the token has no \"{}\" claim", shown(c)),
+            MissingClaim(c) => write!(f, "the token has no {} claim", shown(c)),
             WrongIssuer(iss) => write!(f, "the token's issuer {} is not this policy's issuer", shown(iss)),
             WrongAudience(aud) => {
                 let aud: Vec<String> = aud.iter().take(5).map(|a| shown(a)).collect();
@@ -155,11 +155,11 @@ impl fmt::Display for TokenError {
             }
             SubjectNotAllowed(sub) => write!(f, "subject {} is not allowed by this policy", shown(sub)),
             ClaimMismatch { claim, value: None } => {
-                write!(f, "the token has no \"{}\" claim, which this policy requires", shown(claim))
+                write!(f, "the token has no {} claim, which this policy requires", shown(claim))
             }
             ClaimMismatch { claim, value: Some(v) } => write!(
                 f,
-                "claim \"{}\" = {} does not match this policy",
+                "claim {} = {} does not match this policy",
                 shown(claim),
                 shown(v)
             ),

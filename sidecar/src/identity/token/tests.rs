@@ -252,6 +252,10 @@ fn rejects_subject_and_claim_mismatches() {
             value: Some("evil".into())
         }
     );
+    assert_eq!(
+        e.to_string(),
+        "claim \"repository_owner\" = \"evil\" does not match this policy"
+    );
     let t = sign(&with(|c| {
         c.remove("repository_owner");
     }));
