@@ -214,3 +214,27 @@ fn verify_full_needs_a_readable_ca() {
     let e = &errors(&[&p, SECRET, ca])[0];
     assert_eq!(e.path.as_deref(), Some("spec.database.tls"), "{e}");
 }
+
+/// The example policies in manifests/examples are what newcomers copy: they
+/// must load as they are (with a Secret of the name they reference).
+#[test]
+fn example_policies_load() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let secret = SECRET
+            .replace("name: cred", "name: shop-credentials")
+            .replace("namespace: ci", "namespace: default");
+        let (_d, mut paths) = files(&[&secret]);
+        paths.push(path.clone());
+        if let Err(e) = load_files(&paths, &LoadOptions::default()) {
+            panic!("{}: {e}", path.display());
+        }
+        seen += 1;
+    }
+    assert!(seen >= 2, "no example policies found in {}", dir.display());
+}
