@@ -157,12 +157,21 @@ fn masking_is_not_supported_yet() {
 }
 
 #[test]
-fn oidc_identity_is_not_supported_yet() {
+fn token_identity_without_its_keys_is_refused() {
+    // Kubernetes identity needs the cluster's issuer from the command line.
     let policy = policy_with(
         "    localTrust: {subject: dev}\n",
-        "    oidc:\n      issuer: https://token.actions.githubusercontent.com\n      audiences: [pgwarden]\n",
+        "    kubernetes: {audience: pgwarden}\n",
     );
-    assert_not_supported_yet(policy, "oidc");
+    let exit = refused(GatewayBuilder::unconnected().policy_yaml(policy));
+    assert_mentions(&exit, &["spec.identity.kubernetes", "--kubernetes-issuer"]);
+    // An offline key file that is not there.
+    let policy = policy_with(
+        "    localTrust: {subject: dev}\n",
+        "    oidc:\n      issuer: https://token.actions.githubusercontent.com\n      audiences: [pgwarden]\n      jwksFile: missing-keys.json\n",
+    );
+    let exit = refused(GatewayBuilder::unconnected().policy_yaml(policy));
+    assert_mentions(&exit, &["spec.identity.oidc.jwksFile", "missing-keys.json"]);
 }
 
 #[test]
