@@ -150,10 +150,11 @@ fn bad_rules_name_their_index() {
 }
 
 #[test]
-fn masking_is_not_supported_yet() {
+fn hash_masking_without_a_key_is_refused() {
     let mut policy = default_policy();
     policy.push_str("  masking:\n    - {columns: [\"public.customers.email\"], strategy: Hash}\n");
-    assert_not_supported_yet(policy, "masking");
+    let exit = refused(GatewayBuilder::unconnected().policy_yaml(policy));
+    assert_mentions(&exit, &["spec.masking[0].strategy", "--masking-key-file"]);
 }
 
 #[test]

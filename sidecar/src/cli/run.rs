@@ -21,6 +21,24 @@ use crate::wire::{codec, Limits, PgError};
 const EXIT_CONFIG: u8 = 2;
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let masking_key = match &args.masking_key_file {
+        None => None,
+        Some(path) => match std::fs::read(path) {
+            Ok(k) if k.len() >= 32 => Some(k),
+            Ok(k) => {
+                eprintln!(
+                    "pgwarden: --masking-key-file {}: the key has {} bytes; use at least 32 random bytes",
+                    path.display(),
+                    k.len()
+                );
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+            Err(e) => {
+                eprintln!("pgwarden: --masking-key-file {}: {e}", path.display());
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+        },
+    };
     let opts = config::LoadOptions {
         cache_entries: args.verdict_cache_entries,
         identity: IdentityOptions {
@@ -30,6 +48,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             pod_namespace: args.pod_namespace.clone(),
             pod_name: args.pod_name.clone(),
         },
+        masking_key,
     };
     let config = match config::load_files(&args.files, &opts) {
         Ok(c) => c,
@@ -98,6 +117,9 @@ async fn serve(
         // Token keys are fetched in the background: an issuer that is down
         // leaves the gateway ready, refusing logins with the fetch error.
         p.authenticator.start();
+        if let Some(m) = &p.masking {
+            m.spawn_refresher(shared.limits);
+        }
         info!(policy.name = %p.id, database = %p.upstream.database,
               upstream = %format!("{}:{}", p.upstream.host, p.upstream.port), "serving policy");
     }

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use super::{GatewayConfig, PolicyConfig, Secret};
 use crate::identity::{Authenticator, IdentityOptions};
+use crate::masking::{HashKey, MaskRules, Masking};
 use crate::policy::Gate;
 use crate::upstream::{tls::UpstreamTls, Credential, UpstreamTarget};
 
@@ -97,6 +98,9 @@ pub struct LoadOptions {
     /// Verdict cache size per policy.
     pub cache_entries: usize,
     pub identity: IdentityOptions,
+    /// The key of the `Hash` masking strategy (from `--masking-key-file`;
+    /// in a cluster, from the operator). Never from a client.
+    pub masking_key: Option<Vec<u8>>,
 }
 
 impl Default for LoadOptions {
@@ -104,6 +108,7 @@ impl Default for LoadOptions {
         LoadOptions {
             cache_entries: crate::policy::DEFAULT_CACHE_ENTRIES,
             identity: IdentityOptions::default(),
+            masking_key: None,
         }
     }
 }
@@ -251,9 +256,6 @@ fn read_file(
 fn unsupported_features(p: &DatabaseAccessPolicy) -> Vec<(&'static str, &'static str)> {
     let s = &p.spec;
     let mut out = Vec::new();
-    if !s.masking.is_empty() {
-        out.push(("spec.masking", "column masking"));
-    }
     if s.approval.is_some() {
         out.push(("spec.approval", "approvals"));
     }
@@ -444,6 +446,19 @@ fn resolve_policy(
     } else {
         None
     };
+    let rules = MaskRules::new(&policy.spec.masking);
+    if rules.uses_hash() && opts.masking_key.is_none() {
+        let i = policy
+            .spec
+            .masking
+            .iter()
+            .position(|m| m.strategy == pgwarden_api::MaskStrategy::Hash)
+            .unwrap_or(0);
+        errors.push(err(
+            &format!("spec.masking[{i}].strategy"),
+            "strategy Hash needs a key: pass --masking-key-file (in a cluster the operator provides it); it never comes from a client".into(),
+        ));
+    }
     if errors.len() != before {
         return None;
     }
@@ -451,17 +466,26 @@ fn resolve_policy(
     else {
         return None;
     };
+    let upstream = Arc::new(UpstreamTarget {
+        host: db.host.clone(),
+        port: db.port,
+        database: db.name.clone(),
+        credential,
+        tls,
+    });
+    let masking = (!rules.is_empty()).then(|| {
+        Arc::new(Masking::new(
+            rules,
+            opts.masking_key.as_deref().map(HashKey::new),
+            upstream.clone(),
+        ))
+    });
     Some(PolicyConfig {
         id: format!("{ns}/{name}"),
-        upstream: Arc::new(UpstreamTarget {
-            host: db.host.clone(),
-            port: db.port,
-            database: db.name.clone(),
-            credential,
-            tls,
-        }),
+        upstream,
         gate: Gate::new(&policy.spec, opts.cache_entries),
         authenticator,
+        masking,
         spec: policy.spec.clone(),
     })
 }

@@ -14,6 +14,7 @@ use pgwarden_api::DatabaseAccessPolicySpec;
 pub use load::{load_files, load_policies, ConfigError, ConfigErrors, LoadOptions};
 
 use crate::identity::Authenticator;
+use crate::masking::Masking;
 use crate::policy::Gate;
 use crate::upstream::UpstreamTarget;
 
@@ -54,6 +55,8 @@ pub struct PolicyConfig {
     pub gate: Gate,
     /// Who may connect: built from `spec.identity`, shared by its sessions.
     pub authenticator: Authenticator,
+    /// Column masking, when the policy has `masking:` entries.
+    pub masking: Option<Arc<Masking>>,
 }
 
 /// A value that must never be printed: Debug and Display redact it.

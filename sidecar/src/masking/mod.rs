@@ -1,18 +1,144 @@
-//! Stage 4: what leaves the proxy in a result. The relay hands every
-//! RowDescription and DataRow to a per-session `ResultFilter`.
+//! Stage 4: what leaves the proxy in a result. Masking is by column
+//! identity — the table column a value came from, as RowDescription
+//! reports it and the column map resolves it — never by the name a result
+//! column happens to have.
 //!
-//! This build has no masking rules (config::load refuses policies with
-//! `masking:`), so rows pass as their original bytes.
+//! - `rules`: the policy's `masking:` entries, compiled;
+//! - `strategy`: what a masked value becomes (type-aware, pure);
+//! - `columns`: the column map (tables and the views over them), sans-IO;
+//! - `catalog`: reading it from the database on a proxy-owned connection;
+//! - `plan`: per statement, per RowDescription, per DataRow, per error.
+//!
+//! The relay drives it (session/relay.rs); this module holds no socket.
 
-use bytes::BytesMut;
+mod catalog;
+pub mod columns;
+pub mod plan;
+pub mod rules;
+pub mod strategy;
 
-#[derive(Debug, Default)]
-pub struct ResultFilter {}
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
-impl ResultFilter {
-    /// Append what the client should receive for one result message.
-    #[inline]
-    pub fn filter(&mut self, _ty: u8, bytes: &[u8], out: &mut BytesMut) {
-        out.extend_from_slice(bytes);
+use tracing::{info, warn};
+
+use crate::upstream::UpstreamTarget;
+use crate::wire::Limits;
+pub use columns::MaskMap;
+pub use plan::{MaskCtx, Refusal, RowPlan, StatementMask};
+pub use rules::MaskRules;
+pub use strategy::HashKey;
+
+/// A map older than this is read again, in the background.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(60);
+/// Refreshes asked for by a relation the map does not know: at most this often.
+const MIN_REFRESH_GAP: Duration = Duration::from_secs(1);
+
+/// One policy's masking: its rules, key and current column map.
+pub struct Masking {
+    pub rules: MaskRules,
+    pub key: Option<HashKey>,
+    target: Arc<UpstreamTarget>,
+    map: RwLock<Option<Arc<MaskMap>>>,
+    loading: tokio::sync::Mutex<()>,
+    refresh_queued: AtomicBool,
+    last_attempt: std::sync::Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for Masking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Masking")
+            .field("rules", &self.rules)
+            .finish()
+    }
+}
+
+impl Masking {
+    pub fn new(rules: MaskRules, key: Option<HashKey>, target: Arc<UpstreamTarget>) -> Self {
+        Masking {
+            rules,
+            key,
+            target,
+            map: RwLock::new(None),
+            loading: tokio::sync::Mutex::new(()),
+            refresh_queued: AtomicBool::new(false),
+            last_attempt: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The current map, if one was ever read.
+    pub fn map(&self) -> Option<Arc<MaskMap>> {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The map a new session starts with: read now if there is none (a
+    /// session never runs without one), refreshed in the background if old.
+    pub async fn map_for_session(self: &Arc<Self>, limits: Limits) -> Result<Arc<MaskMap>, String> {
+        if let Some(m) = self.map() {
+            if m.loaded_at.elapsed() > REFRESH_EVERY {
+                self.refresh_soon(limits);
+            }
+            return Ok(m);
+        }
+        self.reload(limits).await
+    }
+
+    /// Read the map now (one load at a time; a concurrent caller waits for
+    /// it and takes its result). On failure the previous map stays.
+    pub async fn reload(&self, limits: Limits) -> Result<Arc<MaskMap>, String> {
+        let started = Instant::now();
+        let _guard = self.loading.lock().await;
+        if let Some(m) = self.map() {
+            if m.loaded_at > started {
+                return Ok(m); // loaded while we waited
+            }
+        }
+        *self.last_attempt.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        match catalog::load(&self.rules, &self.target, limits).await {
+            Ok(m) => {
+                let m = Arc::new(m);
+                info!(
+                    masked_columns = m.masked_column_count(),
+                    "masking column map loaded"
+                );
+                *self.map.write().unwrap_or_else(|p| p.into_inner()) = Some(m.clone());
+                Ok(m)
+            }
+            Err(e) => {
+                warn!(error = %e, "reading the masking column map failed");
+                Err(format!("the masking column map could not be read: {e}"))
+            }
+        }
+    }
+
+    /// Ask for a background refresh (a relation the map does not know was
+    /// seen, or the map is old). Rate-limited; never blocks.
+    pub fn refresh_soon(self: &Arc<Self>, limits: Limits) {
+        let recent = self
+            .last_attempt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < MIN_REFRESH_GAP);
+        if recent || self.refresh_queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _ = me.reload(limits).await;
+            me.refresh_queued.store(false, Ordering::Release);
+        });
+    }
+
+    /// Keep the map fresh for the life of the process (admins change
+    /// schemas outside pgwarden too).
+    pub fn spawn_refresher(self: &Arc<Self>, limits: Limits) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(REFRESH_EVERY).await;
+                let _ = me.reload(limits).await;
+            }
+        });
     }
 }

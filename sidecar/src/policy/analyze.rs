@@ -77,6 +77,8 @@ pub enum Effect {
     DefinesFunction(String),
     /// CREATE OPERATOR of this name.
     DefinesOperator(String),
+    /// FETCH or MOVE from a cursor: rows of a query judged at DECLARE.
+    Fetch,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,6 +91,46 @@ pub struct Statement {
     /// notation calls a function `f(o)` when no column `f` exists, so these
     /// are checked against the database's user functions.
     pub attribute_refs: Vec<String>,
+    /// How the statement names columns and rows, for masking: what it
+    /// computes from (everything but RETURNING) ...
+    pub columns: ColumnFacts,
+    /// ... and what its RETURNING lists hand back.
+    pub returning: ColumnFacts,
+}
+
+/// The ways a statement can reach a column's value by name. Masking decides
+/// from these whether a computed result could derive from a masked column.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ColumnFacts {
+    /// The last name of every column reference (`c.card_number` →
+    /// `card_number`; a bare `c` may be a column or a whole row), field names
+    /// of `(x).f`, and COPY column lists.
+    pub names: Vec<String>,
+    /// Qualifiers of `x.*` references (whole rows of `x`).
+    pub star_qualifiers: Vec<String>,
+    /// A bare `*` (`SELECT *`, `RETURNING *`, COPY of a whole table).
+    pub bare_star: bool,
+    /// Relations as named, with their alias and whether the alias renames
+    /// columns (`customers AS c(a, b)`): (`schema.table`, alias, renames).
+    pub aliases: Vec<(String, String, bool)>,
+}
+
+impl ColumnFacts {
+    fn merge(&mut self, other: ColumnFacts) {
+        self.names.extend(other.names);
+        self.star_qualifiers.extend(other.star_qualifiers);
+        self.bare_star |= other.bare_star;
+        self.aliases.extend(other.aliases);
+    }
+
+    fn tidy(&mut self) {
+        self.names.sort();
+        self.names.dedup();
+        self.star_qualifiers.sort();
+        self.star_qualifiers.dedup();
+        self.aliases.sort();
+        self.aliases.dedup();
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -125,11 +167,16 @@ pub fn analyze(sql: &str, settings: Settings) -> Result<Vec<Statement>, AnalyzeE
             let mut attribute_refs = w.attribute_refs;
             attribute_refs.sort();
             attribute_refs.dedup();
+            let (mut columns, mut returning) = (w.columns, w.returning);
+            columns.tidy();
+            returning.tidy();
             Ok(Statement {
                 class: w.top_class.unwrap_or(Class::Select),
                 accesses: w.accesses,
                 effect: w.effect,
                 attribute_refs,
+                columns,
+                returning,
             })
         })
         .collect()
@@ -167,6 +214,9 @@ fn name_list(items: &[Value]) -> Vec<String> {
         .collect()
 }
 
+const RET_CLAUSE: &str = "returning_clause";
+const RET_LIST: &str = "returning_list";
+
 struct Walker {
     settings: Settings,
     accesses: Vec<Access>,
@@ -177,6 +227,8 @@ struct Walker {
     /// CTE names visible at this point, innermost last.
     ctes: Vec<Vec<String>>,
     attribute_refs: Vec<String>,
+    columns: ColumnFacts,
+    returning: ColumnFacts,
 }
 
 impl Walker {
@@ -189,6 +241,8 @@ impl Walker {
             read_class: Class::Select,
             ctes: Vec::new(),
             attribute_refs: Vec::new(),
+            columns: ColumnFacts::default(),
+            returning: ColumnFacts::default(),
         }
     }
 
@@ -331,8 +385,24 @@ impl Walker {
             return Ok(());
         }
         let q = self.resolve(schema, name);
+        self.note_alias(&q.to_string(), m);
         self.push(self.read_class, Target::Relation(q), false, None);
         Ok(())
+    }
+
+    /// A relation's alias, as masking needs it: `c` in `customers c` names
+    /// the whole row, and `c(a, b)` renames its columns.
+    fn note_alias(&mut self, qualified: &str, m: &Map<String, Value>) {
+        let Some(alias) = m.get("alias").and_then(Value::as_object) else {
+            return;
+        };
+        let name = str_field(alias, "aliasname");
+        if !name.is_empty() {
+            let renames = !list(alias, "colnames").is_empty();
+            self.columns
+                .aliases
+                .push((qualified.to_owned(), name.to_owned(), renames));
+        }
     }
 
     /// The relation a statement targets, with that statement's class.
@@ -347,6 +417,7 @@ impl Walker {
             return Ok(());
         };
         let q = self.resolve(str_field(rv, "schemaname"), str_field(rv, "relname"));
+        self.note_alias(&q.to_string(), rv);
         self.push(class, Target::Relation(q), unfiltered, None);
         Ok(())
     }
@@ -451,14 +522,33 @@ impl Walker {
                 self.fields(b, &["use_op"])
             }
             "ColumnRef" => {
-                let fields = name_list(list(b, "fields"));
+                let raw = list(b, "fields");
+                let star = raw
+                    .last()
+                    .is_some_and(|f| matches!(node_of(f), Some(("AStar", _))));
+                let fields = name_list(raw);
+                if star {
+                    match fields.last() {
+                        Some(q) => self.columns.star_qualifiers.push(q.clone()),
+                        None => self.columns.bare_star = true,
+                    }
+                } else if let Some(last) = fields.last() {
+                    self.columns.names.push(last.clone());
+                }
                 self.attribute_refs.extend(fields.into_iter().skip(1));
                 Ok(())
             }
             "AIndirection" => {
                 for i in list(b, "indirection") {
-                    if let Some(("String", s)) = node_of(i) {
-                        self.attribute_refs.push(str_field(s, "sval").to_owned());
+                    match node_of(i) {
+                        Some(("String", s)) => {
+                            let f = str_field(s, "sval").to_owned();
+                            self.columns.names.push(f.clone());
+                            self.attribute_refs.push(f);
+                        }
+                        // `(x).*`: every field of a row value.
+                        Some(("AStar", _)) => self.columns.bare_star = true,
+                        _ => {}
                     }
                 }
                 self.fields(b, &[])
@@ -484,7 +574,9 @@ impl Walker {
                         w.target(b, "relation", Update, false)?;
                     }
                     w.returning(b)?;
-                    w.with_class(Select, |w| w.fields(b, &["with_clause", "relation"]))
+                    w.with_class(Select, |w| {
+                        w.fields(b, &["with_clause", "relation", RET_CLAUSE, RET_LIST])
+                    })
                 })
             }
             "UpdateStmt" => {
@@ -493,7 +585,9 @@ impl Walker {
                     let unfiltered = b.get("where_clause").is_none_or(Value::is_null);
                     w.target(b, "relation", Update, unfiltered)?;
                     w.returning(b)?;
-                    w.with_class(Select, |w| w.fields(b, &["with_clause", "relation"]))
+                    w.with_class(Select, |w| {
+                        w.fields(b, &["with_clause", "relation", RET_CLAUSE, RET_LIST])
+                    })
                 })
             }
             "DeleteStmt" => {
@@ -502,7 +596,9 @@ impl Walker {
                     let unfiltered = b.get("where_clause").is_none_or(Value::is_null);
                     w.target(b, "relation", Delete, unfiltered)?;
                     w.returning(b)?;
-                    w.with_class(Select, |w| w.fields(b, &["with_clause", "relation"]))
+                    w.with_class(Select, |w| {
+                        w.fields(b, &["with_clause", "relation", RET_CLAUSE, RET_LIST])
+                    })
                 })
             }
             "MergeStmt" => {
@@ -510,7 +606,9 @@ impl Walker {
                 self.with_scope(b, |w| {
                     w.target(b, "relation", Merge, false)?;
                     w.returning(b)?;
-                    w.with_class(Select, |w| w.fields(b, &["with_clause", "relation"]))
+                    w.with_class(Select, |w| {
+                        w.fields(b, &["with_clause", "relation", RET_CLAUSE, RET_LIST])
+                    })
                 })
             }
             "CopyStmt" => self.copy(b),
@@ -523,6 +621,9 @@ impl Walker {
                 // The cursor's query was judged at DECLARE.
                 self.set_top(Select);
                 self.always(Select);
+                if kind == "FetchStmt" {
+                    self.effect = Some(Effect::Fetch);
+                }
                 Ok(())
             }
             "PrepareStmt" => {
@@ -726,6 +827,7 @@ impl Walker {
 
     /// RETURNING reads the target's rows: an UPDATE allowed on a table must
     /// not become a way to read columns a SELECT rule would refuse.
+    /// Walks a write's RETURNING clause (pg_query has used both field names).
     fn returning(&mut self, b: &Map<String, Value>) -> Result<(), AnalyzeError> {
         let has_returning = match b.get("returning_clause") {
             Some(Value::Object(r)) => !list(r, "exprs").is_empty(),
@@ -735,7 +837,16 @@ impl Walker {
         if has_returning {
             self.target(b, "relation", Class::Select, false)?;
         }
-        Ok(())
+        // What RETURNING hands back is kept apart from what the statement
+        // writes: masking treats the two differently.
+        let outer = std::mem::take(&mut self.columns);
+        let r = self.with_class(Class::Select, |w| {
+            w.field(b, RET_CLAUSE)?;
+            w.field(b, RET_LIST)
+        });
+        let returned = std::mem::replace(&mut self.columns, outer);
+        self.returning.merge(returned);
+        r
     }
 
     fn copy(&mut self, b: &Map<String, Value>) -> Result<(), AnalyzeError> {
@@ -754,6 +865,13 @@ impl Walker {
             self.forbid(class, "COPY to or from a program or server file");
         }
         self.target(b, "relation", class, false)?;
+        if b.get("relation").is_some_and(|r| !r.is_null()) {
+            let cols = name_list(list(b, "attlist"));
+            if cols.is_empty() {
+                self.columns.bare_star = true;
+            }
+            self.columns.names.extend(cols);
+        }
         if let Some(q) = b.get("query").filter(|q| !q.is_null()) {
             // COPY (query) TO: the query's reads, plus COPY_TO on each.
             let start = self.accesses.len();

@@ -163,7 +163,42 @@ impl Gate {
     /// The verdict for a query text in this session; applies the text's
     /// effects on the session's prepared statements when it is allowed.
     pub fn judge(&self, sql: &str, session: &mut SessionState) -> Verdict {
+        self.judge_with(sql, session).0
+    }
+
+    /// `judge`, with the judgement behind the verdict (masking reads it).
+    pub fn judge_with(&self, sql: &str, session: &mut SessionState) -> (Verdict, Arc<Judgement>) {
         let j = self.evaluate(sql);
+        let v = self.verdict(&j, session);
+        (v, j)
+    }
+
+    /// Whether a judged text calls functions or operators that are not
+    /// built in (their results and side effects are invisible to the proxy).
+    pub fn calls_user_code(&self, j: &Judgement) -> bool {
+        let Ok(decision) = &j.outcome else {
+            return true;
+        };
+        let uc = self.user_code();
+        decision.accesses.iter().any(|d| match &d.access.target {
+            Target::Function { schema, name } => {
+                d.by != DecidedBy::Always
+                    || schema.as_deref().is_some_and(|s| s != "pg_catalog")
+                    || uc.functions.contains(name)
+            }
+            Target::Operator { schema, name } => {
+                d.by != DecidedBy::Always
+                    || schema.as_deref().is_some_and(|s| s != "pg_catalog")
+                    || uc.operators.contains(name)
+            }
+            _ => false,
+        }) || j
+            .statements
+            .iter()
+            .any(|s| s.attribute_refs.iter().any(|n| uc.functions.contains(n)))
+    }
+
+    fn verdict(&self, j: &Judgement, session: &mut SessionState) -> Verdict {
         match j.action() {
             Action::Allow => {}
             Action::Deny if matches!(j.outcome, Err(AnalyzeError::Parse(_))) => {
@@ -178,7 +213,7 @@ impl Gate {
                 )
             }
         }
-        match self.refine(&j, session) {
+        match self.refine(j, session) {
             Ok(()) => Verdict::Allow,
             Err((Action::RequireApproval, why)) => Verdict::Refuse(
                 PgError::denied(why)

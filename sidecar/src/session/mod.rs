@@ -6,6 +6,7 @@
 
 mod cancel;
 mod limits;
+mod mask;
 mod relay;
 mod startup;
 
@@ -142,6 +143,17 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
             return refuse(&mut stream, e.to_client_error()).await;
         }
     };
+    if let Some(masking) = &policy.masking {
+        // No column map, no session: results would otherwise pass unmasked.
+        if let Err(why) = masking.map_for_session(shared.limits).await {
+            shared
+                .metrics
+                .upstream_errors
+                .with_label_values(&["masking_catalog"])
+                .inc();
+            return refuse(&mut stream, PgError::upstream_failed(why)).await;
+        }
+    }
     let registration = up
         .key
         .clone()
@@ -180,6 +192,8 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         cancel: up.key.clone().map(|k| (policy.upstream.clone(), k)),
         shutdown: shared.shutdown.clone(),
         expires: identity.expires_at.map(expiry_instant),
+        masking: policy.masking.clone(),
+        limits: shared.limits,
     };
     let end = relay
         .run(

@@ -23,13 +23,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::limits::{RowAction, RowLimiter, StatementClock};
-use crate::masking::ResultFilter;
+use super::mask::{BackMask, Disposition, FrontMask};
+use crate::masking::{plan, Masking};
 use crate::observe::Metrics;
 use crate::policy::{Gate, SessionState, Verdict};
 use crate::upstream::{self, BackendKey, UpstreamTarget};
 use crate::wire::codec::{self, TxStatus};
 use crate::wire::conn::{FrameBuf, ReadError};
-use crate::wire::{PgError, SqlState};
+use crate::wire::{Limits, PgError, SqlState};
 
 /// How a session ended.
 #[derive(Debug)]
@@ -78,6 +79,9 @@ pub struct Relay<'a> {
     pub shutdown: watch::Receiver<bool>,
     /// When the client's credential (token) stops being valid.
     pub expires: Option<Instant>,
+    /// The policy's masking, when it masks columns.
+    pub masking: Option<Arc<Masking>>,
+    pub limits: Limits,
 }
 
 /// A cancel the proxy sent and the server may not have acted on yet.
@@ -142,6 +146,16 @@ impl Relay<'_> {
         let (tx, rx) = mpsc::unbounded_channel();
         let clock = StatementClock::default();
         let cancels = Arc::new(CancelInFlight::default());
+        let (front_mask, back_mask) = match &self.masking {
+            Some(m) => {
+                let (stx, srx) = mpsc::unbounded_channel();
+                (
+                    Some(FrontMask::new(m.clone(), stx)),
+                    Some(BackMask::new(m.clone(), self.limits, srx)),
+                )
+            }
+            None => (None, None),
+        };
         let end = {
             let front = Frontend {
                 gate: self.gate,
@@ -153,6 +167,7 @@ impl Relay<'_> {
                 clock: &clock,
                 cancels: &cancels,
                 expires: self.expires,
+                mask: front_mask,
             }
             .run(&mut cr, client_frames, &mut uw);
             let back = Backend {
@@ -161,7 +176,7 @@ impl Relay<'_> {
                 refusals: rx,
                 pending: VecDeque::new(),
                 status: self.status,
-                filter: ResultFilter::default(),
+                mask: back_mask,
                 limiter: self.max_rows.map(RowLimiter::new),
                 clock: &clock,
                 cancel: &self.cancel,
@@ -281,6 +296,7 @@ struct Frontend<'a> {
     clock: &'a StatementClock,
     cancels: &'a Arc<CancelInFlight>,
     expires: Option<Instant>,
+    mask: Option<FrontMask>,
 }
 
 impl Frontend<'_> {
@@ -353,25 +369,73 @@ impl Frontend<'_> {
             b'Q' => {
                 let sql = codec::query_text(body).map_err(|e| violation("Query", e))?;
                 self.metrics.statements_simple.inc();
-                match self.gate.judge(sql, &mut self.session) {
-                    Verdict::Allow => out.extend_from_slice(bytes),
-                    Verdict::Refuse(err) => self.refuse_query(err, out),
+                match self.judge(sql) {
+                    Ok(ctx) => {
+                        if let Some(m) = &mut self.mask {
+                            m.query(ctx);
+                        }
+                        out.extend_from_slice(bytes)
+                    }
+                    Err(err) => {
+                        if let Some(m) = &mut self.mask {
+                            m.query(None);
+                        }
+                        self.refuse_query(err, out)
+                    }
                 }
             }
             b'P' => {
                 let parse = codec::parse(body).map_err(|e| violation("Parse", e))?;
-                match self.gate.judge(parse.query, &mut self.session) {
-                    Verdict::Allow => {
+                match self.judge(parse.query) {
+                    Ok(ctx) => {
                         // Named statements share PREPARE's namespace: a later
                         // SQL `EXECUTE name` runs this judged text.
                         self.session.prepared(parse.statement);
+                        if let Some(m) = &mut self.mask {
+                            m.parsed(parse.statement, ctx);
+                        }
                         out.extend_from_slice(bytes);
                     }
-                    Verdict::Refuse(err) => self.refuse_parse(parse.statement, err, out),
+                    Err(err) => {
+                        if let Some(m) = &mut self.mask {
+                            m.parsed(parse.statement, None);
+                        }
+                        self.refuse_parse(parse.statement, err, out)
+                    }
                 }
+            }
+            b'B' if self.mask.is_some() => {
+                let (portal, statement) =
+                    codec::bind_names(body).map_err(|e| violation("Bind", e))?;
+                out.extend_from_slice(bytes);
+                if self
+                    .mask
+                    .as_mut()
+                    .is_some_and(|m| m.bind(portal, statement))
+                {
+                    codec::put_describe_portal(portal, out);
+                }
+            }
+            b'D' => {
+                if let Some(m) = &mut self.mask {
+                    codec::describe(body).map_err(|e| violation("Describe", e))?;
+                    m.describe();
+                }
+                out.extend_from_slice(bytes);
             }
             b'E' => {
                 self.metrics.statements_extended.inc();
+                if let Some(m) = &mut self.mask {
+                    let portal =
+                        codec::execute_portal(body).map_err(|e| violation("Execute", e))?;
+                    m.execute(portal);
+                }
+                out.extend_from_slice(bytes);
+            }
+            b'S' => {
+                if let Some(m) = &mut self.mask {
+                    m.sync();
+                }
                 out.extend_from_slice(bytes);
             }
             // Built-in deny: FunctionCall calls a function by OID with no SQL
@@ -380,12 +444,18 @@ impl Frontend<'_> {
                 let err = PgError::denied(
                     "the FunctionCall protocol message is not allowed (built-in rule)",
                 );
+                if let Some(m) = &mut self.mask {
+                    m.query(None);
+                }
                 self.refuse_query(err, out);
             }
             b'C' => {
                 let (kind, name) = codec::close(body).map_err(|e| violation("Close", e))?;
                 if kind == b'S' {
                     self.session.closed(name);
+                    if let Some(m) = &mut self.mask {
+                        m.closed_statement(name);
+                    }
                 }
                 out.extend_from_slice(bytes);
             }
@@ -395,11 +465,26 @@ impl Frontend<'_> {
                     "unexpected password message after authentication",
                 ))
             }
-            // Bind, Describe, Close, Sync, Flush, CopyData/Done/Fail: the
-            // statement they refer to was judged at Parse or Query.
+            // Bind, Flush, CopyData/Done/Fail: the statement they refer to
+            // was judged at Parse or Query.
             _ => out.extend_from_slice(bytes),
         }
         Ok(Flow::Continue)
+    }
+
+    /// Judge a query text and, under a masking policy, decide how its
+    /// results are masked (or refuse what masking cannot make safe).
+    fn judge(&mut self, sql: &str) -> Result<plan::MaskCtx, PgError> {
+        let (verdict, j) = self.gate.judge_with(sql, &mut self.session);
+        if let Verdict::Refuse(err) = verdict {
+            return Err(err);
+        }
+        match &self.mask {
+            None => Ok(None),
+            Some(m) => m
+                .context(self.gate, &j)
+                .map_err(|r| PgError::denied(format!("masking: {}", r.0))),
+        }
     }
 
     fn sentinel(&mut self, err: PgError) -> String {
@@ -488,7 +573,7 @@ struct Backend<'a> {
     refusals: mpsc::UnboundedReceiver<Pending>,
     pending: VecDeque<Pending>,
     status: TxStatus,
-    filter: ResultFilter,
+    mask: Option<BackMask>,
     limiter: Option<RowLimiter>,
     clock: &'a StatementClock,
     cancel: &'a Option<(Arc<UpstreamTarget>, BackendKey)>,
@@ -544,6 +629,14 @@ impl Backend<'_> {
 
     fn on_message(&mut self, ty: u8, bytes: &[u8], out: &mut BytesMut) -> Result<(), String> {
         let body = &bytes[5..];
+        // Masking bookkeeping sees every message, before a limit may drop one.
+        let disposition = match &mut self.mask {
+            Some(m) => m.on_message(ty, body)?,
+            None => Disposition::Pass,
+        };
+        if disposition == Disposition::Swallow {
+            return Ok(());
+        }
         if let Some(limiter) = &mut self.limiter {
             match limiter.on_message(ty) {
                 RowAction::Forward => {}
@@ -572,15 +665,25 @@ impl Backend<'_> {
                         return Ok(());
                     }
                 }
-                out.extend_from_slice(bytes);
+                if disposition == Disposition::Scrub {
+                    plan::scrub(false, body, out)?;
+                } else {
+                    out.extend_from_slice(bytes);
+                }
             }
+            b'N' if disposition == Disposition::Scrub => plan::scrub(true, body, out)?,
             b'Z' => {
                 self.clock.request_done();
                 self.status = codec::ready_for_query(body).map_err(|e| e.to_string())?;
                 out.extend_from_slice(bytes);
             }
             // Results: the masking stage decides what leaves the proxy.
-            b'T' | b'D' => self.filter.filter(ty, bytes, out),
+            b'D' => match (&self.mask, &disposition) {
+                (Some(m), Disposition::QueryRow | Disposition::PortalRow(_)) => {
+                    m.mask_row(&disposition, bytes, out)?
+                }
+                _ => out.extend_from_slice(bytes),
+            },
             _ => out.extend_from_slice(bytes),
         }
         Ok(())

@@ -302,13 +302,43 @@ pub async fn user_code(
     up: &mut Upstream,
     limits: Limits,
 ) -> Result<(Vec<String>, Vec<String>), UpstreamError> {
+    let (mut functions, mut operators) = (Vec::new(), Vec::new());
+    for row in query_rows(up, limits, USER_CODE_QUERY).await? {
+        match (
+            row.first().cloned().flatten().as_deref(),
+            row.get(1).cloned().flatten(),
+        ) {
+            (Some("f"), Some(name)) => functions.push(name),
+            (Some("o"), Some(name)) => operators.push(name),
+            _ => return Err(UpstreamError::Protocol("unexpected catalog row".into())),
+        }
+    }
+    Ok((functions, operators))
+}
+
+/// Say goodbye on a proxy-owned connection, so the server does not log an
+/// unexpected EOF.
+pub async fn terminate(up: &mut Upstream) {
+    let _ = up.stream.write_all(&[b'X', 0, 0, 0, 4]).await;
+    let _ = up.stream.flush().await;
+    let _ = up.stream.shutdown().await;
+}
+
+/// Run one proxy-owned simple query and return its rows as text (NULL as
+/// None). For pgwarden's own catalog reads, never for client SQL.
+pub async fn query_rows(
+    up: &mut Upstream,
+    limits: Limits,
+    sql: &str,
+) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
     let mut out = BytesMut::new();
-    codec::put_query(USER_CODE_QUERY, &mut out);
+    codec::put_query(sql, &mut out);
     up.stream.write_all(&out).await?;
     up.stream.flush().await?;
     let mut frames =
         FrameBuf::with_bytes(Direction::Backend, limits, std::mem::take(&mut up.leftover));
-    let (mut functions, mut operators) = (Vec::new(), Vec::new());
+    let mut rows = Vec::new();
+    let mut failed = None;
     let bad = |e: codec::DecodeError| UpstreamError::Protocol(e.to_string());
     loop {
         let Some((frame, bytes)) = frames.next(&mut up.stream).await? else {
@@ -320,33 +350,31 @@ pub async fn user_code(
         match frame.ty {
             b'D' => {
                 let cols = codec::data_row(body).map_err(bad)?;
-                let text = |i: usize| {
-                    cols.get(i)
-                        .copied()
-                        .flatten()
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                };
-                match (text(0).as_deref(), text(1)) {
-                    (Some("f"), Some(name)) => functions.push(name),
-                    (Some("o"), Some(name)) => operators.push(name),
-                    _ => return Err(UpstreamError::Protocol("unexpected catalog row".into())),
-                }
+                rows.push(
+                    cols.into_iter()
+                        .map(|c| c.map(|v| String::from_utf8_lossy(v).into_owned()))
+                        .collect(),
+                );
             }
             b'E' => {
                 let fields = codec::notice_fields(body).map_err(bad)?;
-                let message = fields
-                    .iter()
-                    .find(|(k, _)| *k == b'M')
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_default();
-                return Err(UpstreamError::Protocol(format!(
-                    "catalog query failed: {message}"
-                )));
+                failed = Some(
+                    fields
+                        .iter()
+                        .find(|(k, _)| *k == b'M')
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default(),
+                );
             }
             b'Z' => {
                 up.status = codec::ready_for_query(body).map_err(bad)?;
                 up.leftover = frames.into_bytes();
-                return Ok((functions, operators));
+                return match failed {
+                    Some(message) => Err(UpstreamError::Protocol(format!(
+                        "catalog query failed: {message}"
+                    ))),
+                    None => Ok(rows),
+                };
             }
             // RowDescription, CommandComplete, notices, parameter changes.
             _ => {}

@@ -150,6 +150,31 @@ pub fn close(body: &[u8]) -> Result<(u8, &str), DecodeError> {
     Ok((kind, name))
 }
 
+/// Describe ('D'): 'S' (statement) or 'P' (portal), and the name. Same
+/// shape as Close.
+pub fn describe(body: &[u8]) -> Result<(u8, &str), DecodeError> {
+    close(body)
+}
+
+/// The names a Bind ('B') connects: (portal, statement). The rest (parameter
+/// formats and values, result formats) is checked for shape only: the
+/// server reads it, and the proxy learns result formats from Describe.
+pub fn bind_names(body: &[u8]) -> Result<(&str, &str), DecodeError> {
+    let mut r = Reader::new(body);
+    let portal = r.cstr()?;
+    let statement = r.cstr()?;
+    Ok((portal, statement))
+}
+
+/// Execute ('E'): the portal name (and a row limit the proxy does not need).
+pub fn execute_portal(body: &[u8]) -> Result<&str, DecodeError> {
+    let mut r = Reader::new(body);
+    let portal = r.cstr()?;
+    r.i32()?;
+    r.finish()?;
+    Ok(portal)
+}
+
 /// A PasswordMessage carrying a cleartext password (or token).
 pub fn password(body: &[u8]) -> Result<&str, DecodeError> {
     let mut r = Reader::new(body);
@@ -225,6 +250,50 @@ pub fn data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, DecodeError> {
     }
     r.finish()?;
     Ok(cols)
+}
+
+/// Where a result column comes from and how it travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FieldInfo {
+    /// The table it is a plain reference to, or 0.
+    pub table_oid: u32,
+    /// Its attribute number there (0 for a whole row or no table).
+    pub attnum: i16,
+    pub type_oid: u32,
+    /// Format code 1: binary.
+    pub binary: bool,
+}
+
+/// RowDescription ('T'): per field its name (skipped), origin, type and format.
+pub fn row_description(body: &[u8]) -> Result<Vec<FieldInfo>, DecodeError> {
+    let mut r = Reader::new(body);
+    let n = usize::try_from(r.i16()?).map_err(|_| DecodeError::Invalid("negative field count"))?;
+    // Each field is at least 19 bytes: bound the allocation.
+    if n > body.len() / 19 {
+        return Err(DecodeError::Truncated);
+    }
+    let mut fields = Vec::with_capacity(n);
+    for _ in 0..n {
+        r.cstr_bytes()?;
+        let table_oid = r.i32()? as u32;
+        let attnum = r.i16()?;
+        let type_oid = r.i32()? as u32;
+        r.i16()?; // typlen
+        r.i32()?; // typmod
+        let binary = match r.i16()? {
+            0 => false,
+            1 => true,
+            _ => return Err(DecodeError::Invalid("unknown format code")),
+        };
+        fields.push(FieldInfo {
+            table_oid,
+            attnum,
+            type_oid,
+            binary,
+        });
+    }
+    r.finish()?;
+    Ok(fields)
 }
 
 pub fn parameter_status(body: &[u8]) -> Result<(&str, &str), DecodeError> {
@@ -310,6 +379,50 @@ fn put<M: Message>(m: &M, out: &mut BytesMut) {
 
 pub fn put_error(err: &PgError, out: &mut BytesMut) {
     put(&ErrorResponse::new(err.fields()), out);
+}
+
+/// An ErrorResponse or NoticeResponse from raw fields (a rewritten server
+/// message whose SQLSTATE is the server's own).
+pub fn put_error_fields(notice: bool, fields: Vec<(u8, String)>, out: &mut BytesMut) {
+    if notice {
+        put(&NoticeResponse::new(fields), out);
+    } else {
+        put(&ErrorResponse::new(fields), out);
+    }
+}
+
+/// Describe of a portal, as the proxy injects it to learn result formats.
+pub fn put_describe_portal(portal: &str, out: &mut BytesMut) {
+    out.put_u8(b'D');
+    out.put_i32((4 + 1 + portal.len() + 1) as i32);
+    out.put_u8(b'P');
+    out.put_slice(portal.as_bytes());
+    out.put_u8(0);
+}
+
+/// A DataRow from column values (None = NULL).
+pub fn put_data_row<'a>(
+    cols: impl ExactSizeIterator<Item = Option<&'a [u8]>> + Clone,
+    out: &mut BytesMut,
+) {
+    let len: usize = 4
+        + 2
+        + cols
+            .clone()
+            .map(|c| 4 + c.map_or(0, <[u8]>::len))
+            .sum::<usize>();
+    out.put_u8(b'D');
+    out.put_i32(len as i32);
+    out.put_i16(cols.len() as i16);
+    for c in cols {
+        match c {
+            None => out.put_i32(-1),
+            Some(v) => {
+                out.put_i32(v.len() as i32);
+                out.put_slice(v);
+            }
+        }
+    }
 }
 
 pub fn put_notice(err: &PgError, out: &mut BytesMut) {

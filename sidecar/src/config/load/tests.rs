@@ -114,10 +114,6 @@ fn missing_secret_or_keys_are_named() {
 fn features_not_enforced_yet_are_refused_not_ignored() {
     let cases = [
         (
-            "  masking:\n    - {columns: [public.c.card], strategy: Redact}\n",
-            "spec.masking",
-        ),
-        (
             "  approval: {approvers: {users: [alice]}, wait: 1m}\n",
             "spec.approval",
         ),
@@ -132,6 +128,24 @@ fn features_not_enforced_yet_are_refused_not_ignored() {
             .unwrap_or_else(|| panic!("{path}: {errs:?}"));
         assert!(e.message.contains("not supported"), "{e}");
     }
+}
+
+#[test]
+fn hash_masking_needs_a_key_from_the_gateway() {
+    let p = format!("{POLICY}  masking:\n    - {{columns: [public.c.card], strategy: Redact}}\n    - {{columns: [public.c.email], strategy: Hash}}\n");
+    let errs = errors(&[&p, SECRET]);
+    let e = errs
+        .iter()
+        .find(|e| e.path.as_deref() == Some("spec.masking[1].strategy"))
+        .unwrap_or_else(|| panic!("{errs:?}"));
+    assert!(e.message.contains("--masking-key-file"), "{e}");
+    let (_d, paths) = files(&[&p, SECRET]);
+    let opts = LoadOptions {
+        masking_key: Some(vec![7; 32]),
+        ..LoadOptions::default()
+    };
+    let cfg = load_files(&paths, &opts).unwrap();
+    assert!(cfg.policies[0].masking.is_some());
 }
 
 fn with_identity(identity: &str) -> String {

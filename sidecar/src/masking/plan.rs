@@ -1,0 +1,276 @@
+//! Sans-IO masking decisions:
+//! - per statement (from the analyser's facts and the column map): does it
+//!   read masked data, could a computed column derive from a masked value
+//!   (*tainted*), or must it be refused;
+//! - per RowDescription: what each result column gets;
+//! - per DataRow: the rewritten row;
+//! - per server error or notice: the scrubbed message.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use pgwarden_api::StatementClass as Class;
+
+use super::columns::MaskMap;
+use super::rules::MaskRules;
+use super::strategy::{self, Column, HashKey, Strategy};
+use crate::policy::analyze::{ColumnFacts, Effect, Statement, Target};
+use crate::wire::codec::{self, FieldInfo};
+
+/// What masking does to one statement's results.
+#[derive(Debug, Clone)]
+pub struct StatementMask {
+    pub map: Arc<MaskMap>,
+    /// A computed result column could carry a masked value: such columns
+    /// are masked whole.
+    pub tainted: bool,
+}
+
+/// Masking context for a statement: None when it reads nothing masked.
+pub type MaskCtx = Option<Arc<StatementMask>>;
+
+/// A statement masking cannot make safe; the client gets this reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal(pub String);
+
+fn is_catalog(q: &crate::policy::analyze::QualifiedName) -> bool {
+    q.schema == "pg_catalog" || q.schema == "information_schema"
+}
+
+/// Decide for all statements of one query text. `user_code`: it calls
+/// functions or operators that are not built in.
+pub fn statement_mask(
+    rules: &MaskRules,
+    map: &Arc<MaskMap>,
+    statements: &[Statement],
+    user_code: bool,
+) -> Result<MaskCtx, Refusal> {
+    let mut reads = false;
+    let mut tainted = user_code;
+    for s in statements {
+        // Relations whose rows could hold masked values: masked ones, and
+        // ones created since the map was read.
+        let mut risky: Vec<&crate::policy::analyze::QualifiedName> = Vec::new();
+        for a in &s.accesses {
+            if let Target::Relation(q) = &a.target {
+                if is_catalog(q) {
+                    continue;
+                }
+                let name = q.to_string();
+                if map.is_masked_relation_name(&name) || !map.is_known_name(&name) {
+                    risky.push(q);
+                }
+            }
+        }
+        reads |= !risky.is_empty();
+        let source = computes_from_masked(rules, map, &s.columns, &risky);
+        let returned = computes_from_masked(rules, map, &s.returning, &risky);
+        let from_code = matches!(s.effect, Some(Effect::Execute(_) | Effect::Fetch));
+        tainted |= source || returned || from_code;
+
+        let has = |classes: &[Class]| {
+            s.accesses
+                .iter()
+                .any(|a| a.class.is_some_and(|c| classes.contains(&c)))
+        };
+        if source && has(&[Class::CopyTo]) {
+            return Err(Refusal(
+                "COPY ... TO would send masked columns unmasked; list only unmasked columns, or SELECT them (results are masked)".into(),
+            ));
+        }
+        // Writes anywhere in the statement (writable CTEs, SELECT INTO too).
+        if source && has(&[Class::Insert, Class::Update, Class::Merge, Class::Ddl]) {
+            return Err(Refusal(
+                "this statement writes while computing from masked columns, which could store their values unmasked".into(),
+            ));
+        }
+        if let Some(q) = s.accesses.iter().find_map(|a| match &a.target {
+            Target::Relation(q)
+                if a.class == Some(Class::Ddl) && map.is_masked_relation_name(&q.to_string()) =>
+            {
+                Some(q)
+            }
+            _ => None,
+        }) {
+            return Err(Refusal(format!(
+                "schema changes to {q}, which has masked columns, could unmask them; make them outside pgwarden"
+            )));
+        }
+        if has(&[Class::Code]) && map.masked_column_count() > 0 {
+            return Err(Refusal(
+                "DO and CALL run code pgwarden cannot see into, which could read masked columns"
+                    .into(),
+            ));
+        }
+        if source || returned {
+            let notify = s
+                .accesses
+                .iter()
+                .any(|a| matches!(&a.target, Target::Function { name, .. } if name == "pg_notify"));
+            if notify {
+                return Err(Refusal(
+                    "pg_notify with values computed from masked columns would send them unmasked"
+                        .into(),
+                ));
+            }
+        }
+    }
+    Ok((reads || tainted).then(|| {
+        Arc::new(StatementMask {
+            map: map.clone(),
+            tainted,
+        })
+    }))
+}
+
+/// Whether these references could compute from a masked value.
+fn computes_from_masked(
+    rules: &MaskRules,
+    map: &MaskMap,
+    f: &ColumnFacts,
+    risky: &[&crate::policy::analyze::QualifiedName],
+) -> bool {
+    if f.names
+        .iter()
+        .any(|n| rules.may_mask_column(n) || map.is_derived_column_name(n))
+    {
+        return true;
+    }
+    if risky.is_empty() {
+        return false;
+    }
+    if f.bare_star {
+        return true;
+    }
+    // Names that denote a whole row of a risky relation.
+    let mut rows: HashSet<&str> = risky.iter().map(|q| q.name.as_str()).collect();
+    for (rel, alias, renames) in &f.aliases {
+        if risky.iter().any(|q| q.to_string() == *rel) {
+            if *renames {
+                return true; // `customers c(a, b, x)`: x may be a masked column
+            }
+            rows.insert(alias);
+        }
+    }
+    f.names
+        .iter()
+        .chain(&f.star_qualifiers)
+        .any(|n| rows.contains(n.as_str()))
+}
+
+/// Per result column: the strategy to apply, or None to pass it through.
+#[derive(Debug, Clone, Default)]
+pub struct RowPlan {
+    cols: Vec<Option<(Strategy, Column)>>,
+    /// Some column is masked (else rows pass as their original bytes).
+    any: bool,
+    /// A column came from a relation the map does not know: refresh it.
+    pub saw_unknown: bool,
+}
+
+impl RowPlan {
+    pub fn new(mask: &StatementMask, fields: &[FieldInfo]) -> RowPlan {
+        let map = &mask.map;
+        let mut saw_unknown = false;
+        let cols: Vec<Option<(Strategy, Column)>> = fields
+            .iter()
+            .map(|f| {
+                let col = Column {
+                    type_oid: f.type_oid,
+                    binary: f.binary,
+                };
+                let s = if f.table_oid == 0 {
+                    // Computed: withheld if it could derive from a masked value.
+                    mask.tainted.then_some(Strategy::Whole)
+                } else if !map.is_known(f.table_oid) {
+                    saw_unknown = true;
+                    Some(Strategy::Whole)
+                } else if f.attnum <= 0 {
+                    // A whole row (or system column) of a masked relation.
+                    map.is_masked_relation(f.table_oid)
+                        .then_some(Strategy::Whole)
+                } else {
+                    map.strategy((f.table_oid, f.attnum)).cloned()
+                };
+                s.map(|s| (s, col))
+            })
+            .collect();
+        RowPlan {
+            any: cols.iter().any(Option::is_some),
+            cols,
+            saw_unknown,
+        }
+    }
+
+    pub fn masks_anything(&self) -> bool {
+        self.any
+    }
+
+    /// Write the client's version of a DataRow (the whole message).
+    /// Err when the row does not match its description: the caller ends the
+    /// session rather than guess.
+    pub fn mask_row(
+        &self,
+        key: Option<&HashKey>,
+        bytes: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<(), String> {
+        if !self.any {
+            out.extend_from_slice(bytes);
+            return Ok(());
+        }
+        let values = codec::data_row(&bytes[5..]).map_err(|e| format!("DataRow: {e}"))?;
+        if values.len() != self.cols.len() {
+            return Err(format!(
+                "DataRow has {} columns, its RowDescription {}",
+                values.len(),
+                self.cols.len()
+            ));
+        }
+        let masked: Vec<Option<Vec<u8>>> = values
+            .iter()
+            .zip(&self.cols)
+            .map(|(v, plan)| match (v, plan) {
+                (None, _) => None,
+                (Some(v), None) => Some(v.to_vec()),
+                (Some(v), Some((s, col))) => strategy::mask(s, key, *col, v),
+            })
+            .collect();
+        codec::put_data_row(masked.iter().map(|v| v.as_deref()), out);
+        Ok(())
+    }
+}
+
+/// A server error or notice raised while a statement that reads masked data
+/// ran: it can quote a value (`invalid input syntax for type integer:
+/// "4929..."`, a duplicate key's DETAIL, a RAISE). Keep severity, SQLSTATE
+/// and position; replace the message; drop detail, hint, context, internal
+/// query and the rest.
+pub fn scrub(notice: bool, body: &[u8], out: &mut BytesMut) -> Result<(), String> {
+    let fields = codec::notice_fields(body).map_err(|e| format!("ErrorResponse: {e}"))?;
+    let get = |k: u8| fields.iter().find(|(c, _)| *c == k).map(|(_, v)| v.clone());
+    let severity = get(b'V')
+        .or_else(|| get(b'S'))
+        .unwrap_or_else(|| "ERROR".into());
+    let code = get(b'C').unwrap_or_else(|| "XX000".into());
+    let mut kept = vec![
+        (b'S', get(b'S').unwrap_or_else(|| severity.clone())),
+        (b'V', severity),
+        (b'C', code.clone()),
+        (
+            b'M',
+            format!(
+                "pgwarden: the server reported SQLSTATE {code}; its message is withheld because the statement reads masked columns"
+            ),
+        ),
+    ];
+    if let Some(p) = get(b'P') {
+        kept.push((b'P', p));
+    }
+    codec::put_error_fields(notice, kept, out);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

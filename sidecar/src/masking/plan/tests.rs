@@ -1,0 +1,258 @@
+//! Statement-level masking decisions against a small column map:
+//! `public.customers(id, name, card_number, email)` with card_number and
+//! email masked, a view over it, and `public.orders` unmasked.
+
+use super::*;
+use crate::masking::columns::{MapBuilder, Row};
+use crate::policy::analyze::{analyze, Settings};
+use pgwarden_api::{MaskStrategy, MaskingRule};
+
+const CUSTOMERS: u32 = 100;
+const ORDERS: u32 = 200;
+const VIEW: u32 = 300;
+
+fn row(cells: &[&str]) -> Row {
+    cells.iter().map(|c| Some(c.to_string())).collect()
+}
+
+fn rules() -> MaskRules {
+    MaskRules::new(&[
+        MaskingRule {
+            columns: vec!["public.customers.card_number".into()],
+            strategy: MaskStrategy::Partial,
+            keep_first: None,
+            keep_last: Some(4),
+        },
+        MaskingRule {
+            columns: vec!["public.customers.email".into()],
+            strategy: MaskStrategy::Email,
+            keep_first: None,
+            keep_last: None,
+        },
+    ])
+}
+
+fn map() -> Arc<MaskMap> {
+    let rules = rules();
+    let rels = [
+        row(&["100", "public", "customers"]),
+        row(&["200", "public", "orders"]),
+        row(&["300", "public", "customer_cards"]),
+    ];
+    let cols = [
+        row(&["100", "3", "card_number"]),
+        row(&["100", "4", "email"]),
+    ];
+    let deps = [row(&["300", "100", "3"])];
+    let mut b = MapBuilder::new(&rules, &rels, &cols, &deps);
+    assert_eq!(b.views_to_classify(), vec![VIEW]);
+    b.add_views(
+        &[row(&["300", "1", "digits"])],
+        &[row(&[
+            "300",
+            "SELECT c.card_number AS digits FROM customers c",
+        ])],
+    );
+    Arc::new(b.finish())
+}
+
+fn decide(sql: &str) -> Result<MaskCtx, Refusal> {
+    let stmts = analyze(sql, Settings::default()).unwrap();
+    statement_mask(&rules(), &map(), &stmts, false)
+}
+
+fn tainted(sql: &str) -> bool {
+    decide(sql)
+        .unwrap_or_else(|r| panic!("{sql}: refused: {}", r.0))
+        .is_some_and(|m| m.tainted)
+}
+
+fn active(sql: &str) -> bool {
+    decide(sql).unwrap().is_some()
+}
+
+#[test]
+fn plain_reads_are_masked_by_column_identity_not_tainted() {
+    for sql in [
+        "SELECT * FROM orders",
+        "SELECT id, name FROM customers",
+        "SELECT count(*) FROM customers",
+        "SELECT upper(name) FROM customers c",
+        "SELECT name AS card_number FROM customers",
+    ] {
+        assert!(!tainted(sql), "{sql}");
+    }
+    assert!(!active("SELECT * FROM orders"));
+    assert!(!active("SELECT 1"));
+    assert!(active("SELECT id FROM customers"));
+    assert!(active("SELECT digits FROM customer_cards"));
+    // Relations created after the map was read could hold anything.
+    assert!(active("SELECT x FROM brand_new_table"));
+}
+
+#[test]
+fn computations_over_masked_values_are_tainted() {
+    for sql in [
+        "SELECT upper(card_number) FROM customers",
+        "SELECT card_number || '' FROM customers",
+        "SELECT c.card_number::int FROM customers c",
+        "SELECT to_jsonb(c) FROM customers c",
+        "SELECT row_to_json(customers) FROM customers",
+        "SELECT json_agg(c.*) FROM customers c",
+        "SELECT (c).email FROM customers c",
+        "SELECT x FROM customers AS c(a, b, x)",
+        "SELECT upper(x) FROM (SELECT * FROM customers) s(a, b, x)",
+        "WITH t AS (SELECT card_number FROM customers) SELECT lower(card_number) FROM t",
+        "SELECT card_number FROM customers UNION SELECT 'x'",
+        "SELECT string_agg(email, ',') FROM customers",
+        "SELECT (SELECT max(card_number) FROM customers)",
+        "SELECT upper(digits) FROM customer_cards",
+        "SELECT *, 1 FROM customers",
+        "EXECUTE p",
+        "FETCH ALL FROM c",
+    ] {
+        assert!(tainted(sql), "{sql}");
+    }
+}
+
+#[test]
+fn returning_is_masked_not_refused() {
+    assert!(tainted(
+        "INSERT INTO customers (name, card_number) VALUES ('a', '4111') RETURNING *"
+    ));
+    assert!(!tainted(
+        "UPDATE customers SET name = 'b' WHERE id = 1 RETURNING id, name"
+    ));
+}
+
+#[test]
+fn what_masking_cannot_make_safe_is_refused() {
+    for sql in [
+        "COPY customers TO STDOUT",
+        "COPY customers (id, card_number) TO STDOUT",
+        "COPY (SELECT upper(card_number) FROM customers) TO STDOUT",
+        "INSERT INTO orders (note) SELECT card_number FROM customers",
+        "UPDATE orders SET note = (SELECT email FROM customers LIMIT 1)",
+        "CREATE TABLE leak AS SELECT * FROM customers",
+        "SELECT * INTO leak FROM customers",
+        "CREATE VIEW v AS SELECT card_number FROM customers",
+        "WITH w AS (INSERT INTO orders (note) SELECT email FROM customers RETURNING 1) SELECT 1",
+        "ALTER TABLE customers RENAME COLUMN card_number TO cc",
+        "DROP TABLE customers",
+        "DO $$ BEGIN PERFORM 1; END $$",
+        "SELECT pg_notify('c', card_number) FROM customers",
+    ] {
+        assert!(decide(sql).is_err(), "{sql} should be refused");
+    }
+    // ... but what does not touch masked values is fine.
+    for sql in [
+        "COPY customers (id, name) TO STDOUT",
+        "COPY orders TO STDOUT",
+        "INSERT INTO orders (note) SELECT name FROM customers",
+        "ALTER TABLE orders ADD COLUMN note2 text",
+        "UPDATE customers SET card_number = '4111111111111111' WHERE id = 1",
+    ] {
+        assert!(decide(sql).is_ok(), "{sql} should be allowed");
+    }
+}
+
+fn field(table_oid: u32, attnum: i16, type_oid: u32) -> FieldInfo {
+    FieldInfo {
+        table_oid,
+        attnum,
+        type_oid,
+        binary: false,
+    }
+}
+
+#[test]
+fn row_plans_follow_column_origins() {
+    let mask = StatementMask {
+        map: map(),
+        tainted: false,
+    };
+    let text = strategy::oid::TEXT;
+    let plan = RowPlan::new(
+        &mask,
+        &[
+            field(CUSTOMERS, 2, text),
+            field(CUSTOMERS, 3, text),
+            field(0, 0, 20),
+            field(ORDERS, 3, text),
+            field(VIEW, 1, text),
+            field(CUSTOMERS, 0, 2249),
+        ],
+    );
+    let mut bytes = BytesMut::new();
+    let vals: Vec<Option<&[u8]>> = vec![
+        Some(b"Ann"),
+        Some(b"4929123456781234"),
+        Some(b"7"),
+        Some(b"note"),
+        Some(b"4929123456781234"),
+        Some(b"(1,Ann,4929123456781234,ann@example.com)"),
+    ];
+    codec::put_data_row(vals.iter().copied(), &mut bytes);
+    let mut out = BytesMut::new();
+    plan.mask_row(None, &bytes, &mut out).unwrap();
+    let got = codec::data_row(&out[5..]).unwrap();
+    assert_eq!(got[0], Some(&b"Ann"[..]));
+    assert_eq!(got[1], Some(&b"************1234"[..]));
+    // Untainted: a computed column passes.
+    assert_eq!(got[2], Some(&b"7"[..]));
+    assert_eq!(got[3], Some(&b"note"[..]));
+    assert_eq!(got[4], Some(&b"************1234"[..]));
+    // A whole row of a masked table (type record) is withheld.
+    assert_eq!(got[5], None);
+    assert!(!plan.saw_unknown);
+
+    let tainted = StatementMask {
+        map: map(),
+        tainted: true,
+    };
+    let plan = RowPlan::new(&tainted, &[field(0, 0, text), field(999, 1, text)]);
+    assert!(plan.saw_unknown);
+    let mut bytes = BytesMut::new();
+    codec::put_data_row(
+        [Some(&b"4929"[..]), Some(&b"x"[..])].into_iter(),
+        &mut bytes,
+    );
+    let mut out = BytesMut::new();
+    plan.mask_row(None, &bytes, &mut out).unwrap();
+    let got = codec::data_row(&out[5..]).unwrap();
+    assert_eq!(got, vec![Some(&b"****"[..]), Some(&b"****"[..])]);
+    // A row that does not match its description is an error, not a guess.
+    let mut short = BytesMut::new();
+    codec::put_data_row([Some(&b"x"[..])].into_iter(), &mut short);
+    assert!(plan.mask_row(None, &short, &mut BytesMut::new()).is_err());
+}
+
+#[test]
+fn scrubbed_errors_keep_the_sqlstate_and_drop_the_value() {
+    let mut raw = BytesMut::new();
+    codec::put_error_fields(
+        false,
+        vec![
+            (b'S', "ERROR".into()),
+            (b'V', "ERROR".into()),
+            (b'C', "22P02".into()),
+            (
+                b'M',
+                "invalid input syntax for type integer: \"4929123456781234\"".into(),
+            ),
+            (
+                b'D',
+                "Key (card_number)=(4929123456781234) already exists.".into(),
+            ),
+            (b'W', "SQL function \"f\" statement 1".into()),
+        ],
+        &mut raw,
+    );
+    let mut out = BytesMut::new();
+    scrub(false, &raw[5..], &mut out).unwrap();
+    let fields = codec::notice_fields(&out[5..]).unwrap();
+    let text: String = fields.iter().map(|(_, v)| v.as_str()).collect();
+    assert!(!text.contains("4929"), "{text}");
+    assert!(fields.contains(&(b'C', "22P02".to_string())));
+    assert!(fields.iter().all(|(k, _)| *k != b'D' && *k != b'W'));
+}
