@@ -17,9 +17,9 @@ pub use approval::{
 pub use duration::{Duration, DurationError, DURATION_PATTERN};
 pub use policy::{
     Action, ApprovalSettings, Approvers, DatabaseAccessPolicy, DatabaseAccessPolicySpec,
-    DatabaseAccessPolicyStatus, DatabaseTarget, DatabaseTls, Identity, KubernetesIdentity, Limits,
-    LocalTrustIdentity, MaskStrategy, MaskingRule, OidcIdentity, RecordingSettings, Rule,
-    StatementClass, TlsMode, DEFAULT_PORT,
+    DatabaseAccessPolicyStatus, DatabaseTarget, DatabaseTls, Detector, Identity,
+    KubernetesIdentity, Limits, LocalTrustIdentity, MaskStrategy, MaskingRule, OidcIdentity,
+    PredicateUse, RecordingSettings, Rule, StatementClass, TlsMode, DEFAULT_PORT,
 };
 pub use validate::FieldError;
 

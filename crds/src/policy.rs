@@ -348,7 +348,14 @@ impl std::fmt::Display for Action {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MaskingRule {
     /// `schema.table.column` globs, e.g. `public.customers.email`, `*.*.ssn`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub columns: Vec<String>,
+
+    /// Instead of `columns`: content detectors run over the text values of
+    /// every result column, masking what they find (a backstop for data that
+    /// lives where no column entry points).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub detect: Vec<Detector>,
 
     pub strategy: MaskStrategy,
 
@@ -359,6 +366,32 @@ pub struct MaskingRule {
     /// `Partial`: characters kept at the end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_last: Option<u32>,
+
+    /// Whether statements may filter, join, sort or group on these columns,
+    /// which reveals something about their values. Default `Allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_predicates: Option<PredicateUse>,
+}
+
+/// What a content detector looks for. CreditCard: 13-19 digits (spaces or
+/// dashes allowed) passing the Luhn check. Email: local@domain.tld. USSSN:
+/// NNN-NN-NNNN.
+// No variant doc comments; see `StatementClass`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum Detector {
+    CreditCard,
+    Email,
+    #[serde(rename = "USSSN")]
+    UsSsn,
+}
+
+/// Allow: masked columns may appear in WHERE, JOIN, ORDER BY, GROUP BY.
+/// Deny: statements that use them there are refused.
+// No variant doc comments; see `StatementClass`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum PredicateUse {
+    Allow,
+    Deny,
 }
 
 /// Redact: a fixed marker. Partial: keep keepFirst/keepLast characters. Hash: keyed

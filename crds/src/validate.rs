@@ -143,8 +143,19 @@ impl DatabaseAccessPolicySpec {
     fn validate_masking(&self, errs: &mut Errors) {
         for (i, rule) in self.masking.iter().enumerate() {
             let p = format!("spec.masking[{i}]");
-            if rule.columns.is_empty() {
-                errs.push(format!("{p}.columns"), "must list at least one column");
+            match (rule.columns.is_empty(), rule.detect.is_empty()) {
+                (true, true) => errs.push(
+                    format!("{p}.columns"),
+                    "must list at least one column (or use detect)",
+                ),
+                (false, false) => errs.push(&p, "set either columns or detect, not both"),
+                _ => {}
+            }
+            if !rule.detect.is_empty() && rule.in_predicates.is_some() {
+                errs.push(
+                    format!("{p}.inPredicates"),
+                    "applies to columns entries, not detect",
+                );
             }
             for (j, column) in rule.columns.iter().enumerate() {
                 if let Err(why) = check_column_glob(column) {

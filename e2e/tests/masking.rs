@@ -19,6 +19,7 @@ const PIN: &str = "secret-pin-9911";
 /// them longer than what the masks allow.
 const LEAKS: &[&str] = &[
     CARD,
+    EMAIL,
     "49291234",
     "4929 1234",
     "ann.secret",
@@ -197,6 +198,53 @@ fn hash_is_stable_and_joinable() {
     assert_no_leak("hash", &a);
 }
 
+#[test]
+fn detectors_and_predicate_denial() {
+    let pg = PgCluster::start();
+    let out = run_psql(
+        &pg.direct_env(),
+        &["-v", "ON_ERROR_STOP=1", "-q", "-c", SCHEMA],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run_psql(
+        &pg.direct_env(),
+        &["-q", "-c", "INSERT INTO orders VALUES (11, 1, 'paid with 4929 1234 5678 1236, receipt to ann.secret@example.com, ssn 078-05-1120')"],
+        None,
+    );
+    assert!(out.status.success());
+    let rules = "  defaultAction: Allow
+  masking:
+    - {columns: [\"public.customers.card_number\"], strategy: Partial, keepLast: 4, inPredicates: Deny}
+    - {detect: [CreditCard, Email, USSSN], strategy: Redact}
+";
+    let gw = Gateway::builder(&pg)
+        .policy_yaml(policy_with_rules(pg.port(), None, rules))
+        .start();
+    let notes = psql(&gw, "SELECT note FROM orders WHERE id = 11;");
+    assert!(
+        notes.contains("paid with ****, receipt to ****, ssn ****"),
+        "{notes}"
+    );
+    assert!(!notes.contains("4929 1234 5678 1236"), "{notes}");
+    let out = psql(
+        &gw,
+        "SELECT id FROM customers WHERE card_number LIKE '4929%';",
+    );
+    assert!(out.contains("inPredicates: Deny"), "{out}");
+    let out = psql(&gw, "COPY orders TO STDOUT;");
+    assert!(out.contains("content detectors"), "{out}");
+    assert!(!out.contains("4929 1234 5678 1236"), "{out}");
+    // Unmasked data and masked columns in the select list still work.
+    let ok = psql(&gw, "SELECT id, card_number FROM customers WHERE id = 1;");
+    assert!(ok.contains("1|************1234"), "{ok}");
+    assert_no_leak("detector gateway log", &gw.logs());
+}
+
 fn python() -> String {
     std::env::var("PGWARDEN_E2E_PYTHON").unwrap_or_else(|_| "python3".into())
 }
@@ -215,7 +263,7 @@ fn run_driver(gw: &Gateway, driver: &str) -> String {
     stdout
 }
 
-fn lines_of<'a>(out: &'a str, attempt: &str) -> Vec<serde_json::Value> {
+fn lines_of(out: &str, attempt: &str) -> Vec<serde_json::Value> {
     out.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["attempt"] == attempt)
@@ -240,7 +288,10 @@ fn psycopg_text_binary_and_reused_prepared_statements() {
         assert!(copy[0]["sqlstate"] == "42501", "{copy:?}");
     }
     let err = lines_of(&out, "error echo");
-    assert!(err.iter().all(|e| e["sqlstate"] == "22003"), "numeric_value_out_of_range kept: {err:?}");
+    assert!(
+        err.iter().all(|e| e["sqlstate"] == "22003"),
+        "numeric_value_out_of_range kept: {err:?}"
+    );
 }
 
 #[test]

@@ -291,6 +291,23 @@ fn each_check_reports_its_path() {
             "at least one",
         ),
         (
+            "columns and detect",
+            |s| masking(s, 2).detect = vec![crate::Detector::CreditCard],
+            "spec.masking[2]",
+            "either columns or detect",
+        ),
+        (
+            "inPredicates on detect",
+            |s| {
+                let m = masking(s, 2);
+                m.columns.clear();
+                m.detect = vec![crate::Detector::Email];
+                m.in_predicates = Some(crate::PredicateUse::Deny);
+            },
+            "spec.masking[2].inPredicates",
+            "columns entries",
+        ),
+        (
             "two-part column",
             |s| masking(s, 1).columns = vec!["customers.email".into()],
             "spec.masking[1].columns[0]",

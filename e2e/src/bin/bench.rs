@@ -13,7 +13,10 @@
 //!    transaction with `-S`).
 //! 2. Streaming 2,000,000 rows with psql: seconds, MB/s of psql output, and the peak
 //!    RSS (VmHWM) of a fresh gateway that did nothing else.
-//! 3. RSS of a fresh gateway holding 500 idle client sessions.
+//! 3. Streaming 1,000,000 rows of a table with a masked column (`Partial`,
+//!    keepLast 4) direct and through a gateway whose policy masks it: MB/s and
+//!    the gateway's peak RSS.
+//! 4. RSS of a fresh gateway holding 500 idle client sessions.
 //!
 //! The gateway binary is `$PGWARDEN_BIN`, else `pgwarden` next to this executable
 //! (`target/release/pgwarden`: `cargo build --release -p pgwarden-sidecar`).
@@ -33,6 +36,16 @@ use pgwarden_e2e::{libpq_command, run_command, Endpoint, Gateway, PgCluster, APP
 use serde_json::{json, Value};
 
 const STREAM_ROWS: u32 = 2_000_000;
+const MASKED_ROWS: u32 = 1_000_000;
+/// The masked-streaming table: a 16-digit card number (masked) between an
+/// id and a 40-character note (both passed through).
+const MASKED_SETUP: &str = "DROP TABLE IF EXISTS stream_masked; \
+     CREATE TABLE stream_masked AS SELECT g AS id, lpad(g::text, 16, '4') AS card, \
+     repeat('n', 40) AS note FROM generate_series(1, 1000000) g";
+const MASKED_POLICY: &str = "  defaultAction: Allow
+  masking:
+    - {columns: [\"public.stream_masked.card\"], strategy: Partial, keepLast: 4}
+";
 const IDLE_SESSIONS: usize = 500;
 const MODES: [&str; 3] = ["simple", "extended", "prepared"];
 const CLIENTS: [u32; 2] = [1, 8];
@@ -292,9 +305,13 @@ fn mean_stream(runs: &[StreamResult]) -> StreamResult {
 /// `psql -A -t -c <2M rows>` with stdout counted as it arrives and then discarded.
 fn stream_rows(env: &[(String, String)]) -> StreamResult {
     let sql = format!("SELECT g, repeat('x', 50) FROM generate_series(1, {STREAM_ROWS}) g");
+    stream_query(env, &sql, STREAM_ROWS)
+}
+
+fn stream_query(env: &[(String, String)], sql: &str, expect_rows: u32) -> StreamResult {
     let start = Instant::now();
     let mut child = libpq_command("psql", env)
-        .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c", &sql])
+        .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -325,7 +342,7 @@ fn stream_rows(env: &[(String, String)]) -> StreamResult {
         status.success(),
         "streaming psql failed ({status}): {errors}"
     );
-    assert_eq!(lines, u64::from(STREAM_ROWS), "rows streamed");
+    assert_eq!(lines, u64::from(expect_rows), "rows streamed");
     StreamResult { secs, bytes }
 }
 
@@ -588,6 +605,9 @@ struct Report {
     stream_gateway: StreamResult,
     stream_peak_before_kib: u64,
     stream_peak_kib: u64,
+    masked_direct: StreamResult,
+    masked_gateway: StreamResult,
+    masked_peak_kib: u64,
     idle: IdleResult,
 }
 
@@ -663,6 +683,26 @@ fn print_text(opts: &Options, r: &Report) {
         "  pgwarden peak RSS (VmHWM): {} KiB before, {} KiB after streaming",
         r.stream_peak_before_kib, r.stream_peak_kib
     );
+    let _ = writeln!(
+        out,
+        "\nstreaming {MASKED_ROWS} rows with one masked column (Partial keepLast 4), {:.1} MB, mean of {} round(s):",
+        r.masked_direct.bytes as f64 / 1e6,
+        opts.rounds.min(2)
+    );
+    let _ = writeln!(
+        out,
+        "  direct    {:>6.2} s {:>7.1} MB/s",
+        r.masked_direct.secs,
+        r.masked_direct.mb_per_sec()
+    );
+    let _ = writeln!(
+        out,
+        "  pgwarden  {:>6.2} s {:>7.1} MB/s   (ratio {:.2}), peak RSS {} KiB",
+        r.masked_gateway.secs,
+        r.masked_gateway.mb_per_sec(),
+        r.masked_gateway.mb_per_sec() / r.masked_direct.mb_per_sec(),
+        r.masked_peak_kib
+    );
     let per_session =
         (r.idle.with_sessions_kib as f64 - r.idle.baseline_kib as f64) / IDLE_SESSIONS as f64;
     let _ = writeln!(
@@ -702,6 +742,13 @@ fn print_json(opts: &Options, r: &Report) {
             "pgwarden": {"secs": r.stream_gateway.secs, "mb_per_sec": r.stream_gateway.mb_per_sec()},
             "pgwarden_peak_rss_kib_before": r.stream_peak_before_kib,
             "pgwarden_peak_rss_kib": r.stream_peak_kib,
+        },
+        "streaming_masked": {
+            "rows": MASKED_ROWS,
+            "bytes": r.masked_direct.bytes,
+            "direct": {"secs": r.masked_direct.secs, "mb_per_sec": r.masked_direct.mb_per_sec()},
+            "pgwarden": {"secs": r.masked_gateway.secs, "mb_per_sec": r.masked_gateway.mb_per_sec()},
+            "pgwarden_peak_rss_kib": r.masked_peak_kib,
         },
         "idle_sessions": {
             "sessions": IDLE_SESSIONS,
@@ -850,6 +897,61 @@ fn main() -> ExitCode {
     drop(gw);
 
     progress(format!(
+        "streaming {MASKED_ROWS} rows with a masked column: {stream_rounds} round(s) direct / masking gateway"
+    ));
+    let out = run_command(
+        libpq_command("psql", &direct_env).args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            MASKED_SETUP,
+        ]),
+        None,
+        Duration::from_secs(600),
+    );
+    assert!(
+        out.status.success(),
+        "masked table setup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gw = Gateway::builder(&pg)
+        .policy_yaml(pgwarden_e2e::policy_with_rules(
+            pg.port(),
+            None,
+            MASKED_POLICY,
+        ))
+        .start();
+    let masked_sql = "SELECT id, card, note FROM stream_masked";
+    let (mut masked_direct, mut masked_gateway) = (Vec::new(), Vec::new());
+    for _ in 0..stream_rounds {
+        masked_direct.push(stream_query(&direct_env, masked_sql, MASKED_ROWS));
+        masked_gateway.push(stream_query(&gw.env(), masked_sql, MASKED_ROWS));
+    }
+    let masked_peak_kib = proc_status_kib(gw.pid(), "VmHWM:");
+    // The point of the exercise: no raw card number came through.
+    let sample = run_command(
+        libpq_command("psql", &gw.env()).args([
+            "-X",
+            "-A",
+            "-t",
+            "-c",
+            "SELECT card FROM stream_masked WHERE id = 123456",
+        ]),
+        None,
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&sample.stdout).trim(),
+        "************3456"
+    );
+    let (masked_direct, masked_gateway) =
+        (mean_stream(&masked_direct), mean_stream(&masked_gateway));
+    gw.assert_running();
+    drop(gw);
+
+    progress(format!(
         "{IDLE_SESSIONS} idle sessions through a fresh gateway"
     ));
     let gw = Gateway::start(&pg);
@@ -864,6 +966,9 @@ fn main() -> ExitCode {
         stream_gateway,
         stream_peak_before_kib,
         stream_peak_kib,
+        masked_direct,
+        masked_gateway,
+        masked_peak_kib,
         idle,
     };
     if opts.json {

@@ -350,6 +350,8 @@ mod tests {
             strategy: MaskStrategy::Partial,
             keep_first: None,
             keep_last: Some(4),
+            detect: vec![],
+            in_predicates: None,
         }])
     }
 

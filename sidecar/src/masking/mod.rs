@@ -13,6 +13,7 @@
 
 mod catalog;
 pub mod columns;
+pub mod detect;
 pub mod plan;
 pub mod rules;
 pub mod strategy;

@@ -9,10 +9,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use pgwarden_api::StatementClass as Class;
 
 use super::columns::MaskMap;
+use super::detect;
 use super::rules::MaskRules;
 use super::strategy::{self, Column, HashKey, Strategy};
 use crate::policy::analyze::{ColumnFacts, Effect, Statement, Target};
@@ -69,11 +70,26 @@ pub fn statement_mask(
         let from_code = matches!(s.effect, Some(Effect::Execute(_) | Effect::Fetch));
         tainted |= source || returned || from_code;
 
+        if let Some(n) = s
+            .columns
+            .predicate_names
+            .iter()
+            .find(|n| rules.denies_predicates_on(n))
+        {
+            return Err(Refusal(format!(
+                "filtering, joining, sorting or grouping on masked column \"{n}\" reveals its values (inPredicates: Deny)"
+            )));
+        }
         let has = |classes: &[Class]| {
             s.accesses
                 .iter()
                 .any(|a| a.class.is_some_and(|c| classes.contains(&c)))
         };
+        if !rules.detectors().is_empty() && has(&[Class::CopyTo]) {
+            return Err(Refusal(
+                "COPY ... TO is refused while content detectors are on: its data is not scanned; SELECT instead".into(),
+            ));
+        }
         if source && has(&[Class::CopyTo]) {
             return Err(Refusal(
                 "COPY ... TO would send masked columns unmasked; list only unmasked columns, or SELECT them (results are masked)".into(),
@@ -116,7 +132,9 @@ pub fn statement_mask(
             }
         }
     }
-    Ok((reads || tainted).then(|| {
+    // Detectors scan every result, whatever it reads.
+    let scan = !rules.detectors().is_empty();
+    Ok((reads || tainted || scan).then(|| {
         Arc::new(StatementMask {
             map: map.clone(),
             tainted,
@@ -159,21 +177,32 @@ fn computes_from_masked(
         .any(|n| rows.contains(n.as_str()))
 }
 
-/// Per result column: the strategy to apply, or None to pass it through.
+/// What one result column gets.
+#[derive(Debug, Clone)]
+enum ColPlan {
+    Pass,
+    Mask(Strategy, Column),
+    /// Content detectors run over its text.
+    Scan,
+}
+
+/// Per result column: what to do with its values.
 #[derive(Debug, Clone, Default)]
 pub struct RowPlan {
-    cols: Vec<Option<(Strategy, Column)>>,
-    /// Some column is masked (else rows pass as their original bytes).
+    cols: Vec<ColPlan>,
+    /// Some column is masked or scanned (else rows pass as their original bytes).
     any: bool,
     /// A column came from a relation the map does not know: refresh it.
     pub saw_unknown: bool,
 }
 
 impl RowPlan {
-    pub fn new(mask: &StatementMask, fields: &[FieldInfo]) -> RowPlan {
+    /// `scan`: content detectors are on (text-like and json columns with no
+    /// other mask are scanned).
+    pub fn new(mask: &StatementMask, fields: &[FieldInfo], scan: bool) -> RowPlan {
         let map = &mask.map;
         let mut saw_unknown = false;
-        let cols: Vec<Option<(Strategy, Column)>> = fields
+        let cols: Vec<ColPlan> = fields
             .iter()
             .map(|f| {
                 let col = Column {
@@ -193,11 +222,15 @@ impl RowPlan {
                 } else {
                     map.strategy((f.table_oid, f.attnum)).cloned()
                 };
-                s.map(|s| (s, col))
+                match s {
+                    Some(s) => ColPlan::Mask(s, col),
+                    None if scan && scannable(col) => ColPlan::Scan,
+                    None => ColPlan::Pass,
+                }
             })
             .collect();
         RowPlan {
-            any: cols.iter().any(Option::is_some),
+            any: cols.iter().any(|c| !matches!(c, ColPlan::Pass)),
             cols,
             saw_unknown,
         }
@@ -212,6 +245,7 @@ impl RowPlan {
     /// session rather than guess.
     pub fn mask_row(
         &self,
+        rules: &MaskRules,
         key: Option<&HashKey>,
         bytes: &[u8],
         out: &mut BytesMut,
@@ -220,26 +254,83 @@ impl RowPlan {
             out.extend_from_slice(bytes);
             return Ok(());
         }
-        let values = codec::data_row(&bytes[5..]).map_err(|e| format!("DataRow: {e}"))?;
-        if values.len() != self.cols.len() {
+        // Read the row once and write the client's version as we go: no
+        // per-row allocation beyond the masked values themselves.
+        let bad = |e: codec::DecodeError| format!("DataRow: {e}");
+        let mut r = codec::Reader::new(&bytes[5..]);
+        let n = r.i16().map_err(bad)?;
+        if usize::try_from(n).ok() != Some(self.cols.len()) {
             return Err(format!(
-                "DataRow has {} columns, its RowDescription {}",
-                values.len(),
+                "DataRow has {n} columns, its RowDescription {}",
                 self.cols.len()
             ));
         }
-        let masked: Vec<Option<Vec<u8>>> = values
-            .iter()
-            .zip(&self.cols)
-            .map(|(v, plan)| match (v, plan) {
-                (None, _) => None,
-                (Some(v), None) => Some(v.to_vec()),
-                (Some(v), Some((s, col))) => strategy::mask(s, key, *col, v),
-            })
-            .collect();
-        codec::put_data_row(masked.iter().map(|v| v.as_deref()), out);
+        let start = out.len();
+        out.reserve(bytes.len() + 16);
+        out.put_u8(b'D');
+        out.put_i32(0); // length, patched below
+        out.put_i16(n);
+        for plan in &self.cols {
+            let len = r.i32().map_err(bad)?;
+            if len < 0 {
+                out.put_i32(-1);
+                continue;
+            }
+            let v = r.bytes(len as usize).map_err(bad)?;
+            let replaced = match plan {
+                ColPlan::Pass => {
+                    out.put_i32(len);
+                    out.put_slice(v);
+                    continue;
+                }
+                ColPlan::Mask(s, col) => strategy::mask(s, key, *col, v),
+                ColPlan::Scan => scan_value(rules, key, v),
+            };
+            match replaced {
+                Some(m) => {
+                    out.put_i32(m.len() as i32);
+                    out.put_slice(&m);
+                }
+                None => out.put_i32(-1),
+            }
+        }
+        if let Err(e) = r.finish() {
+            out.truncate(start);
+            return Err(bad(e));
+        }
+        let total = (out.len() - start - 1) as i32;
+        out[start + 1..start + 5].copy_from_slice(&total.to_be_bytes());
         Ok(())
     }
+}
+
+/// A scanned value: unchanged (as a copy) when nothing was found; NULL
+/// when it cannot be read as text.
+fn scan_value(rules: &MaskRules, key: Option<&HashKey>, v: &[u8]) -> Option<Vec<u8>> {
+    match std::str::from_utf8(v) {
+        Ok(text) => Some(match detect::scan(text, rules.detectors(), key) {
+            Some(found) => found.into_bytes(),
+            None => v.to_vec(),
+        }),
+        // Binary jsonb: a version byte, then the JSON text.
+        Err(_) => match v.split_first() {
+            Some((1, rest)) => {
+                let text = std::str::from_utf8(rest).ok()?;
+                Some(match detect::scan(text, rules.detectors(), key) {
+                    Some(found) => [&[1u8][..], found.as_bytes()].concat(),
+                    None => v.to_vec(),
+                })
+            }
+            _ => None,
+        },
+    }
+}
+
+/// Values the detectors can read: text-like types and json/jsonb.
+fn scannable(col: Column) -> bool {
+    strategy::text_like(col.type_oid)
+        || col.type_oid == strategy::oid::JSON
+        || col.type_oid == strategy::oid::JSONB
 }
 
 /// A server error or notice raised while a statement that reads masked data

@@ -1,8 +1,9 @@
 //! A policy's `masking:` entries, compiled: which `schema.table.column`
 //! globs get which strategy (first matching entry wins).
 
-use pgwarden_api::MaskingRule;
+use pgwarden_api::{MaskingRule, PredicateUse};
 
+use super::detect::DetectRule;
 use super::strategy::Strategy;
 use crate::glob::glob_match;
 
@@ -14,14 +15,34 @@ struct ColumnGlob {
 }
 
 #[derive(Debug, Clone)]
+struct Entry {
+    globs: Vec<ColumnGlob>,
+    strategy: Strategy,
+    /// `inPredicates: Deny`.
+    deny_predicates: bool,
+}
+
+#[derive(Debug, Clone)]
 pub struct MaskRules {
-    entries: Vec<(Vec<ColumnGlob>, Strategy)>,
+    entries: Vec<Entry>,
+    detectors: Vec<DetectRule>,
 }
 
 impl MaskRules {
     pub fn new(rules: &[MaskingRule]) -> Self {
+        let detectors = rules
+            .iter()
+            .filter(|r| !r.detect.is_empty())
+            .map(|r| {
+                (
+                    r.detect.clone(),
+                    Strategy::from_rule(r.strategy, r.keep_first, r.keep_last),
+                )
+            })
+            .collect();
         let entries = rules
             .iter()
+            .filter(|r| !r.columns.is_empty())
             .map(|r| {
                 let globs = r
                     .columns
@@ -36,39 +57,62 @@ impl MaskRules {
                         })
                     })
                     .collect();
-                (
+                Entry {
                     globs,
-                    Strategy::from_rule(r.strategy, r.keep_first, r.keep_last),
-                )
+                    strategy: Strategy::from_rule(r.strategy, r.keep_first, r.keep_last),
+                    deny_predicates: r.in_predicates == Some(PredicateUse::Deny),
+                }
             })
             .collect();
-        MaskRules { entries }
+        MaskRules { entries, detectors }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries.is_empty() && self.detectors.is_empty()
     }
 
     pub fn uses_hash(&self) -> bool {
-        self.entries.iter().any(|(_, s)| *s == Strategy::Hash)
+        self.entries
+            .iter()
+            .map(|e| &e.strategy)
+            .chain(self.detectors.iter().map(|(_, s)| s))
+            .any(|s| *s == Strategy::Hash)
+    }
+
+    /// Content detectors (`detect:` entries), empty when there are none.
+    pub fn detectors(&self) -> &[DetectRule] {
+        &self.detectors
+    }
+
+    /// Whether an `inPredicates: Deny` entry could mask a column of this name.
+    pub fn denies_predicates_on(&self, column: &str) -> bool {
+        self.entries
+            .iter()
+            .filter(|e| e.deny_predicates)
+            .flat_map(|e| &e.globs)
+            .any(|g| glob_match(&g.column, column))
     }
 
     fn globs(&self) -> impl Iterator<Item = &ColumnGlob> {
-        self.entries.iter().flat_map(|(g, _)| g)
+        self.entries.iter().flat_map(|e| &e.globs)
     }
 
     /// The strategy for a table column, if any entry masks it.
     pub fn strategy_for(&self, schema: &str, table: &str, column: &str) -> Option<&Strategy> {
-        self.entries.iter().find_map(|(globs, strategy)| {
-            globs
-                .iter()
-                .any(|g| {
-                    glob_match(&g.schema, schema)
-                        && glob_match(&g.table, table)
-                        && glob_match(&g.column, column)
-                })
-                .then_some(strategy)
-        })
+        self.entries.iter().find_map(
+            |Entry {
+                 globs, strategy, ..
+             }| {
+                globs
+                    .iter()
+                    .any(|g| {
+                        glob_match(&g.schema, schema)
+                            && glob_match(&g.table, table)
+                            && glob_match(&g.column, column)
+                    })
+                    .then_some(strategy)
+            },
+        )
     }
 
     /// Whether some entry could mask a column of this name in some table:
@@ -122,6 +166,8 @@ mod tests {
             strategy,
             keep_first: None,
             keep_last: (strategy == MaskStrategy::Partial).then_some(4),
+            detect: vec![],
+            in_predicates: None,
         }
     }
 

@@ -89,7 +89,7 @@ pub struct Column {
     pub binary: bool,
 }
 
-fn text_like(type_oid: u32) -> bool {
+pub fn text_like(type_oid: u32) -> bool {
     matches!(
         type_oid,
         oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::NAME | oid::UNKNOWN
@@ -136,7 +136,7 @@ pub fn mask(
     }
 }
 
-fn mask_text(strategy: &Strategy, key: Option<&HashKey>, s: &str) -> String {
+pub(super) fn mask_text(strategy: &Strategy, key: Option<&HashKey>, s: &str) -> String {
     match strategy {
         Strategy::Redact | Strategy::Whole | Strategy::Null => REDACTED.to_string(),
         Strategy::Partial { first, last } => partial(s, *first, *last),
@@ -156,6 +156,18 @@ fn mask_text(strategy: &Strategy, key: Option<&HashKey>, s: &str) -> String {
 /// hide anything between them is starred whole: showing all of it would be
 /// no mask at all.
 fn partial(s: &str, first: usize, last: usize) -> String {
+    if s.is_ascii() {
+        // The common case (card numbers, phone numbers): no char vector.
+        let n = s.len();
+        if n <= first + last {
+            return "*".repeat(n.max(1));
+        }
+        let mut out = String::with_capacity(n);
+        out.push_str(&s[..first]);
+        out.extend(std::iter::repeat_n('*', n - first - last));
+        out.push_str(&s[n - last..]);
+        return out;
+    }
     let chars: Vec<char> = s.chars().collect();
     let n = chars.len();
     if n <= first + last {

@@ -113,6 +113,9 @@ pub struct ColumnFacts {
     /// Relations as named, with their alias and whether the alias renames
     /// columns (`customers AS c(a, b)`): (`schema.table`, alias, renames).
     pub aliases: Vec<(String, String, bool)>,
+    /// Names used to filter, join, sort or group (WHERE, ON, USING, HAVING,
+    /// ORDER BY, GROUP BY, DISTINCT ON, window PARTITION/ORDER BY).
+    pub predicate_names: Vec<String>,
 }
 
 impl ColumnFacts {
@@ -121,6 +124,7 @@ impl ColumnFacts {
         self.star_qualifiers.extend(other.star_qualifiers);
         self.bare_star |= other.bare_star;
         self.aliases.extend(other.aliases);
+        self.predicate_names.extend(other.predicate_names);
     }
 
     fn tidy(&mut self) {
@@ -130,6 +134,8 @@ impl ColumnFacts {
         self.star_qualifiers.dedup();
         self.aliases.sort();
         self.aliases.dedup();
+        self.predicate_names.sort();
+        self.predicate_names.dedup();
     }
 }
 
@@ -214,6 +220,18 @@ fn name_list(items: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// Clauses whose column references filter, join, sort or group rows.
+const PREDICATE_KEYS: &[&str] = &[
+    "where_clause",
+    "having_clause",
+    "group_clause",
+    "sort_clause",
+    "quals",
+    "distinct_clause",
+    "partition_clause",
+    "order_clause",
+];
+
 const RET_CLAUSE: &str = "returning_clause";
 const RET_LIST: &str = "returning_list";
 
@@ -229,6 +247,8 @@ struct Walker {
     attribute_refs: Vec<String>,
     columns: ColumnFacts,
     returning: ColumnFacts,
+    /// Depth of predicate clauses being walked.
+    in_predicate: usize,
 }
 
 impl Walker {
@@ -243,6 +263,7 @@ impl Walker {
             attribute_refs: Vec::new(),
             columns: ColumnFacts::default(),
             returning: ColumnFacts::default(),
+            in_predicate: 0,
         }
     }
 
@@ -341,9 +362,21 @@ impl Walker {
 
     fn fields(&mut self, m: &Map<String, Value>, skip: &[&str]) -> Result<(), AnalyzeError> {
         for (k, v) in m {
-            if !skip.contains(&k.as_str()) {
-                self.value(v)?;
+            if skip.contains(&k.as_str()) {
+                continue;
             }
+            if k == "using_clause" {
+                // JOIN ... USING (col): the columns compared, as plain names.
+                if let Value::Array(items) = v {
+                    let names = name_list(items);
+                    self.columns.predicate_names.extend(names);
+                }
+            }
+            let predicate = PREDICATE_KEYS.contains(&k.as_str());
+            self.in_predicate += usize::from(predicate);
+            let r = self.value(v);
+            self.in_predicate -= usize::from(predicate);
+            r?;
         }
         Ok(())
     }
@@ -534,6 +567,9 @@ impl Walker {
                     }
                 } else if let Some(last) = fields.last() {
                     self.columns.names.push(last.clone());
+                    if self.in_predicate > 0 {
+                        self.columns.predicate_names.push(last.clone());
+                    }
                 }
                 self.attribute_refs.extend(fields.into_iter().skip(1));
                 Ok(())

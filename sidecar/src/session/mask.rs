@@ -178,6 +178,7 @@ impl BackMask {
         while let Ok(s) = self.slots.try_recv() {
             self.queue.push_back(s);
         }
+        let scan = !self.masking.rules.detectors().is_empty();
         Ok(match ty {
             b'2' => {
                 while let Some(s) = self.queue.pop_front() {
@@ -199,7 +200,7 @@ impl BackMask {
                         Vec::new()
                     };
                     if let Some(p) = self.portals.get_mut(&portal) {
-                        p.plan = p.ctx.as_ref().map(|c| RowPlan::new(c, &fields));
+                        p.plan = p.ctx.as_ref().map(|c| RowPlan::new(c, &fields, scan));
                         if p.plan.as_ref().is_some_and(|pl| pl.saw_unknown) {
                             self.masking.refresh_soon(self.limits);
                         }
@@ -213,7 +214,7 @@ impl BackMask {
                 Some(Slot::Query(ctx)) if ty == b'T' => {
                     let fields =
                         codec::row_description(body).map_err(|e| format!("RowDescription: {e}"))?;
-                    self.query = ctx.as_ref().map(|c| RowPlan::new(c, &fields));
+                    self.query = ctx.as_ref().map(|c| RowPlan::new(c, &fields, scan));
                     if self.query.as_ref().is_some_and(|pl| pl.saw_unknown) {
                         self.masking.refresh_soon(self.limits);
                     }
@@ -296,6 +297,6 @@ impl BackMask {
             _ => None,
         }
         .ok_or("a row with no plan")?;
-        plan.mask_row(self.masking.key.as_ref(), bytes, out)
+        plan.mask_row(&self.masking.rules, self.masking.key.as_ref(), bytes, out)
     }
 }

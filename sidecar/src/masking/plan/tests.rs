@@ -22,12 +22,16 @@ fn rules() -> MaskRules {
             strategy: MaskStrategy::Partial,
             keep_first: None,
             keep_last: Some(4),
+            detect: vec![],
+            in_predicates: None,
         },
         MaskingRule {
             columns: vec!["public.customers.email".into()],
             strategy: MaskStrategy::Email,
             keep_first: None,
             keep_last: None,
+            detect: vec![],
+            in_predicates: None,
         },
     ])
 }
@@ -182,6 +186,7 @@ fn row_plans_follow_column_origins() {
             field(VIEW, 1, text),
             field(CUSTOMERS, 0, 2249),
         ],
+        false,
     );
     let mut bytes = BytesMut::new();
     let vals: Vec<Option<&[u8]>> = vec![
@@ -194,7 +199,7 @@ fn row_plans_follow_column_origins() {
     ];
     codec::put_data_row(vals.iter().copied(), &mut bytes);
     let mut out = BytesMut::new();
-    plan.mask_row(None, &bytes, &mut out).unwrap();
+    plan.mask_row(&rules(), None, &bytes, &mut out).unwrap();
     let got = codec::data_row(&out[5..]).unwrap();
     assert_eq!(got[0], Some(&b"Ann"[..]));
     assert_eq!(got[1], Some(&b"************1234"[..]));
@@ -210,7 +215,7 @@ fn row_plans_follow_column_origins() {
         map: map(),
         tainted: true,
     };
-    let plan = RowPlan::new(&tainted, &[field(0, 0, text), field(999, 1, text)]);
+    let plan = RowPlan::new(&tainted, &[field(0, 0, text), field(999, 1, text)], false);
     assert!(plan.saw_unknown);
     let mut bytes = BytesMut::new();
     codec::put_data_row(
@@ -218,13 +223,15 @@ fn row_plans_follow_column_origins() {
         &mut bytes,
     );
     let mut out = BytesMut::new();
-    plan.mask_row(None, &bytes, &mut out).unwrap();
+    plan.mask_row(&rules(), None, &bytes, &mut out).unwrap();
     let got = codec::data_row(&out[5..]).unwrap();
     assert_eq!(got, vec![Some(&b"****"[..]), Some(&b"****"[..])]);
     // A row that does not match its description is an error, not a guess.
     let mut short = BytesMut::new();
     codec::put_data_row([Some(&b"x"[..])].into_iter(), &mut short);
-    assert!(plan.mask_row(None, &short, &mut BytesMut::new()).is_err());
+    assert!(plan
+        .mask_row(&rules(), None, &short, &mut BytesMut::new())
+        .is_err());
 }
 
 #[test]
@@ -255,4 +262,96 @@ fn scrubbed_errors_keep_the_sqlstate_and_drop_the_value() {
     assert!(!text.contains("4929"), "{text}");
     assert!(fields.contains(&(b'C', "22P02".to_string())));
     assert!(fields.iter().all(|(k, _)| *k != b'D' && *k != b'W'));
+}
+
+#[test]
+fn predicates_on_deny_columns_are_refused() {
+    let rules = MaskRules::new(&[MaskingRule {
+        columns: vec!["public.customers.card_number".into()],
+        strategy: MaskStrategy::Redact,
+        keep_first: None,
+        keep_last: None,
+        detect: vec![],
+        in_predicates: Some(pgwarden_api::PredicateUse::Deny),
+    }]);
+    let decide = |sql: &str| {
+        let stmts = analyze(sql, Settings::default()).unwrap();
+        statement_mask(&rules, &map(), &stmts, false)
+    };
+    for sql in [
+        "SELECT id FROM customers WHERE card_number LIKE '4929%'",
+        "SELECT id FROM customers ORDER BY card_number",
+        "SELECT count(*) FROM customers GROUP BY card_number",
+        "SELECT o.id FROM orders o JOIN customers c ON c.card_number = o.note",
+        "SELECT id FROM orders JOIN customers USING (card_number)",
+        "SELECT DISTINCT ON (card_number) id FROM customers",
+        "DELETE FROM customers WHERE card_number = '4111'",
+        "SELECT id FROM customers WHERE id IN (SELECT id FROM customers WHERE card_number > '5')",
+    ] {
+        let r = decide(sql);
+        assert!(
+            r.as_ref().is_err_and(|e| e.0.contains("inPredicates")),
+            "{sql}: {r:?}"
+        );
+    }
+    for sql in [
+        "SELECT card_number FROM customers WHERE id = 1",
+        "SELECT id FROM customers ORDER BY name",
+    ] {
+        assert!(decide(sql).is_ok(), "{sql}");
+    }
+}
+
+#[test]
+fn detectors_make_every_result_scanned_and_refuse_copy_out() {
+    let rules = MaskRules::new(&[MaskingRule {
+        columns: vec![],
+        strategy: MaskStrategy::Partial,
+        keep_first: None,
+        keep_last: Some(4),
+        detect: vec![pgwarden_api::Detector::CreditCard],
+        in_predicates: None,
+    }]);
+    let stmts = analyze("SELECT note FROM orders", Settings::default()).unwrap();
+    let ctx = statement_mask(&rules, &map(), &stmts, false)
+        .unwrap()
+        .unwrap();
+    let plan = RowPlan::new(&ctx, &[field(ORDERS, 3, strategy::oid::TEXT)], true);
+    let mut bytes = BytesMut::new();
+    codec::put_data_row(
+        [Some(&b"paid with 4929 1234 5678 1236, thanks"[..])].into_iter(),
+        &mut bytes,
+    );
+    let mut out = BytesMut::new();
+    plan.mask_row(&rules, None, &bytes, &mut out).unwrap();
+    let got = codec::data_row(&out[5..]).unwrap();
+    assert_eq!(got[0], Some(&b"paid with ***************1236, thanks"[..]));
+    let stmts = analyze("COPY orders TO STDOUT", Settings::default()).unwrap();
+    assert!(statement_mask(&rules, &map(), &stmts, false).is_err());
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+    /// A DataRow from the server is hostile too: any bytes give a masked row
+    /// or an error, never a panic and never the input passed through.
+    #[test]
+    fn hostile_rows_never_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+        let mask = StatementMask { map: map(), tainted: true };
+        let plan = RowPlan::new(
+            &mask,
+            &[field(CUSTOMERS, 3, strategy::oid::TEXT), field(0, 0, strategy::oid::JSONB)],
+            true,
+        );
+        let mut bytes = BytesMut::new();
+        bytes.put_u8(b'D');
+        bytes.put_i32(4 + body.len() as i32);
+        bytes.put_slice(&body);
+        let mut out = BytesMut::new();
+        if plan.mask_row(&rules(), None, &bytes, &mut out).is_ok() {
+            let cols = codec::data_row(&out[5..]).unwrap();
+            proptest::prop_assert_eq!(cols.len(), 2);
+        } else {
+            proptest::prop_assert!(out.is_empty());
+        }
+    }
 }
