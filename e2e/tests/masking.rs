@@ -56,7 +56,8 @@ struct Setup {
     _key: tempfile::NamedTempFile,
 }
 
-fn setup() -> Setup {
+/// A cluster holding the SCHEMA tables and rows.
+fn cluster_with_schema() -> PgCluster {
     let pg = PgCluster::start();
     let out = run_psql(
         &pg.direct_env(),
@@ -68,6 +69,11 @@ fn setup() -> Setup {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    pg
+}
+
+fn setup() -> Setup {
+    let pg = cluster_with_schema();
     let key = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(key.path(), [42u8; 32]).unwrap();
     let gw = Gateway::builder(&pg)
@@ -200,17 +206,7 @@ fn hash_is_stable_and_joinable() {
 
 #[test]
 fn detectors_and_predicate_denial() {
-    let pg = PgCluster::start();
-    let out = run_psql(
-        &pg.direct_env(),
-        &["-v", "ON_ERROR_STOP=1", "-q", "-c", SCHEMA],
-        None,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pg = cluster_with_schema();
     let out = run_psql(
         &pg.direct_env(),
         &["-q", "-c", "INSERT INTO orders VALUES (11, 1, 'paid with 4929 1234 5678 1236, receipt to ann.secret@example.com, ssn 078-05-1120')"],
@@ -243,6 +239,36 @@ fn detectors_and_predicate_denial() {
     let ok = psql(&gw, "SELECT id, card_number FROM customers WHERE id = 1;");
     assert!(ok.contains("1|************1234"), "{ok}");
     assert_no_leak("detector gateway log", &gw.logs());
+}
+
+#[test]
+fn schema_changes_through_pgwarden_refresh_the_map() {
+    let s = setup();
+    // A new table with a column the `*.*.ssn` entry matches, created and
+    // filled through the gateway.
+    let out = psql(
+        &s.gw,
+        "CREATE TABLE staff (id int, ssn text); INSERT INTO staff VALUES (1, '078-05-1120');",
+    );
+    assert!(!out.contains("ERROR"), "{out}");
+    // Until the map knows the table its columns are withheld whole; then
+    // the entry's own strategy (Hash) applies. Never the raw value.
+    let mut hashed = false;
+    for _ in 0..50 {
+        let out = psql(&s.gw, "SELECT ssn FROM staff;");
+        assert_no_leak("new table", &out);
+        let v = out.lines().next().unwrap_or_default().trim().to_string();
+        if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) {
+            hashed = true;
+            break;
+        }
+        assert_eq!(v, "****", "{out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        hashed,
+        "the column map was not refreshed after CREATE TABLE"
+    );
 }
 
 fn python() -> String {

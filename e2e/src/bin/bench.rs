@@ -659,48 +659,29 @@ fn print_text(opts: &Options, r: &Report) {
         }
         out.push('\n');
     }
-    let _ = writeln!(
-        out,
-        "\nstreaming {STREAM_ROWS} rows with psql (simple protocol), {:.1} MB of output, mean of {} round(s):",
-        r.stream_direct.bytes as f64 / 1e6,
-        opts.rounds.min(2)
-    );
-    let _ = writeln!(
-        out,
-        "  direct    {:>6.2} s {:>7.1} MB/s",
-        r.stream_direct.secs,
-        r.stream_direct.mb_per_sec()
-    );
-    let _ = writeln!(
-        out,
-        "  pgwarden  {:>6.2} s {:>7.1} MB/s   (ratio {:.2})",
-        r.stream_gateway.secs,
-        r.stream_gateway.mb_per_sec(),
-        r.stream_gateway.mb_per_sec() / r.stream_direct.mb_per_sec()
+    let rounds = opts.rounds.min(2);
+    write_stream(
+        &mut out,
+        &format!("{STREAM_ROWS} rows with psql (simple protocol)"),
+        rounds,
+        &r.stream_direct,
+        &r.stream_gateway,
     );
     let _ = writeln!(
         out,
         "  pgwarden peak RSS (VmHWM): {} KiB before, {} KiB after streaming",
         r.stream_peak_before_kib, r.stream_peak_kib
     );
-    let _ = writeln!(
-        out,
-        "\nstreaming {MASKED_ROWS} rows with one masked column (Partial keepLast 4), {:.1} MB, mean of {} round(s):",
-        r.masked_direct.bytes as f64 / 1e6,
-        opts.rounds.min(2)
+    write_stream(
+        &mut out,
+        &format!("{MASKED_ROWS} rows with one masked column (Partial keepLast 4)"),
+        rounds,
+        &r.masked_direct,
+        &r.masked_gateway,
     );
     let _ = writeln!(
         out,
-        "  direct    {:>6.2} s {:>7.1} MB/s",
-        r.masked_direct.secs,
-        r.masked_direct.mb_per_sec()
-    );
-    let _ = writeln!(
-        out,
-        "  pgwarden  {:>6.2} s {:>7.1} MB/s   (ratio {:.2}), peak RSS {} KiB",
-        r.masked_gateway.secs,
-        r.masked_gateway.mb_per_sec(),
-        r.masked_gateway.mb_per_sec() / r.masked_direct.mb_per_sec(),
+        "  pgwarden peak RSS (VmHWM): {} KiB",
         r.masked_peak_kib
     );
     let per_session =
@@ -711,6 +692,33 @@ fn print_text(opts: &Options, r: &Report) {
         r.idle.open_secs, r.idle.baseline_kib, r.idle.with_sessions_kib
     );
     print!("{out}");
+}
+
+fn write_stream(
+    out: &mut String,
+    what: &str,
+    rounds: u32,
+    direct: &StreamResult,
+    gateway: &StreamResult,
+) {
+    let _ = writeln!(
+        out,
+        "\nstreaming {what}, {:.1} MB of output, mean of {rounds} round(s):",
+        direct.bytes as f64 / 1e6
+    );
+    let _ = writeln!(
+        out,
+        "  direct    {:>6.2} s {:>7.1} MB/s",
+        direct.secs,
+        direct.mb_per_sec()
+    );
+    let _ = writeln!(
+        out,
+        "  pgwarden  {:>6.2} s {:>7.1} MB/s   (ratio {:.2})",
+        gateway.secs,
+        gateway.mb_per_sec(),
+        gateway.mb_per_sec() / direct.mb_per_sec()
+    );
 }
 
 fn print_json(opts: &Options, r: &Report) {

@@ -114,20 +114,26 @@ impl Masking {
     }
 
     /// Ask for a background refresh (a relation the map does not know was
-    /// seen, or the map is old). Rate-limited; never blocks.
+    /// seen, a schema change went through, or the map is old). Requests
+    /// while one is queued are folded into it; it runs no sooner than
+    /// MIN_REFRESH_GAP after the previous read. Never blocks.
     pub fn refresh_soon(self: &Arc<Self>, limits: Limits) {
-        let recent = self
+        if self.refresh_queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let wait = self
             .last_attempt
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|t| t.elapsed() < MIN_REFRESH_GAP);
-        if recent || self.refresh_queued.swap(true, Ordering::AcqRel) {
-            return;
-        }
+            .map_or(Duration::ZERO, |t| {
+                MIN_REFRESH_GAP.saturating_sub(t.elapsed())
+            });
         let me = self.clone();
         tokio::spawn(async move {
-            let _ = me.reload(limits).await;
+            tokio::time::sleep(wait).await;
+            // Cleared first: a request arriving during the read queues another.
             me.refresh_queued.store(false, Ordering::Release);
+            let _ = me.reload(limits).await;
         });
     }
 

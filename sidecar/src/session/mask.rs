@@ -15,6 +15,7 @@
 //! masked exactly the same, in text or binary.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -42,22 +43,40 @@ pub enum Slot {
     Sync,
 }
 
+/// A pair of session halves sharing one session's masking state.
+pub fn session_pair(masking: &Arc<Masking>, limits: Limits) -> (FrontMask, BackMask) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let ddl = Arc::new(AtomicBool::new(false));
+    (
+        FrontMask {
+            masking: masking.clone(),
+            slots: tx,
+            statements: HashMap::new(),
+            ddl: ddl.clone(),
+        },
+        BackMask {
+            masking: masking.clone(),
+            limits,
+            slots: rx,
+            queue: VecDeque::new(),
+            portals: HashMap::new(),
+            query: None,
+            ddl,
+        },
+    )
+}
+
 /// Client half: remembers each prepared statement's masking context.
 pub struct FrontMask {
     masking: Arc<Masking>,
     slots: mpsc::UnboundedSender<Slot>,
     statements: HashMap<String, MaskCtx>,
+    /// A schema change went upstream: re-read the column map once it is
+    /// committed (the server half sees ReadyForQuery outside a transaction).
+    ddl: Arc<AtomicBool>,
 }
 
 impl FrontMask {
-    pub fn new(masking: Arc<Masking>, slots: mpsc::UnboundedSender<Slot>) -> Self {
-        FrontMask {
-            masking,
-            slots,
-            statements: HashMap::new(),
-        }
-    }
-
     /// The masking context of an allowed query text, or why masking cannot
     /// make it safe.
     pub fn context(&self, gate: &Gate, j: &Judgement) -> Result<MaskCtx, Refusal> {
@@ -65,12 +84,21 @@ impl FrontMask {
             // Sessions start only with a map; never pass results unmasked.
             return Err(Refusal("the masking column map is not available".into()));
         };
-        plan::statement_mask(
+        let ctx = plan::statement_mask(
             &self.masking.rules,
             &map,
             &j.statements,
             gate.calls_user_code(j),
-        )
+        )?;
+        let changes_schema = j.statements.iter().any(|s| {
+            s.accesses
+                .iter()
+                .any(|a| a.class == Some(pgwarden_api::StatementClass::Ddl))
+        });
+        if changes_schema {
+            self.ddl.store(true, Ordering::Release);
+        }
+        Ok(ctx)
     }
 
     fn send(&self, slot: Slot) {
@@ -153,24 +181,10 @@ pub struct BackMask {
     queue: VecDeque<Slot>,
     portals: HashMap<String, Portal>,
     query: Option<RowPlan>,
+    ddl: Arc<AtomicBool>,
 }
 
 impl BackMask {
-    pub fn new(
-        masking: Arc<Masking>,
-        limits: Limits,
-        slots: mpsc::UnboundedReceiver<Slot>,
-    ) -> Self {
-        BackMask {
-            masking,
-            limits,
-            slots,
-            queue: VecDeque::new(),
-            portals: HashMap::new(),
-            query: None,
-        }
-    }
-
     /// Update the state for one backend message and say what to do with it.
     /// Err: the server's replies do not fit the requests; the session ends
     /// rather than risk passing a row unmasked.
@@ -277,6 +291,9 @@ impl BackMask {
                 if codec::ready_for_query(body).is_ok_and(|s| s == TxStatus::Idle) {
                     // Outside a transaction block no portal survives.
                     self.portals.clear();
+                    if self.ddl.swap(false, Ordering::AcqRel) {
+                        self.masking.refresh_soon(self.limits);
+                    }
                 }
                 Disposition::Pass
             }

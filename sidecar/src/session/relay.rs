@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::limits::{RowAction, RowLimiter, StatementClock};
-use super::mask::{BackMask, Disposition, FrontMask};
+use super::mask::{self, BackMask, Disposition, FrontMask};
 use crate::masking::{plan, Masking};
 use crate::observe::Metrics;
 use crate::policy::{Gate, SessionState, Verdict};
@@ -148,11 +148,8 @@ impl Relay<'_> {
         let cancels = Arc::new(CancelInFlight::default());
         let (front_mask, back_mask) = match &self.masking {
             Some(m) => {
-                let (stx, srx) = mpsc::unbounded_channel();
-                (
-                    Some(FrontMask::new(m.clone(), stx)),
-                    Some(BackMask::new(m.clone(), self.limits, srx)),
-                )
+                let (f, b) = mask::session_pair(m, self.limits);
+                (Some(f), Some(b))
             }
             None => (None, None),
         };
