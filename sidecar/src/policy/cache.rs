@@ -2,8 +2,15 @@
 //! costs a hash lookup instead of a parse. Session-dependent parts of a
 //! verdict (EXECUTE resolution) are applied after the lookup, so the text
 //! alone is a sound key.
+//!
+//! Admission: a text is cached the second time it is judged. Texts with
+//! inlined literals (`... WHERE aid = 48213`) are usually unique; caching
+//! each one would only churn memory and evict the statements that do
+//! repeat. A "seen once" doorkeeper of 64-bit text hashes (bounded, reset
+//! when full) decides; a hash collision only admits a text early.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::Judgement;
@@ -17,6 +24,8 @@ pub struct VerdictCache {
 struct Inner {
     map: HashMap<Box<str>, (Arc<Judgement>, u64)>,
     tick: u64,
+    seen_once: HashSet<u64>,
+    hasher: RandomState,
 }
 
 impl VerdictCache {
@@ -48,6 +57,15 @@ impl VerdictCache {
             return;
         }
         let mut inner = self.lock();
+        let h = inner.hasher.hash_one(sql);
+        if inner.seen_once.insert(h) {
+            // First sighting: remember only that it was seen.
+            if inner.seen_once.len() > 4 * self.capacity {
+                inner.seen_once.clear();
+            }
+            return;
+        }
+        inner.seen_once.remove(&h);
         if inner.map.len() >= self.capacity {
             // Evict the least recently used quarter in one pass: amortised
             // O(1) per insert without a linked list.

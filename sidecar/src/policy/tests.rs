@@ -276,17 +276,30 @@ fn the_cache_returns_the_same_judgement_and_stays_bounded() {
         ),
         8,
     );
+    let first = g.evaluate("SELECT * FROM t");
     let a = g.evaluate("SELECT * FROM t");
     let b = g.evaluate("SELECT * FROM t");
     assert!(
-        Arc::ptr_eq(&a, &b),
-        "second evaluation should be a cache hit"
+        !Arc::ptr_eq(&first, &a),
+        "a text is admitted on its second sighting"
     );
+    assert!(
+        Arc::ptr_eq(&a, &b),
+        "third evaluation should be a cache hit"
+    );
+    // A stream of one-off texts (inlined literals) is never admitted, so it
+    // cannot evict the statement that repeats.
     for i in 0..100 {
         g.evaluate(&format!("SELECT {i}"));
     }
     let c = g.evaluate("SELECT * FROM t");
-    assert_eq!(c.action(), Action::Allow);
+    assert!(Arc::ptr_eq(&b, &c), "evicted by one-off texts");
+    // Texts that do repeat are cached, within the bound.
+    for i in 0..100 {
+        g.evaluate(&format!("SELECT {i}"));
+    }
+    let d = g.evaluate("SELECT * FROM t");
+    assert_eq!(d.action(), Action::Allow);
     let off = Gate::new(
         &spec(
             "  - {name: read, action: Allow, statements: [SELECT]}\n",
