@@ -51,6 +51,27 @@ def run_psycopg():
                         emit(attempt=name, binary=binary, run=run, error=str(e),
                              sqlstate=e.sqlstate,
                              detail=getattr(e.diag, "message_detail", None))
+        # Pipeline mode: several statements in flight, one failing in the
+        # middle; results before and after it are still masked and the
+        # session survives.
+        cursors = []
+        try:
+            with conn.pipeline() as p:
+                for sql in ("SELECT card_number FROM customers",
+                            "SELECT card_number::int FROM customers",
+                            "SELECT email FROM customers"):
+                    cur = conn.cursor()
+                    cur.execute(sql)
+                    cursors.append(cur)
+                p.sync()
+        except psycopg.Error as e:
+            emit(attempt="pipeline", binary=False, run=0, error=str(e), sqlstate=e.sqlstate)
+        try:
+            emit(attempt="pipeline", binary=False, run=1, rows=cursors[0].fetchall())
+        except psycopg.Error as e:
+            emit(attempt="pipeline", binary=False, run=1, error=str(e), sqlstate=e.sqlstate)
+        emit(attempt="after pipeline", binary=False, run=0,
+             rows=conn.execute("SELECT card_number, email FROM customers").fetchall())
         # COPY in every format: refused, never raw.
         for fmt in ("text", "csv", "binary"):
             try:

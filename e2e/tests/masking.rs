@@ -313,6 +313,14 @@ fn psycopg_text_binary_and_reused_prepared_statements() {
         let copy = lines_of(&out, &format!("copy {fmt}"));
         assert!(copy[0]["sqlstate"] == "42501", "{copy:?}");
     }
+    let pipeline = lines_of(&out, "pipeline");
+    assert!(
+        pipeline.iter().any(|l| l["sqlstate"] == "22003"),
+        "the failing statement in the pipeline reports its SQLSTATE: {pipeline:?}"
+    );
+    let after = lines_of(&out, "after pipeline");
+    assert_eq!(after[0]["rows"][0][0], "************1234", "{after:?}");
+    assert_eq!(after[0]["rows"][0][1], "****@example.com", "{after:?}");
     let err = lines_of(&out, "error echo");
     assert!(
         err.iter().all(|e| e["sqlstate"] == "22003"),
