@@ -27,7 +27,7 @@ const LEAKS: &[&str] = &[
     SSN,
     "078051120",
     PIN,
-    "9911",
+    "secret-pin",
 ];
 
 const RULES: &str = "  defaultAction: Allow
@@ -36,6 +36,7 @@ const RULES: &str = "  defaultAction: Allow
     - {columns: [\"public.customers.email\"], strategy: Email}
     - {columns: [\"*.*.ssn\"], strategy: Hash}
     - {columns: [\"public.customers.profile\"], strategy: Redact}
+    - {columns: [\"public.payments.card_number\"], strategy: Partial, keepLast: 4}
 ";
 
 const SCHEMA: &str = "
@@ -46,6 +47,9 @@ INSERT INTO customers VALUES
    '{\"pin\": \"secret-pin-9911\", \"tier\": \"gold\"}', 'hello');
 CREATE VIEW customer_cards AS
   SELECT id, card_number AS digits, upper(email) AS loud FROM customers;
+CREATE TABLE payments (id int, card_number text) PARTITION BY RANGE (id);
+CREATE TABLE payments_2024 PARTITION OF payments FOR VALUES FROM (0) TO (1000);
+INSERT INTO payments VALUES (1, '4929123456781234');
 CREATE TABLE orders (id int, customer_id int, note text);
 INSERT INTO orders VALUES (10, 1, 'first order');
 ";
@@ -117,7 +121,14 @@ fn psql_sees_masked_values_by_every_path() {
         direct.contains("1|Ann|************1234|****@example.com|hello"),
         "{direct}"
     );
+    // A partition holds its parent's rows: it is masked like the parent.
+    let part = psql(
+        &s.gw,
+        "SELECT card_number FROM payments_2024; SELECT card_number FROM payments;",
+    );
+    assert_eq!(part.matches("************1234").count(), 2, "{part}");
     let attempts = [
+        "SELECT upper(card_number) FROM payments_2024",
         "SELECT card_number AS c FROM customers",
         "SELECT name AS card_number, card_number AS name FROM customers",
         "SELECT upper(card_number), card_number || '' , substr(card_number, 1, 8) FROM customers",

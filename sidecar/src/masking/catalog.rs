@@ -65,7 +65,13 @@ pub async fn load(
     let columns =
         upstream::query_rows(&mut up, limits, &columns_query(&rules.column_name_regex())).await?;
     let deps = upstream::query_rows(&mut up, limits, DEPENDENCIES_QUERY).await?;
-    let mut builder = MapBuilder::new(rules, &relations, &columns, &deps);
+    let inherits = upstream::query_rows(
+        &mut up,
+        limits,
+        "SELECT inhrelid, inhparent FROM pg_catalog.pg_inherits",
+    )
+    .await?;
+    let mut builder = MapBuilder::new(rules, &relations, &columns, &deps, &inherits);
     loop {
         let views = builder.views_to_classify();
         if views.is_empty() {

@@ -93,7 +93,16 @@ impl MapBuilder {
     /// `relations`: (oid, schema, name) of every user relation.
     /// `columns`: (relation oid, attnum, attname) of candidate columns.
     /// `deps`: (view oid, referenced relation oid, referenced attnum).
-    pub fn new(rules: &MaskRules, relations: &[Row], columns: &[Row], deps: &[Row]) -> Self {
+    /// `inherits`: (child oid, parent oid): partitions and inheritance
+    /// children hold their parent's rows, so they get its masks by column
+    /// name, whatever they are called.
+    pub fn new(
+        rules: &MaskRules,
+        relations: &[Row],
+        columns: &[Row],
+        deps: &[Row],
+        inherits: &[Row],
+    ) -> Self {
         let relations: HashMap<u32, String> = relations
             .iter()
             .filter_map(|r| Some((cell(r, 0)?, format!("{}.{}", text(r, 1)?, text(r, 2)?))))
@@ -122,6 +131,7 @@ impl MapBuilder {
                 b.names.insert((oid, attnum), name.to_owned());
             }
         }
+        b.inherit(columns, inherits);
         for r in deps {
             if let (Some(view), Some(rel), Some(att)) =
                 (cell::<u32>(r, 0), cell::<u32>(r, 1), cell::<i16>(r, 2))
@@ -130,6 +140,45 @@ impl MapBuilder {
             }
         }
         b
+    }
+
+    /// Copy masks from parents to children (partitions of partitions too).
+    fn inherit(&mut self, columns: &[Row], inherits: &[Row]) {
+        let edges: Vec<(u32, u32)> = inherits
+            .iter()
+            .filter_map(|r| Some((cell(r, 0)?, cell(r, 1)?)))
+            .collect();
+        let by_name: HashMap<(u32, &str), i16> = columns
+            .iter()
+            .filter_map(|r| Some(((cell(r, 0)?, text(r, 2)?), cell(r, 1)?)))
+            .collect();
+        for _ in 0..MAX_VIEW_DEPTH {
+            let mut added = Vec::new();
+            for &(child, parent) in &edges {
+                for (&(oid, att), name) in &self.names {
+                    if oid != parent {
+                        continue;
+                    }
+                    let Some(&child_att) = by_name.get(&(child, name.as_str())) else {
+                        continue;
+                    };
+                    if !self.columns.contains_key(&(child, child_att)) {
+                        added.push((
+                            (child, child_att),
+                            self.columns[&(oid, att)].clone(),
+                            name.clone(),
+                        ));
+                    }
+                }
+            }
+            if added.is_empty() {
+                break;
+            }
+            for (id, s, name) in added {
+                self.columns.insert(id, s);
+                self.names.insert(id, name);
+            }
+        }
     }
 
     /// Views not yet classified that read a masked column: their
@@ -373,7 +422,7 @@ mod tests {
             row(&["200", "100", "3"]),
             row(&["300", "200", "2"]),
         ];
-        let mut b = MapBuilder::new(&rules, &rels, &cols, &deps);
+        let mut b = MapBuilder::new(&rules, &rels, &cols, &deps, &[]);
         // orders.card_number is not public.customers.card_number.
         assert_eq!(b.views_to_classify(), vec![200]);
         b.add_views(
@@ -408,6 +457,28 @@ mod tests {
     }
 
     #[test]
+    fn partitions_and_children_inherit_their_parents_masks() {
+        let rules = rules();
+        let rels = [
+            row(&["100", "public", "customers"]),
+            row(&["110", "public", "customers_2024"]),
+            row(&["111", "archive", "customers_2024_q1"]),
+        ];
+        // Column numbers differ in children (dropped columns, other order).
+        let cols = [
+            row(&["100", "3", "card_number"]),
+            row(&["110", "5", "card_number"]),
+            row(&["111", "2", "card_number"]),
+        ];
+        let inherits = [row(&["110", "100"]), row(&["111", "110"])];
+        let m = MapBuilder::new(&rules, &rels, &cols, &[], &inherits).finish();
+        let partial = Strategy::Partial { first: 0, last: 4 };
+        assert_eq!(m.strategy((110, 5)), Some(&partial));
+        assert_eq!(m.strategy((111, 2)), Some(&partial));
+        assert!(m.is_masked_relation_name("archive.customers_2024_q1"));
+    }
+
+    #[test]
     fn views_that_cannot_be_read_are_withheld_whole() {
         let rules = rules();
         let rels = [
@@ -416,7 +487,7 @@ mod tests {
         ];
         let cols = [row(&["100", "3", "card_number"])];
         let deps = [row(&["200", "100", "3"])];
-        let mut b = MapBuilder::new(&rules, &rels, &cols, &deps);
+        let mut b = MapBuilder::new(&rules, &rels, &cols, &deps, &[]);
         assert_eq!(b.views_to_classify(), vec![200]);
         // A set operation: lineage per column is not attempted.
         b.add_views(

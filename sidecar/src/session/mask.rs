@@ -114,6 +114,13 @@ impl FrontMask {
         self.statements.insert(statement.to_owned(), ctx);
     }
 
+    /// A Parse the proxy refused: forget the name, so a later Bind to it
+    /// (should the server still hold an older statement of that name) is
+    /// masked as the worst case rather than as nothing.
+    pub fn refused_parse(&mut self, statement: &str) {
+        self.statements.remove(statement);
+    }
+
     pub fn closed_statement(&mut self, statement: &str) {
         self.statements.remove(statement);
     }

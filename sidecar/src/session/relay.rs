@@ -395,7 +395,7 @@ impl Frontend<'_> {
                     }
                     Err(err) => {
                         if let Some(m) = &mut self.mask {
-                            m.parsed(parse.statement, None);
+                            m.refused_parse(parse.statement);
                         }
                         self.refuse_parse(parse.statement, err, out)
                     }

@@ -48,7 +48,7 @@ fn map() -> Arc<MaskMap> {
         row(&["100", "4", "email"]),
     ];
     let deps = [row(&["300", "100", "3"])];
-    let mut b = MapBuilder::new(&rules, &rels, &cols, &deps);
+    let mut b = MapBuilder::new(&rules, &rels, &cols, &deps, &[]);
     assert_eq!(b.views_to_classify(), vec![VIEW]);
     b.add_views(
         &[row(&["300", "1", "digits"])],
