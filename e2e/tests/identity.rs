@@ -41,6 +41,15 @@ async fn current_user(client: &Client) -> String {
         .get(0)
 }
 
+/// The claims of a valid `ci-acme` token from `issuer` (times relative to
+/// now, for `sign_token`), with `extra` JSON members appended.
+fn acme_claims(issuer: &str, extra: &str) -> String {
+    format!(
+        "{{\"iss\":\"{issuer}\",\"aud\":\"{AUDIENCE}\",\"sub\":\"ci-acme\",\
+         \"repository_owner\":\"acme\",\"iat\":\"$now\",\"exp\":\"$now+300\"{extra}}}"
+    )
+}
+
 /// The refusal a client sees: FATAL 28P01 with the reason in the message.
 async fn refused(gw: &Gateway, token: &str) -> String {
     let err = match login(gw, token).await {
@@ -104,12 +113,7 @@ async fn bad_tokens_are_refused_with_a_reason() {
     let gw = oidc_gateway(&pg, provider.issuer());
     let iss = provider.issuer();
     let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-    let claims = |extra: &str| {
-        format!(
-            "{{\"iss\":\"{iss}\",\"aud\":\"{AUDIENCE}\",\"sub\":\"ci-acme\",\
-             \"repository_owner\":\"acme\",\"iat\":\"$now\",\"exp\":\"$now+300\"{extra}}}"
-        )
-    };
+    let claims = |extra: &str| acme_claims(iss, extra);
     let unsigned = format!(
         "{}.{}.",
         b64(r#"{"alg":"none"}"#),
@@ -209,14 +213,7 @@ async fn issuer_outage_keeps_cached_keys_working() {
     assert_eq!(current_user(&client).await, "app");
     // A kid the cache lacks: the refresh fails, the cached keys stay, and the
     // token is refused for what it is.
-    let stranger = sign_token(
-        "rsa-2",
-        "rotated-while-down",
-        &format!(
-            "{{\"iss\":\"{issuer}\",\"aud\":\"{AUDIENCE}\",\"sub\":\"ci-acme\",\
-             \"repository_owner\":\"acme\",\"exp\":\"$now+300\"}}"
-        ),
-    );
+    let stranger = sign_token("rsa-2", "rotated-while-down", &acme_claims(&issuer, ""));
     let msg = refused(&gw, &stranger).await;
     assert!(msg.contains("does not publish"), "{msg}");
     let client = login(&gw, &before).await.unwrap();
@@ -234,14 +231,7 @@ async fn issuer_down_at_start_leaves_the_gateway_ready_but_refusing() {
     let issuer = format!("http://127.0.0.1:{}", free_port());
     // `start` waits for /readyz: the gateway is up although no key was fetched.
     let gw = oidc_gateway(&pg, &issuer);
-    let token = sign_token(
-        "rsa-1",
-        "rsa-1",
-        &format!(
-            "{{\"iss\":\"{issuer}\",\"aud\":\"{AUDIENCE}\",\"sub\":\"ci-acme\",\
-             \"repository_owner\":\"acme\",\"exp\":\"$now+300\"}}"
-        ),
-    );
+    let token = sign_token("rsa-1", "rsa-1", &acme_claims(&issuer, ""));
     let msg = refused(&gw, &token).await;
     assert!(msg.contains("keys are not available yet"), "{msg}");
     assert!(msg.contains("connect"), "the fetch error is named: {msg}");
