@@ -280,21 +280,24 @@ async fn kubernetes_tokens_must_come_from_this_pod() {
         .arg("ci")
         .arg("--pod-name")
         .arg("agent-1")
+        .arg("--service-account")
+        .arg("runner")
         .start();
-    let pod_token = |ns: &str, pod: &str, aud: &str| {
+    let token = |ns: &str, pod: &str, sa: &str, aud: &str| {
         sign_token(
             "rsa-1",
             "rsa-1",
             &format!(
                 "{{\"iss\":\"{issuer}\",\"aud\":[\"{aud}\"],\
-                 \"sub\":\"system:serviceaccount:{ns}:runner\",\
+                 \"sub\":\"system:serviceaccount:{ns}:{sa}\",\
                  \"kubernetes.io\":{{\"namespace\":\"{ns}\",\
                  \"pod\":{{\"name\":\"{pod}\",\"uid\":\"u1\"}},\
-                 \"serviceaccount\":{{\"name\":\"runner\",\"uid\":\"u2\"}}}},\
+                 \"serviceaccount\":{{\"name\":\"{sa}\",\"uid\":\"u2\"}}}},\
                  \"iat\":\"$now\",\"nbf\":\"$now\",\"exp\":\"$now+600\"}}"
             ),
         )
     };
+    let pod_token = |ns: &str, pod: &str, aud: &str| token(ns, pod, "runner", aud);
     let client = login(&gw, &pod_token("ci", "agent-1", "pgwarden"))
         .await
         .unwrap();

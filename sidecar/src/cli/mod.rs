@@ -114,6 +114,9 @@ pub struct RunArgs {
     /// Name of the pod this sidecar serves; tokens bound to other pods are refused.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
+    /// Service account of that pod; tokens of other service accounts are refused.
+    #[arg(long, env = "POD_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
     /// File holding the key of the `Hash` masking strategy (keyed HMAC-SHA256;
     /// at least 32 bytes). Equal values give equal pseudonyms under one key.
     #[arg(long, env = "PGWARDEN_MASKING_KEY_FILE")]

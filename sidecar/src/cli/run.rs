@@ -47,6 +47,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             kubernetes_jwks_file: args.kubernetes_jwks_file.clone(),
             pod_namespace: args.pod_namespace.clone(),
             pod_name: args.pod_name.clone(),
+            service_account: args.service_account.clone(),
         },
         masking_key,
     };

@@ -53,6 +53,7 @@ pub struct IdentityOptions {
     /// The pod this sidecar serves: a Kubernetes token must come from it.
     pub pod_namespace: Option<String>,
     pub pod_name: Option<String>,
+    pub service_account: Option<String>,
 }
 
 #[derive(Debug)]
@@ -146,6 +147,9 @@ impl Authenticator {
             }
             if let Some(pod) = &opts.pod_name {
                 claims.push(("kubernetes.io.pod.name".to_string(), pod.clone()));
+            }
+            if let Some(sa) = &opts.service_account {
+                claims.push(("kubernetes.io.serviceaccount.name".to_string(), sa.clone()));
             }
             let rules = TokenRules {
                 issuer,
