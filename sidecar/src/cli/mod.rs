@@ -22,7 +22,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway in standalone mode from policy and Secret YAML files.
-    Run(RunArgs),
+    // Boxed: many flags, and the enum should not be as large as its largest arm.
+    Run(Box<RunArgs>),
     /// Judge a statement against a policy, without a database. Exit code:
     /// 0 allow, 1 deny, 3 require approval, 2 usage or configuration error.
     Check(CheckArgs),
@@ -125,7 +126,7 @@ pub struct RunArgs {
 
 pub fn main_with(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
         Command::Check(args) => check::check(args),
     }
 }
