@@ -102,19 +102,7 @@ impl OidcProvider {
 
     /// A fresh access token for `client` with audience `resource`.
     pub fn token(&self, client: (&str, &str), resource: &str) -> String {
-        let mut cmd = Command::new("node");
-        cmd.arg(oidc_dir().join("token.mjs"))
-            .args([&self.issuer, client.0, client.1, resource]);
-        let out = run_command(&mut cmd, None, Duration::from_secs(30));
-        assert!(
-            out.status.success(),
-            "token request failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .expect("token is text")
-            .trim()
-            .to_string()
+        node_script("token.mjs", &[&self.issuer, client.0, client.1, resource])
     }
 
     /// Rotate the signing key (`drop`: also unpublish the old ones); returns
@@ -165,20 +153,23 @@ fn first_line(stdout: ChildStdout, timeout: Duration) -> Option<String> {
 /// A token signed here with a fixture key (`rsa-1`, `rsa-2`, `ec-1`), from a
 /// JSON claims object; `"$now+N"` / `"$now-N"` strings become times.
 pub fn sign_token(key: &str, kid: &str, claims: &str) -> String {
+    let key = fixture_key(&format!("{key}.key.pem"));
+    node_script("sign.mjs", &[&key.to_string_lossy(), kid, claims])
+}
+
+/// Run one of the fixture's node scripts; its trimmed stdout (a token).
+fn node_script(script: &str, args: &[&str]) -> String {
     node_ready();
     let mut cmd = Command::new("node");
-    cmd.arg(oidc_dir().join("sign.mjs"))
-        .arg(fixture_key(&format!("{key}.key.pem")))
-        .arg(kid)
-        .arg(claims);
+    cmd.arg(oidc_dir().join(script)).args(args);
     let out = run_command(&mut cmd, None, Duration::from_secs(30));
     assert!(
         out.status.success(),
-        "sign.mjs failed: {}",
+        "{script} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout)
-        .expect("token")
+        .expect("token is text")
         .trim()
         .to_string()
 }

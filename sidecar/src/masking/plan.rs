@@ -236,10 +236,6 @@ impl RowPlan {
         }
     }
 
-    pub fn masks_anything(&self) -> bool {
-        self.any
-    }
-
     /// Write the client's version of a DataRow (the whole message).
     /// Err when the row does not match its description: the caller ends the
     /// session rather than guess.
