@@ -437,6 +437,22 @@ pub struct ApprovalSettings {
     pub expires_after: Option<Duration>,
 }
 
+impl ApprovalSettings {
+    /// `wait` when unset: long enough for a reviewer on call to react, short
+    /// enough that a client's own timeouts rarely fire first.
+    pub const DEFAULT_WAIT: Duration = Duration::from_millis(5 * 60 * 1000);
+    /// `expiresAfter` when unset.
+    pub const DEFAULT_EXPIRES_AFTER: Duration = Duration::from_millis(60 * 60 * 1000);
+
+    pub fn effective_wait(&self) -> Duration {
+        self.wait.unwrap_or(Self::DEFAULT_WAIT)
+    }
+
+    pub fn effective_expires_after(&self) -> Duration {
+        self.expires_after.unwrap_or(Self::DEFAULT_EXPIRES_AFTER)
+    }
+}
+
 /// Reviewers allowed to decide; the requester can never approve its own request.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use crate::{DatabaseAccessPolicySpec, MaskStrategy, StatementClass, TlsMode};
+use crate::{DatabaseAccessPolicySpec, Duration, MaskStrategy, StatementClass, TlsMode};
 
 /// One problem in a policy, located by its path in the object.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -32,7 +32,28 @@ impl DatabaseAccessPolicySpec {
         self.validate_database(&mut errs);
         self.validate_rules(&mut errs);
         self.validate_masking(&mut errs);
+        self.validate_approval(&mut errs);
         errs.0
+    }
+
+    fn validate_approval(&self, errs: &mut Errors) {
+        let Some(a) = &self.approval else { return };
+        if a.expires_after == Some(Duration::ZERO) {
+            errs.push(
+                "spec.approval.expiresAfter",
+                "must be more than 0s: a request that expires at once can never be approved",
+            );
+        }
+        if a.effective_wait() > a.effective_expires_after() {
+            errs.push(
+                "spec.approval.wait",
+                format!(
+                    "{} is longer than expiresAfter ({}): a statement would wait for a request that has already expired",
+                    a.effective_wait(),
+                    a.effective_expires_after()
+                ),
+            );
+        }
     }
 
     fn validate_identity(&self, errs: &mut Errors) {

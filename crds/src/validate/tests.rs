@@ -1,7 +1,7 @@
 use super::*;
 use crate::{
-    DatabaseAccessPolicy, DatabaseTls, KubernetesIdentity, LocalTrustIdentity, MaskingRule,
-    OidcIdentity, Rule,
+    ApprovalSettings, DatabaseAccessPolicy, DatabaseTls, KubernetesIdentity, LocalTrustIdentity,
+    MaskingRule, OidcIdentity, Rule,
 };
 
 type Mutate = fn(&mut DatabaseAccessPolicySpec);
@@ -328,6 +328,29 @@ fn each_check_reports_its_path() {
             |s| masking(s, 2).columns = vec!["*..ssn".into()],
             "spec.masking[2].columns[0]",
             "schema.table.column",
+        ),
+        (
+            "wait longer than the request lives",
+            |s| {
+                s.approval = Some(ApprovalSettings {
+                    wait: Some(Duration::from_millis(3_600_000)),
+                    expires_after: Some(Duration::from_millis(600_000)),
+                    ..ApprovalSettings::default()
+                })
+            },
+            "spec.approval.wait",
+            "expiresAfter (10m)",
+        ),
+        (
+            "default wait exceeds a short expiry",
+            |s| {
+                s.approval = Some(ApprovalSettings {
+                    expires_after: Some(Duration::from_millis(60_000)),
+                    ..ApprovalSettings::default()
+                })
+            },
+            "spec.approval.wait",
+            "5m is longer",
         ),
     ];
     for (name, mutate, path, word) in cases {
