@@ -171,9 +171,9 @@ SELECT pg_backend_pid() = :pid AS same_session;
 /// Canonical PostgreSQL CSV for row `i`: id, name, price (numeric(10,2)), note
 /// (NULL every 11th row, a field needing quotes every 7th).
 fn csv_row(i: u32, out: &mut String) {
-    let note = if i % 11 == 0 {
+    let note = if i.is_multiple_of(11) {
         String::new()
-    } else if i % 7 == 0 {
+    } else if i.is_multiple_of(7) {
         format!("\"comma, and \"\"quote\"\" {i}\"")
     } else {
         format!("ünïcode-{i}")

@@ -166,6 +166,48 @@ pub fn bind_names(body: &[u8]) -> Result<(&str, &str), DecodeError> {
     Ok((portal, statement))
 }
 
+/// A Bind's parameters, for a statement held for approval: each value
+/// with its format code (0 text, 1 binary; None is SQL NULL).
+pub type BindParam<'a> = (i16, Option<&'a [u8]>);
+
+/// Bind ('B') in full: (portal, statement, parameters).
+pub fn bind_params(body: &[u8]) -> Result<(&str, &str, Vec<BindParam<'_>>), DecodeError> {
+    let mut r = Reader::new(body);
+    let portal = r.cstr()?;
+    let statement = r.cstr()?;
+    let nfmt = usize::try_from(r.i16()?)
+        .map_err(|_| DecodeError::Invalid("negative parameter format count"))?;
+    let mut formats = Vec::with_capacity(nfmt.min(64));
+    for _ in 0..nfmt {
+        formats.push(r.i16()?);
+    }
+    let n =
+        usize::try_from(r.i16()?).map_err(|_| DecodeError::Invalid("negative parameter count"))?;
+    if nfmt > 1 && nfmt != n {
+        return Err(DecodeError::Invalid(
+            "parameter format count matches neither 0, 1 nor the parameter count",
+        ));
+    }
+    let mut params = Vec::with_capacity(n.min(1024));
+    for i in 0..n {
+        let format = match nfmt {
+            0 => 0,
+            1 => formats[0],
+            _ => formats[i],
+        };
+        let len = r.i32()?;
+        let value = match len {
+            -1 => None,
+            l if l < 0 => return Err(DecodeError::Invalid("negative parameter length")),
+            l => Some(r.bytes(l as usize)?),
+        };
+        params.push((format, value));
+    }
+    // Result format codes: the server checks them.
+    r.rest();
+    Ok((portal, statement, params))
+}
+
 /// Execute ('E'): the portal name (and a row limit the proxy does not need).
 pub fn execute_portal(body: &[u8]) -> Result<&str, DecodeError> {
     let mut r = Reader::new(body);
@@ -324,6 +366,14 @@ pub fn ready_for_query(body: &[u8]) -> Result<TxStatus, DecodeError> {
 
 /// Fields of an ErrorResponse/NoticeResponse as (code, text). Text is decoded
 /// lossily: it is only ever shown to a human, never used for a decision.
+/// CommandComplete ('C'): the command tag (`DELETE 3`).
+pub fn command_tag(body: &[u8]) -> Result<&str, DecodeError> {
+    let mut r = Reader::new(body);
+    let tag = r.cstr()?;
+    r.finish()?;
+    Ok(tag)
+}
+
 pub fn notice_fields(body: &[u8]) -> Result<Vec<(u8, String)>, DecodeError> {
     let mut r = Reader::new(body);
     let mut fields = Vec::new();

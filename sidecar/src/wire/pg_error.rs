@@ -48,6 +48,8 @@ pub enum SqlState {
     AdminShutdown,
     /// 57P03: not ready (no configuration yet).
     CannotConnectNow,
+    /// 57014: the client cancelled (a statement waiting for approval).
+    QueryCanceled,
     /// 54000: a policy limit (maxRows) was exceeded.
     ProgramLimitExceeded,
     /// XX000: a fault of ours.
@@ -71,6 +73,7 @@ impl SqlState {
             SqlState::TooManyConnections => "53300",
             SqlState::AdminShutdown => "57P01",
             SqlState::CannotConnectNow => "57P03",
+            SqlState::QueryCanceled => "57014",
             SqlState::ProgramLimitExceeded => "54000",
             SqlState::InternalError => "XX000",
             SqlState::SuccessfulCompletion => "00000",
@@ -187,6 +190,11 @@ impl PgError {
     /// A policy limit cut a result off: ERROR, the session stays usable.
     pub fn limit_exceeded(message: impl Into<String>) -> Self {
         Self::new(Severity::Error, SqlState::ProgramLimitExceeded, message)
+    }
+
+    /// The client cancelled a statement the proxy was holding.
+    pub fn canceled(message: impl Into<String>) -> Self {
+        Self::new(Severity::Error, SqlState::QueryCanceled, message)
     }
 
     pub fn internal(message: impl Into<String>) -> Self {

@@ -214,3 +214,40 @@ proptest! {
         let _ = startup_packet(&packet);
     }
 }
+
+#[test]
+fn bind_params_reads_formats_and_values() {
+    // portal "p", statement "s", formats [1], 3 params: NULL, "ab", 4 bytes
+    let mut b = Vec::new();
+    b.extend_from_slice(b"p\0s\0");
+    b.extend_from_slice(&1i16.to_be_bytes());
+    b.extend_from_slice(&1i16.to_be_bytes());
+    b.extend_from_slice(&3i16.to_be_bytes());
+    b.extend_from_slice(&(-1i32).to_be_bytes());
+    b.extend_from_slice(&2i32.to_be_bytes());
+    b.extend_from_slice(b"ab");
+    b.extend_from_slice(&4i32.to_be_bytes());
+    b.extend_from_slice(&[0, 0, 0, 7]);
+    b.extend_from_slice(&0i16.to_be_bytes());
+    let (portal, statement, params) = bind_params(&b).unwrap();
+    assert_eq!((portal, statement), ("p", "s"));
+    assert_eq!(
+        params,
+        vec![
+            (1, None),
+            (1, Some(&b"ab"[..])),
+            (1, Some(&[0u8, 0, 0, 7][..]))
+        ]
+    );
+    // Hostile lengths are errors, not panics or huge allocations.
+    let mut bad = b[..b.len() - 2].to_vec();
+    let at = 4 + 2 + 2 + 2 + 4 + 4 + 2;
+    bad[at..at + 4].copy_from_slice(&i32::MAX.to_be_bytes());
+    assert!(bind_params(&bad).is_err());
+    for cut in 0..b.len() - 2 {
+        let _ = bind_params(&b[..cut]);
+    }
+    let mut neg = b.clone();
+    neg[4 + 2 + 2..4 + 2 + 2 + 2].copy_from_slice(&(-5i16).to_be_bytes());
+    assert!(bind_params(&neg).is_err());
+}
