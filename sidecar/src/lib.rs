@@ -7,6 +7,7 @@
 //! clients, `upstream` logs in to the real server with the held credential.
 #![forbid(unsafe_code)]
 
+pub mod approval;
 pub mod cli;
 pub mod config;
 pub mod glob;

@@ -1,5 +1,6 @@
 //! The `pgwarden` command line (DESIGN §5).
 
+mod approvals;
 mod check;
 mod run;
 
@@ -27,6 +28,34 @@ pub enum Command {
     /// Judge a statement against a policy, without a database. Exit code:
     /// 0 allow, 1 deny, 3 require approval, 2 usage or configuration error.
     Check(CheckArgs),
+    /// List and decide statements waiting for approval (standalone mode).
+    Approvals(ApprovalsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ApprovalsArgs {
+    #[command(subcommand)]
+    pub command: ApprovalsCommand,
+    /// The gateway's --state-dir.
+    #[arg(long, global = true, default_value = "./pgwarden-state")]
+    pub state_dir: PathBuf,
+    /// Why (approve and deny); the requester reads it.
+    #[arg(long, global = true)]
+    pub reason: Option<String>,
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCommand {
+    /// Every request, oldest first.
+    List,
+    /// One request in full.
+    Show { id: String },
+    /// Release the statement (once, for exactly its parameters and requester).
+    Approve { id: String },
+    /// Refuse it; the requester gets the reason.
+    Deny { id: String },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -128,5 +157,6 @@ pub fn main_with(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(*args),
         Command::Check(args) => check::check(args),
+        Command::Approvals(args) => approvals::approvals(args),
     }
 }

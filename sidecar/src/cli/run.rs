@@ -50,7 +50,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             service_account: args.service_account.clone(),
         },
         masking_key,
+        state_dir: Some(args.state_dir.clone()),
     };
+    // Before the policies: each opens its approval store in it.
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating state dir {}", args.state_dir.display()))?;
     let config = match config::load_files(&args.files, &opts) {
         Ok(c) => c,
         Err(errors) => {
@@ -58,8 +62,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("creating state dir {}", args.state_dir.display()))?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => match crate::transport::server_tls(c, k) {
             Ok(t) => Some(t),

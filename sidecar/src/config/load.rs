@@ -12,6 +12,7 @@ use pgwarden_api::{DatabaseAccessPolicy, DatabaseAccessPolicySpec};
 use serde::Deserialize;
 
 use super::{GatewayConfig, PolicyConfig, Secret};
+use crate::approval::Approvals;
 use crate::identity::{Authenticator, IdentityOptions};
 use crate::masking::{HashKey, MaskRules, Masking};
 use crate::policy::Gate;
@@ -101,6 +102,9 @@ pub struct LoadOptions {
     /// The key of the `Hash` masking strategy (from `--masking-key-file`;
     /// in a cluster, from the operator). Never from a client.
     pub masking_key: Option<Vec<u8>>,
+    /// Where approval requests are kept (`--state-dir`); without it a
+    /// statement that needs approval is refused.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -109,6 +113,7 @@ impl Default for LoadOptions {
             cache_entries: crate::policy::DEFAULT_CACHE_ENTRIES,
             identity: IdentityOptions::default(),
             masking_key: None,
+            state_dir: None,
         }
     }
 }
@@ -256,9 +261,6 @@ fn read_file(
 fn unsupported_features(p: &DatabaseAccessPolicy) -> Vec<(&'static str, &'static str)> {
     let s = &p.spec;
     let mut out = Vec::new();
-    if s.approval.is_some() {
-        out.push(("spec.approval", "approvals"));
-    }
     if s.recording.is_some() {
         out.push(("spec.recording", "session recording"));
     }
@@ -480,8 +482,33 @@ fn resolve_policy(
             upstream.clone(),
         ))
     });
+    let approvals = match &opts.state_dir {
+        None => None,
+        Some(dir) => {
+            let pod = match (&opts.identity.pod_namespace, &opts.identity.pod_name) {
+                (Some(ns), Some(n)) => Some(format!("{ns}/{n}")),
+                _ => None,
+            };
+            match Approvals::open_dir(
+                dir,
+                policy.spec.approval.as_ref(),
+                &name,
+                &ns,
+                &db.name,
+                pod,
+                opts.identity.service_account.clone(),
+            ) {
+                Ok(a) => Some(Arc::new(a)),
+                Err(e) => {
+                    errors.push(err("spec.approval", format!("approval store: {e}")));
+                    return None;
+                }
+            }
+        }
+    };
     Some(PolicyConfig {
         id: format!("{ns}/{name}"),
+        approvals,
         upstream,
         gate: Gate::new(&policy.spec, opts.cache_entries),
         authenticator,

@@ -13,6 +13,7 @@ use pgwarden_api::DatabaseAccessPolicySpec;
 
 pub use load::{load_files, load_policies, ConfigError, ConfigErrors, LoadOptions};
 
+use crate::approval::Approvals;
 use crate::identity::Authenticator;
 use crate::masking::Masking;
 use crate::policy::Gate;
@@ -57,6 +58,8 @@ pub struct PolicyConfig {
     pub authenticator: Authenticator,
     /// Column masking, when the policy has `masking:` entries.
     pub masking: Option<Arc<Masking>>,
+    /// Where statements that need approval wait (`--state-dir`).
+    pub approvals: Option<Arc<Approvals>>,
 }
 
 /// A value that must never be printed: Debug and Display redact it.

@@ -29,6 +29,9 @@ use rules::CompiledRule;
 pub enum Verdict {
     Allow,
     Refuse(PgError),
+    /// A rule (or the default action) asks a human first; the text is why
+    /// (`approval required by rule "x": DDL on public.t`).
+    RequireApproval(String),
 }
 
 /// The analysis and decision for one query text: what the cache holds.
@@ -200,25 +203,19 @@ impl Gate {
 
     fn verdict(&self, j: &Judgement, session: &mut SessionState) -> Verdict {
         match j.action() {
-            Action::Allow => {}
+            Action::Allow | Action::RequireApproval => {}
             Action::Deny if matches!(j.outcome, Err(AnalyzeError::Parse(_))) => {
                 return Verdict::Refuse(PgError::syntax_error(j.reason()))
             }
             Action::Deny => return Verdict::Refuse(PgError::denied(j.reason())),
-            Action::RequireApproval => {
-                return Verdict::Refuse(
-                    PgError::denied(j.reason()).with_hint(
-                        "this version of pgwarden cannot hold statements for approval yet",
-                    ),
-                )
-            }
         }
+        // Refined even when a human must approve: a text the session state
+        // denies outright (EXECUTE of an unknown name, user code) is never
+        // put in front of a reviewer.
         match self.refine(j, session) {
+            Ok(()) if j.action() == Action::RequireApproval => Verdict::RequireApproval(j.reason()),
             Ok(()) => Verdict::Allow,
-            Err((Action::RequireApproval, why)) => Verdict::Refuse(
-                PgError::denied(why)
-                    .with_hint("this version of pgwarden cannot hold statements for approval yet"),
-            ),
+            Err((Action::RequireApproval, why)) => Verdict::RequireApproval(why),
             Err((_, why)) => Verdict::Refuse(PgError::denied(why)),
         }
     }

@@ -6,6 +6,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tokio::sync::Notify;
+
 use crate::upstream::{BackendKey, UpstreamTarget};
 
 #[derive(Default)]
@@ -18,7 +20,12 @@ struct Entry {
     secret: i32,
     target: Arc<UpstreamTarget>,
     key: BackendKey,
+    /// Wakes the session itself (a statement held for approval).
+    interrupt: Arc<Notify>,
 }
+
+/// What a valid cancel key reaches: the upstream backend, and the session.
+pub type CancelTarget = (Arc<UpstreamTarget>, BackendKey, Arc<Notify>);
 
 /// Removes the session's key when the session ends.
 pub struct Registration<'a> {
@@ -39,7 +46,12 @@ impl CancelRegistry {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn register(&self, target: Arc<UpstreamTarget>, key: BackendKey) -> Registration<'_> {
+    pub fn register(
+        &self,
+        target: Arc<UpstreamTarget>,
+        key: BackendKey,
+        interrupt: Arc<Notify>,
+    ) -> Registration<'_> {
         let secret: i32 = rand::random();
         let mut map = self.lock();
         let pid = loop {
@@ -55,6 +67,7 @@ impl CancelRegistry {
                 secret,
                 target,
                 key,
+                interrupt,
             },
         );
         Registration {
@@ -65,10 +78,11 @@ impl CancelRegistry {
     }
 
     /// The upstream to cancel for a client's (pid, secret), if it is valid.
-    pub fn lookup(&self, pid: i32, secret: &[u8]) -> Option<(Arc<UpstreamTarget>, BackendKey)> {
+    pub fn lookup(&self, pid: i32, secret: &[u8]) -> Option<CancelTarget> {
         let map = self.lock();
         let e = map.get(&pid)?;
-        (secret == e.secret.to_be_bytes()).then(|| (e.target.clone(), e.key.clone()))
+        (secret == e.secret.to_be_bytes())
+            .then(|| (e.target.clone(), e.key.clone(), e.interrupt.clone()))
     }
 }
 
@@ -98,9 +112,9 @@ mod tests {
             pid: 4242,
             secret: vec![1, 2, 3, 4],
         };
-        let r = reg.register(target(), key.clone());
+        let r = reg.register(target(), key.clone(), Arc::default());
         let (pid, secret) = (r.pid, r.secret.to_be_bytes());
-        assert_eq!(reg.lookup(pid, &secret).map(|(_, k)| k), Some(key));
+        assert_eq!(reg.lookup(pid, &secret).map(|(_, k, _)| k), Some(key));
         // The upstream's own key is not a valid client key.
         assert!(reg.lookup(4242, &[1, 2, 3, 4]).is_none());
         let mut wrong = secret;

@@ -4,6 +4,7 @@
 //! login → greeting → relay. Each step either hands the next one a typed
 //! result or ends the connection with a FATAL the client can act on.
 
+mod approve;
 mod cancel;
 mod limits;
 mod mask;
@@ -83,7 +84,9 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         Negotiated::Startup { stream, startup } => (stream, startup),
         Negotiated::Cancel { pid, secret } => {
             // Unknown keys are ignored silently, as PostgreSQL does.
-            if let Some((target, key)) = shared.cancels.lookup(pid, &secret) {
+            if let Some((target, key, interrupt)) = shared.cancels.lookup(pid, &secret) {
+                // A statement waiting for approval stops waiting.
+                interrupt.notify_waiters();
                 if let Err(e) = upstream::cancel(&target, &key).await {
                     warn!(error = %e, "forwarding a cancel request failed");
                 }
@@ -154,10 +157,12 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
             return refuse(&mut stream, PgError::upstream_failed(why)).await;
         }
     }
-    let registration = up
-        .key
-        .clone()
-        .map(|key| shared.cancels.register(policy.upstream.clone(), key));
+    let interrupt = Arc::new(tokio::sync::Notify::new());
+    let registration = up.key.clone().map(|key| {
+        shared
+            .cancels
+            .register(policy.upstream.clone(), key, interrupt.clone())
+    });
 
     // What a server sends after a successful login, with our cancel key.
     codec::put_auth_ok(&mut greeting);
@@ -193,6 +198,9 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         shutdown: shared.shutdown.clone(),
         expires: identity.expires_at.map(expiry_instant),
         masking: policy.masking.clone(),
+        approvals: policy.approvals.clone(),
+        subject: identity.subject.clone(),
+        interrupt,
         limits: shared.limits,
     };
     let end = relay

@@ -11,7 +11,7 @@
 //! swaps that error for the proxy's own. Replies therefore keep their order
 //! however deeply the client pipelines.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 
 use bytes::{BufMut, BytesMut};
@@ -22,8 +22,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::approve::{self, Hold, HoldKind, Need, Watch, WatchKind, Watcher};
 use super::limits::{RowAction, RowLimiter, StatementClock};
 use super::mask::{self, BackMask, Disposition, FrontMask};
+use crate::approval::{messages, Approvals};
 use crate::masking::{plan, Masking};
 use crate::observe::Metrics;
 use crate::policy::{Gate, SessionState, Verdict};
@@ -81,6 +83,12 @@ pub struct Relay<'a> {
     pub expires: Option<Instant>,
     /// The policy's masking, when it masks columns.
     pub masking: Option<Arc<Masking>>,
+    /// Where statements that need approval wait; None refuses them.
+    pub approvals: Option<Arc<Approvals>>,
+    /// The authenticated subject (approvals are bound to it).
+    pub subject: String,
+    /// Woken by a CancelRequest for this session (ends a wait for approval).
+    pub interrupt: Arc<Notify>,
     pub limits: Limits,
 }
 
@@ -144,6 +152,8 @@ impl Relay<'_> {
         let (mut cr, mut cw) = tokio::io::split(client);
         let (mut ur, mut uw) = tokio::io::split(upstream);
         let (tx, rx) = mpsc::unbounded_channel();
+        let (notice_tx, notice_rx) = mpsc::unbounded_channel();
+        let (watch_tx, watch_rx) = mpsc::unbounded_channel();
         let clock = StatementClock::default();
         let cancels = Arc::new(CancelInFlight::default());
         let (front_mask, back_mask) = match &self.masking {
@@ -165,6 +175,16 @@ impl Relay<'_> {
                 cancels: &cancels,
                 expires: self.expires,
                 mask: front_mask,
+                approvals: self.approvals.as_deref(),
+                subject: &self.subject,
+                interrupt: &self.interrupt,
+                shutdown: self.shutdown.clone(),
+                notices: notice_tx,
+                watches: watch_tx,
+                requests_sent: 0,
+                executes_since_sync: 0,
+                needs: HashMap::new(),
+                held_portals: HashMap::new(),
             }
             .run(&mut cr, client_frames, &mut uw);
             let back = Backend {
@@ -178,6 +198,8 @@ impl Relay<'_> {
                 clock: &clock,
                 cancel: &self.cancel,
                 cancels: &cancels,
+                notices: notice_rx,
+                watcher: Watcher::new(watch_rx, self.approvals.clone()),
             }
             .run(&mut ur, upstream_frames, &mut cw);
             let guard = guard_timeout(&clock, self.statement_timeout, &self.cancel, &cancels);
@@ -294,6 +316,23 @@ struct Frontend<'a> {
     cancels: &'a Arc<CancelInFlight>,
     expires: Option<Instant>,
     mask: Option<FrontMask>,
+    approvals: Option<&'a Approvals>,
+    subject: &'a str,
+    interrupt: &'a Notify,
+    shutdown: watch::Receiver<bool>,
+    /// NoticeResponses for the client, written by the upstream half.
+    notices: mpsc::UnboundedSender<BytesMut>,
+    /// Released statements whose outcome the upstream half records.
+    watches: mpsc::UnboundedSender<Watch>,
+    /// Requests that end in ReadyForQuery (Query, Sync, FunctionCall) sent
+    /// so far: the upstream half counts ReadyForQuery the same way.
+    requests_sent: u64,
+    /// Executes since the last Sync: which completion is whose.
+    executes_since_sync: u32,
+    /// Prepared statements that need approval, by name: held at Execute.
+    needs: HashMap<String, Arc<Need>>,
+    /// Portals bound to such statements, with their parameters.
+    held_portals: HashMap<String, approve::HeldPortal>,
 }
 
 impl Frontend<'_> {
@@ -320,11 +359,22 @@ impl Frontend<'_> {
                 {
                     return End::CredentialExpired;
                 }
-                if matches!(frame.ty, b'Q' | b'S' | b'F') {
-                    self.clock.request_sent();
-                }
                 match self.on_message(frame.ty, bytes, &mut out) {
-                    Ok(Flow::Continue) => {}
+                    Ok(Flow::Continue) => {
+                        if matches!(frame.ty, b'Q' | b'S' | b'F') {
+                            self.request_sent();
+                        }
+                        if frame.ty == b'S' {
+                            self.executes_since_sync = 0;
+                        }
+                    }
+                    Ok(Flow::Hold(hold)) => {
+                        frames.consume(frame.wire_len);
+                        if let Err(end) = self.hold(hold, r, &mut frames, w, &mut out).await {
+                            return end;
+                        }
+                        continue;
+                    }
                     Ok(Flow::Terminate) => {
                         // Forwarded by `run`'s epilogue after what is buffered.
                         let _ = write(w, &mut out).await;
@@ -367,13 +417,27 @@ impl Frontend<'_> {
                 let sql = codec::query_text(body).map_err(|e| violation("Query", e))?;
                 self.metrics.statements_simple.inc();
                 match self.judge(sql) {
-                    Ok(ctx) => {
+                    Judged::Allow(ctx) => {
                         if let Some(m) = &mut self.mask {
                             m.query(ctx);
                         }
                         out.extend_from_slice(bytes)
                     }
-                    Err(err) => {
+                    Judged::Hold(reason, ctx) => {
+                        let sensitive = ctx.is_some();
+                        return Ok(Flow::Hold(Hold {
+                            kind: HoldKind::Query { ctx },
+                            bytes: bytes.to_vec(),
+                            need: Arc::new(Need {
+                                sql: sql.to_owned(),
+                                reason,
+                                sensitive,
+                                param_types: Vec::new(),
+                            }),
+                            params: Vec::new(),
+                        }));
+                    }
+                    Judged::Refuse(err) => {
                         if let Some(m) = &mut self.mask {
                             m.query(None);
                         }
@@ -384,16 +448,37 @@ impl Frontend<'_> {
             b'P' => {
                 let parse = codec::parse(body).map_err(|e| violation("Parse", e))?;
                 match self.judge(parse.query) {
-                    Ok(ctx) => {
+                    Judged::Allow(ctx) => {
                         // Named statements share PREPARE's namespace: a later
                         // SQL `EXECUTE name` runs this judged text.
                         self.session.prepared(parse.statement);
+                        self.needs.remove(parse.statement);
                         if let Some(m) = &mut self.mask {
                             m.parsed(parse.statement, ctx);
                         }
                         out.extend_from_slice(bytes);
                     }
-                    Err(err) => {
+                    Judged::Hold(reason, ctx) => {
+                        // Preparing runs nothing: the hold comes at Execute,
+                        // when the parameters are known. Not added to the
+                        // session's prepared names, so SQL `EXECUTE name`
+                        // cannot run it around the approval.
+                        self.needs.insert(
+                            parse.statement.to_owned(),
+                            Arc::new(Need {
+                                sql: parse.query.to_owned(),
+                                reason,
+                                sensitive: ctx.is_some(),
+                                param_types: parse.param_types.clone(),
+                            }),
+                        );
+                        if let Some(m) = &mut self.mask {
+                            m.parsed(parse.statement, ctx);
+                        }
+                        out.extend_from_slice(bytes);
+                    }
+                    Judged::Refuse(err) => {
+                        self.needs.remove(parse.statement);
                         if let Some(m) = &mut self.mask {
                             m.refused_parse(parse.statement);
                         }
@@ -401,9 +486,23 @@ impl Frontend<'_> {
                     }
                 }
             }
-            b'B' if self.mask.is_some() => {
+            b'B' if self.mask.is_some()
+                || !self.needs.is_empty()
+                || !self.held_portals.is_empty() =>
+            {
                 let (portal, statement) =
                     codec::bind_names(body).map_err(|e| violation("Bind", e))?;
+                match self.needs.get(statement) {
+                    Some(need) => {
+                        let (_, _, params) =
+                            codec::bind_params(body).map_err(|e| violation("Bind", e))?;
+                        let held = approve::HeldPortal::new(need.clone(), &params);
+                        self.held_portals.insert(portal.to_owned(), held);
+                    }
+                    None => {
+                        self.held_portals.remove(portal);
+                    }
+                }
                 out.extend_from_slice(bytes);
                 if self
                     .mask
@@ -422,11 +521,24 @@ impl Frontend<'_> {
             }
             b'E' => {
                 self.metrics.statements_extended.inc();
-                if let Some(m) = &mut self.mask {
+                if self.mask.is_some() || !self.held_portals.is_empty() {
                     let portal =
                         codec::execute_portal(body).map_err(|e| violation("Execute", e))?;
-                    m.execute(portal);
+                    if let Some(held) = self.held_portals.remove(portal) {
+                        return Ok(Flow::Hold(Hold {
+                            kind: HoldKind::Execute {
+                                portal: portal.to_owned(),
+                            },
+                            bytes: bytes.to_vec(),
+                            need: held.need,
+                            params: held.params,
+                        }));
+                    }
+                    if let Some(m) = &mut self.mask {
+                        m.execute(portal);
+                    }
                 }
+                self.executes_since_sync += 1;
                 out.extend_from_slice(bytes);
             }
             b'S' => {
@@ -448,8 +560,12 @@ impl Frontend<'_> {
             }
             b'C' => {
                 let (kind, name) = codec::close(body).map_err(|e| violation("Close", e))?;
+                if kind == b'P' {
+                    self.held_portals.remove(name);
+                }
                 if kind == b'S' {
                     self.session.closed(name);
+                    self.needs.remove(name);
                     if let Some(m) = &mut self.mask {
                         m.closed_statement(name);
                     }
@@ -471,16 +587,203 @@ impl Frontend<'_> {
 
     /// Judge a query text and, under a masking policy, decide how its
     /// results are masked (or refuse what masking cannot make safe).
-    fn judge(&mut self, sql: &str) -> Result<plan::MaskCtx, PgError> {
+    fn judge(&mut self, sql: &str) -> Judged {
         let (verdict, j) = self.gate.judge_with(sql, &mut self.session);
-        if let Verdict::Refuse(err) = verdict {
-            return Err(err);
+        let hold = match verdict {
+            Verdict::Refuse(err) => return Judged::Refuse(err),
+            Verdict::Allow => None,
+            Verdict::RequireApproval(reason) => Some(reason),
+        };
+        let ctx = match &self.mask {
+            None => None,
+            Some(m) => match m.context(self.gate, &j) {
+                Ok(ctx) => ctx,
+                // Refused outright: never put in front of a reviewer.
+                Err(r) => return Judged::Refuse(PgError::denied(format!("masking: {}", r.0))),
+            },
+        };
+        match hold {
+            None => Judged::Allow(ctx),
+            Some(_) if self.approvals.is_none() => {
+                Judged::Refuse(messages::no_store(hold.as_deref().unwrap_or_default()))
+            }
+            Some(reason) => Judged::Hold(reason, ctx),
         }
-        match &self.mask {
-            None => Ok(None),
-            Some(m) => m
-                .context(self.gate, &j)
-                .map_err(|r| PgError::denied(format!("masking: {}", r.0))),
+    }
+
+    fn request_sent(&mut self) {
+        self.requests_sent += 1;
+        self.clock.request_sent();
+    }
+
+    /// Hold a statement that needs approval: open (or find) its request,
+    /// wait for a decision when the policy says so, then release it upstream
+    /// or refuse it. Messages the client pipelined after it stay buffered.
+    async fn hold<R, W>(
+        &mut self,
+        hold: Hold,
+        r: &mut R,
+        frames: &mut FrameBuf,
+        w: &mut W,
+        out: &mut BytesMut,
+    ) -> Result<(), End>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let approvals = self
+            .approvals
+            .expect("judge() holds only with an approval store");
+        // What came before the held message goes upstream now.
+        self.cancels.settled().await;
+        if let Err(e) = write(w, out).await {
+            return Err(End::UpstreamFailed(format!(
+                "writing to the upstream server failed: {e}"
+            )));
+        }
+        let params = hold.param_refs();
+        let opened = approvals
+            .open(crate::approval::Ask {
+                subject: self.subject,
+                statement: &hold.need.sql,
+                params: &params,
+                sensitive: hold.need.sensitive,
+                reason: &hold.need.reason,
+            })
+            .await;
+        use crate::approval::Opened;
+        let decided = match opened {
+            Err(e) => {
+                tracing::warn!(error = %e, "approval store failed; statement refused");
+                Err(messages::store_failed(&e))
+            }
+            Ok(Opened::Released(req)) => Ok(crate::approval::request::id(&req).to_owned()),
+            Ok(Opened::Denied(req)) => Err(messages::denied(&req)),
+            Ok(Opened::Pending(req)) if approvals.wait.is_zero() => {
+                tracing::info!(request = %crate::approval::request::id(&req), "statement needs approval (fail fast)");
+                Err(messages::pending(approvals, &req))
+            }
+            Ok(Opened::Pending(req)) => self.wait_for(approvals, req, r, frames).await?,
+        };
+        match decided {
+            Ok(id) => self.release(hold, &id, out),
+            Err(err) => self.refuse_held(hold, err, out),
+        }
+        Ok(())
+    }
+
+    /// Wait for a reviewer: poll the request, and meanwhile watch for the
+    /// client cancelling or leaving, the token expiring, and shutdown.
+    async fn wait_for<R: AsyncRead + Unpin>(
+        &mut self,
+        approvals: &Approvals,
+        req: pgwarden_api::ApprovalRequest,
+        r: &mut R,
+        frames: &mut FrameBuf,
+    ) -> Result<Result<String, PgError>, End> {
+        use crate::approval::{request, Waited};
+        let id = request::id(&req).to_owned();
+        tracing::info!(request = %id, "statement held for approval");
+        let mut notice = BytesMut::new();
+        codec::put_notice(&messages::waiting(approvals, &req), &mut notice);
+        let _ = self.notices.send(notice);
+        let deadline = tokio::time::Instant::now() + approvals.wait;
+        let expires = self.expires;
+        loop {
+            // The client may pipeline more; keep reading (bounded) so that a
+            // client that goes away is noticed.
+            let may_read = frames.buffered().len() < approve::MAX_BUFFERED_WHILE_HELD;
+            tokio::select! {
+                _ = tokio::time::sleep(crate::approval::POLL_EVERY) => {}
+                _ = self.interrupt.notified() => {
+                    tracing::info!(request = %id, "wait for approval cancelled by the client");
+                    return Ok(Err(messages::cancelled(&req)));
+                }
+                _ = self.shutdown.wait_for(|down| *down) => return Err(End::Shutdown),
+                _ = approve::sleep_until(expires) => return Err(End::CredentialExpired),
+                read = frames.fill(r), if may_read => match read {
+                    Ok(true) => {}
+                    Ok(false) => return Err(End::ClientClosed),
+                    Err(ReadError::Io(e)) => return Err(End::ClientIo(e)),
+                    Err(e) => return Err(End::ClientViolation(PgError::protocol_violation(e.to_string()))),
+                },
+            }
+            // Never inside the select: a check may claim the approval, and a
+            // claimed approval must not be dropped half-way.
+            match approvals.check(&id).await {
+                Ok(Waited::Released(_)) => return Ok(Ok(id)),
+                Ok(Waited::Denied(req)) => return Ok(Err(messages::denied(&req))),
+                Ok(Waited::Expired(req)) => return Ok(Err(messages::expired(&req))),
+                Ok(Waited::UsedElsewhere(req)) => return Ok(Err(messages::used_elsewhere(&req))),
+                Ok(Waited::Pending) if tokio::time::Instant::now() >= deadline => {
+                    return Ok(Err(messages::timed_out(approvals, &req)))
+                }
+                Ok(Waited::Pending) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "approval store failed while waiting");
+                    return Ok(Err(messages::store_failed(&e)));
+                }
+            }
+        }
+    }
+
+    /// Send an approved statement upstream; its outcome is recorded on the
+    /// request once the server answers.
+    fn release(&mut self, hold: Hold, id: &str, out: &mut BytesMut) {
+        tracing::info!(request = %id, "approved statement released");
+        let kind = match hold.kind {
+            HoldKind::Query { ctx } => {
+                if let Some(m) = &mut self.mask {
+                    m.query(ctx);
+                }
+                WatchKind::Query
+            }
+            HoldKind::Execute { portal } => {
+                if let Some(m) = &mut self.mask {
+                    m.execute(&portal);
+                }
+                WatchKind::Execute(self.executes_since_sync)
+            }
+        };
+        // Sent before the bytes go upstream, so the upstream half has it
+        // when the answer comes.
+        let _ = self.watches.send(Watch {
+            window: self.requests_sent,
+            kind,
+            id: id.to_owned(),
+        });
+        out.extend_from_slice(&hold.bytes);
+        self.after_held(kind);
+    }
+
+    fn refuse_held(&mut self, hold: Hold, err: PgError, out: &mut BytesMut) {
+        let kind = match hold.kind {
+            HoldKind::Query { .. } => {
+                if let Some(m) = &mut self.mask {
+                    m.query(None);
+                }
+                self.refuse_query(err, out);
+                WatchKind::Query
+            }
+            HoldKind::Execute { portal } => {
+                if let Some(m) = &mut self.mask {
+                    m.execute(&portal);
+                }
+                // A Parse of the sentinel under a name of our own: its error
+                // takes the Execute's place and skips the rest to Sync, as a
+                // failed Execute would.
+                let name = format!("pgwarden_held_{}", self.nonce);
+                self.refuse_parse(&name, err, out);
+                WatchKind::Execute(0)
+            }
+        };
+        self.after_held(kind);
+    }
+
+    fn after_held(&mut self, kind: WatchKind) {
+        match kind {
+            WatchKind::Query => self.request_sent(),
+            WatchKind::Execute(_) => self.executes_since_sync += 1,
         }
     }
 
@@ -524,6 +827,16 @@ impl Frontend<'_> {
 enum Flow {
     Continue,
     Terminate,
+    /// The statement needs approval: `Frontend::hold` takes it from here.
+    Hold(Hold),
+}
+
+/// A judged statement text.
+enum Judged {
+    Allow(plan::MaskCtx),
+    /// Needs approval (the reason), with its masking context.
+    Hold(String, plan::MaskCtx),
+    Refuse(PgError),
 }
 
 /// A bare identifier is never a valid statement, so the server always answers
@@ -575,6 +888,10 @@ struct Backend<'a> {
     clock: &'a StatementClock,
     cancel: &'a Option<(Arc<UpstreamTarget>, BackendKey)>,
     cancels: &'a Arc<CancelInFlight>,
+    /// NoticeResponses from the client half (a statement waiting for approval).
+    notices: mpsc::UnboundedReceiver<BytesMut>,
+    /// Records the outcome of approved statements.
+    watcher: Watcher,
 }
 
 impl Backend<'_> {
@@ -608,7 +925,17 @@ impl Backend<'_> {
                 return End::ClientIo(e);
             }
             self.metrics.bytes_to_client.inc_by(n as u64);
-            match frames.fill(r).await {
+            let filled = tokio::select! {
+                filled = frames.fill(r) => filled,
+                Some(mut notice) = self.notices.recv() => {
+                    // Between whole messages: a notice may come at any time.
+                    if let Err(e) = write(w, &mut notice).await {
+                        return End::ClientIo(e);
+                    }
+                    continue;
+                }
+            };
+            match filled {
                 Ok(true) => {}
                 Ok(false) => return End::UpstreamClosed,
                 Err(ReadError::Io(e)) => {
@@ -631,6 +958,10 @@ impl Backend<'_> {
             Some(m) => m.on_message(ty, body)?,
             None => Disposition::Pass,
         };
+        if matches!(ty, b'C' | b'I' | b's' | b'E' | b'Z') {
+            self.watcher
+                .on_message(ty, body, disposition == Disposition::Scrub);
+        }
         if disposition == Disposition::Swallow {
             return Ok(());
         }

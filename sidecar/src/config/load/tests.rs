@@ -112,13 +112,7 @@ fn missing_secret_or_keys_are_named() {
 
 #[test]
 fn features_not_enforced_yet_are_refused_not_ignored() {
-    let cases = [
-        (
-            "  approval: {approvers: {users: [alice]}, wait: 1m}\n",
-            "spec.approval",
-        ),
-        ("  recording: {resultRows: 10}\n", "spec.recording"),
-    ];
+    let cases = [("  recording: {resultRows: 10}\n", "spec.recording")];
     for (extra, path) in cases {
         let p = format!("{POLICY}{extra}");
         let errs = errors(&[&p, SECRET]);
@@ -251,4 +245,30 @@ fn example_policies_load() {
         seen += 1;
     }
     assert!(seen >= 2, "no example policies found in {}", dir.display());
+}
+
+#[test]
+fn approvals_open_their_store_in_the_state_dir() {
+    let p = format!("{POLICY}  approval: {{wait: 30s, expiresAfter: 10m}}\n");
+    let (_d, paths) = files(&[&p, SECRET]);
+    let state = tempfile::tempdir().unwrap();
+    let opts = LoadOptions {
+        state_dir: Some(state.path().to_owned()),
+        ..LoadOptions::default()
+    };
+    let cfg = load_files(&paths, &opts).unwrap();
+    let a = cfg.policies[0].approvals.as_ref().expect("approvals");
+    assert_eq!(a.wait, std::time::Duration::from_secs(30));
+    assert!(state.path().join("approvals/.fingerprint-key").exists());
+    // Without a state dir (pgwarden check) there is no store.
+    let cfg = load_files(&paths, &LoadOptions::default()).unwrap();
+    assert!(cfg.policies[0].approvals.is_none());
+    // A wait longer than the request lives is refused with its path.
+    let errs = errors(&[&format!("{POLICY}  approval: {{wait: 2h}}\n"), SECRET]);
+    assert!(
+        errs.iter()
+            .any(|e| e.path.as_deref() == Some("spec.approval.wait")
+                && e.message.contains("expiresAfter")),
+        "{errs:?}"
+    );
 }

@@ -1,0 +1,182 @@
+//! `pgwarden approvals list|show|approve|deny`: the reviewer's side in
+//! standalone mode. The decider is the OS user running the command.
+//!
+//! Exit codes: 0 done, 1 refused (unknown id, already decided, expired,
+//! self-approval), 2 usage or store errors.
+
+use std::process::ExitCode;
+
+use k8s_openapi::jiff::Timestamp;
+use pgwarden_api::{ApprovalRequest, DecisionAction};
+
+use super::{ApprovalsArgs, ApprovalsCommand, OutputFormat};
+use crate::approval::request::{self, DecideError};
+use crate::approval::store::{DirStore, StoreError};
+
+const EXIT_REFUSED: u8 = 1;
+const EXIT_ERROR: u8 = 2;
+
+pub fn approvals(args: ApprovalsArgs) -> anyhow::Result<ExitCode> {
+    let store = match DirStore::open(&args.state_dir) {
+        Ok(s) => s,
+        Err(e) => return Ok(fail(EXIT_ERROR, &e.to_string())),
+    };
+    let now = Timestamp::now();
+    match args.command {
+        ApprovalsCommand::List => match store.list() {
+            Ok(all) => {
+                match args.output {
+                    OutputFormat::Json => print_json(
+                        &all.iter()
+                            .map(|r| request::view(r, now))
+                            .collect::<Vec<_>>(),
+                    ),
+                    OutputFormat::Text => print_table(&all, now),
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => Ok(fail(EXIT_ERROR, &e.to_string())),
+        },
+        ApprovalsCommand::Show { id } => match store.get(&id) {
+            Ok(r) => {
+                match args.output {
+                    OutputFormat::Json => print_json(&request::view(&r, now)),
+                    OutputFormat::Text => print_one(&r, now),
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => Ok(store_failure(e)),
+        },
+        ApprovalsCommand::Approve { id } => {
+            decide(&store, &id, DecisionAction::Approve, args.reason)
+        }
+        ApprovalsCommand::Deny { id } => decide(&store, &id, DecisionAction::Deny, args.reason),
+    }
+}
+
+fn decide(
+    store: &DirStore,
+    id: &str,
+    action: DecisionAction,
+    reason: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let by = os_user();
+    let result = store.update(id, |r| {
+        let outcome = request::decide(r, action, &by, reason, Timestamp::now());
+        // An expiry noticed here is written down too.
+        let changed = outcome.is_ok() || matches!(outcome, Err(DecideError::Expired { .. }));
+        (changed, outcome)
+    });
+    match result {
+        Ok(Ok(())) => {
+            let verb = match action {
+                DecisionAction::Approve => "approved",
+                DecisionAction::Deny => "denied",
+            };
+            println!("{verb} {id} (decided by {by})");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(Err(e)) => Ok(fail(EXIT_REFUSED, &e.to_string())),
+        Err(e) => Ok(store_failure(e)),
+    }
+}
+
+fn store_failure(e: StoreError) -> ExitCode {
+    match e {
+        StoreError::NotFound(_) => fail(EXIT_REFUSED, &e.to_string()),
+        _ => fail(EXIT_ERROR, &e.to_string()),
+    }
+}
+
+fn fail(code: u8, message: &str) -> ExitCode {
+    eprintln!("pgwarden approvals: {message}");
+    ExitCode::from(code)
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("pgwarden approvals: {e}"),
+    }
+}
+
+/// One line per request, statement last (it is the long part).
+fn print_table(all: &[ApprovalRequest], now: Timestamp) {
+    println!(
+        "{:<32} {:<9} {:<24} {:<21} STATEMENT",
+        "ID", "PHASE", "REQUESTER", "EXPIRES"
+    );
+    for r in all {
+        let statement: String = r
+            .spec
+            .statement
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let statement = if statement.chars().count() > 80 {
+            format!("{}…", statement.chars().take(79).collect::<String>())
+        } else {
+            statement
+        };
+        println!(
+            "{:<32} {:<9} {:<24} {:<21} {statement}",
+            request::id(r),
+            format!("{:?}", request::phase(r, now)),
+            r.spec.requester.subject,
+            r.spec.expires_at,
+        );
+    }
+}
+
+fn print_one(r: &ApprovalRequest, now: Timestamp) {
+    let v = request::view(r, now);
+    println!("id:          {}", v.id);
+    println!("phase:       {:?}", v.phase);
+    println!("policy:      {}/{}", v.namespace, v.policy);
+    println!("database:    {}", v.database);
+    println!("requester:   {}", v.requester.subject);
+    if let Some(p) = &v.requester.pod {
+        println!("pod:         {p}");
+    }
+    println!("reason:      {}", v.reason);
+    println!("created:     {}", v.created_at.as_deref().unwrap_or("?"));
+    println!("expires:     {}", v.expires_at);
+    println!("statement:   {}", v.statement);
+    for (i, p) in v.parameters.iter().enumerate() {
+        println!("  ${}:        {}", i + 1, p.as_deref().unwrap_or("NULL"));
+    }
+    if let Some(d) = v.decision {
+        println!(
+            "decision:    {:?} by {} at {}: {}",
+            d.action,
+            d.decided_by.as_deref().unwrap_or("?"),
+            d.decided_at.as_deref().unwrap_or("?"),
+            d.reason.as_deref().unwrap_or("no reason given")
+        );
+    }
+    if let Some(res) = v.result {
+        println!("result:      {res}");
+    }
+}
+
+/// The OS user running this command: the real uid's name from
+/// /etc/passwd, else `$USER`, else `uid N`.
+fn os_user() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    if let Some(uid) = uid {
+        if let Ok(passwd) = std::fs::read_to_string("/etc/passwd") {
+            for line in passwd.lines() {
+                let f: Vec<&str> = line.split(':').collect();
+                if f.len() > 2 && f[2].parse() == Ok(uid) && !f[0].is_empty() {
+                    return f[0].to_owned();
+                }
+            }
+        }
+    }
+    match (std::env::var("USER"), uid) {
+        (Ok(u), _) if !u.is_empty() => u,
+        (_, Some(uid)) => format!("uid {uid}"),
+        _ => "unknown".into(),
+    }
+}
