@@ -15,6 +15,7 @@ pub mod identity;
 pub mod masking;
 pub mod observe;
 pub mod policy;
+pub mod recording;
 pub mod session;
 pub mod transport;
 pub mod upstream;

@@ -3,6 +3,7 @@
 mod approvals;
 mod check;
 mod run;
+mod sessions;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,6 +31,29 @@ pub enum Command {
     Check(CheckArgs),
     /// List and decide statements waiting for approval (standalone mode).
     Approvals(ApprovalsArgs),
+    /// List, replay and verify recorded sessions.
+    Sessions(SessionsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SessionsArgs {
+    #[command(subcommand)]
+    pub command: SessionsCommand,
+    /// The gateway's --state-dir.
+    #[arg(long, global = true, default_value = "./pgwarden-state")]
+    pub state_dir: PathBuf,
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionsCommand {
+    /// Every recorded session, oldest first.
+    List,
+    /// One session as a transcript (its own chain is checked first).
+    Replay { id: String },
+    /// Check the whole log's hash chain; exit 1 at the first broken link.
+    Verify,
 }
 
 #[derive(Debug, clap::Args)]
@@ -158,5 +182,6 @@ pub fn main_with(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Run(args) => run::run(*args),
         Command::Check(args) => check::check(args),
         Command::Approvals(args) => approvals::approvals(args),
+        Command::Sessions(args) => sessions::sessions(args),
     }
 }

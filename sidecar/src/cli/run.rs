@@ -51,6 +51,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
         masking_key,
         state_dir: Some(args.state_dir.clone()),
+        ..config::LoadOptions::default()
     };
     // Before the policies: each opens its approval store in it.
     std::fs::create_dir_all(&args.state_dir)

@@ -16,6 +16,7 @@ use crate::approval::Approvals;
 use crate::identity::{Authenticator, IdentityOptions};
 use crate::masking::{HashKey, MaskRules, Masking};
 use crate::policy::Gate;
+use crate::recording::{Recorder, Recording};
 use crate::upstream::{tls::UpstreamTls, Credential, UpstreamTarget};
 
 const POLICY_API_VERSION: &str = "pgwarden.io/v1alpha1";
@@ -102,9 +103,24 @@ pub struct LoadOptions {
     /// The key of the `Hash` masking strategy (from `--masking-key-file`;
     /// in a cluster, from the operator). Never from a client.
     pub masking_key: Option<Vec<u8>>,
-    /// Where approval requests are kept (`--state-dir`); without it a
-    /// statement that needs approval is refused.
+    /// Where approval requests and recordings are kept (`--state-dir`);
+    /// without it a statement that needs approval is refused, and a policy
+    /// that records cannot be loaded.
     pub state_dir: Option<PathBuf>,
+    /// The gateway's one recording log, opened by the first policy that
+    /// records.
+    pub recorder: std::sync::OnceLock<Result<Recorder, String>>,
+}
+
+impl LoadOptions {
+    fn recorder(&self) -> Result<Recorder, String> {
+        let Some(dir) = &self.state_dir else {
+            return Err("recording needs a state directory (--state-dir)".into());
+        };
+        self.recorder
+            .get_or_init(|| Recorder::start(dir).map_err(|e| e.to_string()))
+            .clone()
+    }
 }
 
 impl Default for LoadOptions {
@@ -114,6 +130,7 @@ impl Default for LoadOptions {
             identity: IdentityOptions::default(),
             masking_key: None,
             state_dir: None,
+            recorder: Default::default(),
         }
     }
 }
@@ -255,19 +272,7 @@ fn read_file(
     }
 }
 
-/// Features in the CRD that this build does not enforce yet. Refusing them at
-/// start is the fail-closed choice: a policy that asks for masking must never
-/// run unmasked.
-fn unsupported_features(p: &DatabaseAccessPolicy) -> Vec<(&'static str, &'static str)> {
-    let s = &p.spec;
-    let mut out = Vec::new();
-    if s.recording.is_some() {
-        out.push(("spec.recording", "session recording"));
-    }
-    out
-}
-
-/// Schema-level and semantic checks, and features this build cannot enforce.
+/// Schema-level and semantic checks.
 fn validate_policy(p: &Located<DatabaseAccessPolicy>, errors: &mut Vec<ConfigError>) {
     let err = |path: &str, message: String| ConfigError {
         file: p.file.clone(),
@@ -277,14 +282,6 @@ fn validate_policy(p: &Located<DatabaseAccessPolicy>, errors: &mut Vec<ConfigErr
     };
     for fe in p.value.spec.validate() {
         errors.push(err(&fe.path, fe.message));
-    }
-    for (path, what) in unsupported_features(&p.value) {
-        errors.push(err(
-            path,
-            format!(
-                "{what} is not supported by this version of pgwarden yet; refusing to start rather than ignore it"
-            ),
-        ));
     }
 }
 
@@ -506,9 +503,20 @@ fn resolve_policy(
             }
         }
     };
+    let recording = match &policy.spec.recording {
+        None => None,
+        Some(settings) => match opts.recorder() {
+            Ok(r) => Some(Arc::new(Recording::new(r, settings, &policy.spec))),
+            Err(e) => {
+                errors.push(err("spec.recording", format!("cannot record: {e}")));
+                return None;
+            }
+        },
+    };
     Some(PolicyConfig {
         id: format!("{ns}/{name}"),
         approvals,
+        recording,
         upstream,
         gate: Gate::new(&policy.spec, opts.cache_entries),
         authenticator,

@@ -17,6 +17,7 @@ use crate::approval::Approvals;
 use crate::identity::Authenticator;
 use crate::masking::Masking;
 use crate::policy::Gate;
+use crate::recording::Recording;
 use crate::upstream::UpstreamTarget;
 
 /// Everything the gateway serves. Immutable once built; a new snapshot replaces
@@ -60,6 +61,8 @@ pub struct PolicyConfig {
     pub masking: Option<Arc<Masking>>,
     /// Where statements that need approval wait (`--state-dir`).
     pub approvals: Option<Arc<Approvals>>,
+    /// Session recording, when the policy has `recording:`.
+    pub recording: Option<Arc<Recording>>,
 }
 
 /// A value that must never be printed: Debug and Display redact it.

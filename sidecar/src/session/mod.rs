@@ -8,6 +8,7 @@ mod approve;
 mod cancel;
 mod limits;
 mod mask;
+mod outcome;
 mod relay;
 mod startup;
 
@@ -54,14 +55,14 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         let _ = tcp.set_nodelay(true);
         shared.metrics.connections_total.inc();
         shared.metrics.connections_active.inc();
-        serve_inner(tcp, peer, &shared).await;
+        serve_inner(tcp, peer, &shared, &id).await;
         shared.metrics.connections_active.dec();
     }
     .instrument(span)
     .await
 }
 
-async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
+async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared, session_id: &str) {
     let negotiated = match startup::negotiate(tcp, shared.tls.as_ref()).await {
         Ok(n) => n,
         Err(e) => {
@@ -164,6 +165,29 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
             .register(policy.upstream.clone(), key, interrupt.clone())
     });
 
+    // Recorded before the client can send anything: a session that cannot
+    // be recorded does not start.
+    let log = policy
+        .recording
+        .as_ref()
+        .map(|rec| crate::recording::SessionLog::new(rec.clone(), session_id.to_owned()));
+    if let Some(log) = &log {
+        let ack = log.start(
+            &identity.subject,
+            identity.method,
+            &identity.attributes,
+            &peer.to_string(),
+            startup.application_name.as_deref().unwrap_or(""),
+            &policy.id,
+            &policy.upstream.database,
+        );
+        if let Some(ack) = ack {
+            if ack.await.is_err() {
+                return refuse(&mut stream, PgError::recording_failed()).await;
+            }
+        }
+    }
+
     // What a server sends after a successful login, with our cancel key.
     codec::put_auth_ok(&mut greeting);
     for ps in &up.parameter_status {
@@ -201,6 +225,7 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         approvals: policy.approvals.clone(),
         subject: identity.subject.clone(),
         interrupt,
+        log: log.as_ref(),
         limits: shared.limits,
     };
     let end = relay
@@ -224,6 +249,25 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared) {
         }
         End::ClientIo(e) => info!(error = %e, "session ended: client connection failed"),
         End::UpstreamFailed(why) => warn!(error = %why, "session ended: upstream failed"),
+        End::RecordingFailed => {
+            tracing::error!("session ended: its recording could not be written")
+        }
+    }
+    if let Some(log) = &log {
+        let reason = match &end {
+            End::ClientTerminated => "client terminated",
+            End::ClientClosed => "client closed the connection",
+            End::UpstreamClosed => "server closed the connection",
+            End::ClientViolation(_) => "client protocol violation",
+            End::UpstreamFailed(_) => "server connection failed",
+            End::ClientIo(_) => "client connection failed",
+            End::Shutdown => "gateway shutdown",
+            End::CredentialExpired => "credential expired",
+            End::RecordingFailed => "recording failed",
+        };
+        if let Some(ack) = log.end(reason) {
+            let _ = ack.await;
+        }
     }
     drop(registration);
 }

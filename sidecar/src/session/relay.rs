@@ -22,13 +22,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::approve::{self, Hold, HoldKind, Need, Watch, WatchKind, Watcher};
+use super::approve::{self, Hold, HoldKind, Need};
 use super::limits::{RowAction, RowLimiter, StatementClock};
 use super::mask::{self, BackMask, Disposition, FrontMask};
+use super::outcome::{Watch, WatchKind, Watcher};
 use crate::approval::{messages, Approvals};
 use crate::masking::{plan, Masking};
 use crate::observe::Metrics;
 use crate::policy::{Gate, SessionState, Verdict};
+use crate::recording::{Ack, SessionLog, StatementFacts};
 use crate::upstream::{self, BackendKey, UpstreamTarget};
 use crate::wire::codec::{self, TxStatus};
 use crate::wire::conn::{FrameBuf, ReadError};
@@ -53,6 +55,9 @@ pub enum End {
     Shutdown,
     /// The client's token expired; no new statement may run on it.
     CredentialExpired,
+    /// A durable record could not be written: the session stops rather than
+    /// run or answer unrecorded.
+    RecordingFailed,
 }
 
 /// A refusal waiting for its sentinel's error to come back.
@@ -89,6 +94,8 @@ pub struct Relay<'a> {
     pub subject: String,
     /// Woken by a CancelRequest for this session (ends a wait for approval).
     pub interrupt: Arc<Notify>,
+    /// The session's recording, when the policy records.
+    pub log: Option<&'a SessionLog>,
     pub limits: Limits,
 }
 
@@ -183,8 +190,10 @@ impl Relay<'_> {
                 watches: watch_tx,
                 requests_sent: 0,
                 executes_since_sync: 0,
-                needs: HashMap::new(),
-                held_portals: HashMap::new(),
+                statements: HashMap::new(),
+                portals: HashMap::new(),
+                log: self.log,
+                acks: Vec::new(),
             }
             .run(&mut cr, client_frames, &mut uw);
             let back = Backend {
@@ -199,7 +208,8 @@ impl Relay<'_> {
                 cancel: &self.cancel,
                 cancels: &cancels,
                 notices: notice_rx,
-                watcher: Watcher::new(watch_rx, self.approvals.clone()),
+                watcher: Watcher::new(watch_rx, self.approvals.clone(), self.log),
+                acks: Vec::new(),
             }
             .run(&mut ur, upstream_frames, &mut cw);
             let guard = guard_timeout(&clock, self.statement_timeout, &self.cancel, &cancels);
@@ -233,6 +243,11 @@ impl Relay<'_> {
             }
             End::CredentialExpired => {
                 codec::put_error(&PgError::credential_expired(), &mut out);
+                let _ = cw.write_all(&out).await;
+                let _ = cw.flush().await;
+            }
+            End::RecordingFailed => {
+                codec::put_error(&PgError::recording_failed(), &mut out);
                 let _ = cw.write_all(&out).await;
                 let _ = cw.flush().await;
             }
@@ -329,10 +344,14 @@ struct Frontend<'a> {
     requests_sent: u64,
     /// Executes since the last Sync: which completion is whose.
     executes_since_sync: u32,
-    /// Prepared statements that need approval, by name: held at Execute.
-    needs: HashMap<String, Arc<Need>>,
+    /// Prepared statements by name: those that need approval (held at
+    /// Execute), and all of them when the session is recorded.
+    statements: HashMap<String, Arc<Need>>,
     /// Portals bound to such statements, with their parameters.
-    held_portals: HashMap<String, approve::HeldPortal>,
+    portals: HashMap<String, approve::HeldPortal>,
+    log: Option<&'a SessionLog>,
+    /// Durable statement records to wait for before sending upstream.
+    acks: Vec<Ack>,
 }
 
 impl Frontend<'_> {
@@ -391,6 +410,10 @@ impl Frontend<'_> {
             if !out.is_empty() {
                 self.cancels.settled().await;
             }
+            // Durable recording: nothing runs before its record is on disk.
+            if !recorded(&mut self.acks).await {
+                return End::RecordingFailed;
+            }
             if let Err(e) = write(w, &mut out).await {
                 return End::UpstreamFailed(format!("writing to the upstream server failed: {e}"));
             }
@@ -416,11 +439,13 @@ impl Frontend<'_> {
             b'Q' => {
                 let sql = codec::query_text(body).map_err(|e| violation("Query", e))?;
                 self.metrics.statements_simple.inc();
-                match self.judge(sql) {
+                let (judged, rule) = self.judge(sql);
+                match judged {
                     Judged::Allow(ctx) => {
                         if let Some(m) = &mut self.mask {
                             m.query(ctx);
                         }
+                        self.record_allowed(sql, Vec::new(), rule, WatchKind::Query);
                         out.extend_from_slice(bytes)
                     }
                     Judged::Hold(reason, ctx) => {
@@ -430,29 +455,46 @@ impl Frontend<'_> {
                             bytes: bytes.to_vec(),
                             need: Arc::new(Need {
                                 sql: sql.to_owned(),
-                                reason,
+                                reason: Some(reason),
                                 sensitive,
                                 param_types: Vec::new(),
+                                rule: rule.clone(),
                             }),
                             params: Vec::new(),
+                            rule,
                         }));
                     }
                     Judged::Refuse(err) => {
                         if let Some(m) = &mut self.mask {
                             m.query(None);
                         }
+                        self.record_refused(sql, Vec::new(), rule, &err, None);
                         self.refuse_query(err, out)
                     }
                 }
             }
             b'P' => {
                 let parse = codec::parse(body).map_err(|e| violation("Parse", e))?;
-                match self.judge(parse.query) {
+                let (judged, rule) = self.judge(parse.query);
+                match judged {
                     Judged::Allow(ctx) => {
                         // Named statements share PREPARE's namespace: a later
                         // SQL `EXECUTE name` runs this judged text.
                         self.session.prepared(parse.statement);
-                        self.needs.remove(parse.statement);
+                        if self.log.is_some() {
+                            self.statements.insert(
+                                parse.statement.to_owned(),
+                                Arc::new(Need {
+                                    sql: parse.query.to_owned(),
+                                    reason: None,
+                                    sensitive: ctx.is_some(),
+                                    param_types: parse.param_types.clone(),
+                                    rule,
+                                }),
+                            );
+                        } else {
+                            self.statements.remove(parse.statement);
+                        }
                         if let Some(m) = &mut self.mask {
                             m.parsed(parse.statement, ctx);
                         }
@@ -463,13 +505,14 @@ impl Frontend<'_> {
                         // when the parameters are known. Not added to the
                         // session's prepared names, so SQL `EXECUTE name`
                         // cannot run it around the approval.
-                        self.needs.insert(
+                        self.statements.insert(
                             parse.statement.to_owned(),
                             Arc::new(Need {
                                 sql: parse.query.to_owned(),
-                                reason,
+                                reason: Some(reason),
                                 sensitive: ctx.is_some(),
                                 param_types: parse.param_types.clone(),
+                                rule,
                             }),
                         );
                         if let Some(m) = &mut self.mask {
@@ -478,29 +521,45 @@ impl Frontend<'_> {
                         out.extend_from_slice(bytes);
                     }
                     Judged::Refuse(err) => {
-                        self.needs.remove(parse.statement);
+                        self.statements.remove(parse.statement);
                         if let Some(m) = &mut self.mask {
                             m.refused_parse(parse.statement);
                         }
+                        self.record_refused(parse.query, Vec::new(), rule, &err, None);
                         self.refuse_parse(parse.statement, err, out)
                     }
                 }
             }
             b'B' if self.mask.is_some()
-                || !self.needs.is_empty()
-                || !self.held_portals.is_empty() =>
+                || self.log.is_some()
+                || !self.statements.is_empty()
+                || !self.portals.is_empty() =>
             {
                 let (portal, statement) =
                     codec::bind_names(body).map_err(|e| violation("Bind", e))?;
-                match self.needs.get(statement) {
+                let need = match self.statements.get(statement) {
+                    Some(need) => Some(need.clone()),
+                    // Prepared by SQL PREPARE: its text was recorded then.
+                    None if self.log.is_some() => Some(Arc::new(Need {
+                        sql: format!(
+                            "-- execute statement \"{statement}\" (prepared with SQL PREPARE)"
+                        ),
+                        reason: None,
+                        sensitive: true,
+                        param_types: Vec::new(),
+                        rule: None,
+                    })),
+                    None => None,
+                };
+                match need {
                     Some(need) => {
                         let (_, _, params) =
                             codec::bind_params(body).map_err(|e| violation("Bind", e))?;
-                        let held = approve::HeldPortal::new(need.clone(), &params);
-                        self.held_portals.insert(portal.to_owned(), held);
+                        let held = approve::HeldPortal::new(need, &params);
+                        self.portals.insert(portal.to_owned(), held);
                     }
                     None => {
-                        self.held_portals.remove(portal);
+                        self.portals.remove(portal);
                     }
                 }
                 out.extend_from_slice(bytes);
@@ -521,21 +580,41 @@ impl Frontend<'_> {
             }
             b'E' => {
                 self.metrics.statements_extended.inc();
-                if self.mask.is_some() || !self.held_portals.is_empty() {
+                if self.mask.is_some() || !self.portals.is_empty() {
                     let portal =
                         codec::execute_portal(body).map_err(|e| violation("Execute", e))?;
-                    if let Some(held) = self.held_portals.remove(portal) {
-                        return Ok(Flow::Hold(Hold {
-                            kind: HoldKind::Execute {
-                                portal: portal.to_owned(),
-                            },
-                            bytes: bytes.to_vec(),
-                            need: held.need,
-                            params: held.params,
-                        }));
+                    let needs_approval = self
+                        .portals
+                        .get(portal)
+                        .is_some_and(|p| p.need.reason.is_some());
+                    if needs_approval {
+                        if let Some(held) = self.portals.remove(portal) {
+                            return Ok(Flow::Hold(Hold {
+                                kind: HoldKind::Execute {
+                                    portal: portal.to_owned(),
+                                },
+                                bytes: bytes.to_vec(),
+                                rule: held.need.rule.clone(),
+                                need: held.need,
+                                params: held.params,
+                            }));
+                        }
                     }
                     if let Some(m) = &mut self.mask {
                         m.execute(portal);
+                    }
+                    if self.log.is_some() {
+                        // Recorded at each Execute (a portal run again to
+                        // fetch more rows is recorded again).
+                        let facts = self.portals.get(portal).map(|p| {
+                            let params = p.rendered_params();
+                            (p.need.sql.clone(), params, p.need.rule.clone())
+                        });
+                        let (sql, params, rule) = facts.unwrap_or_else(|| {
+                            (format!("-- execute portal \"{portal}\""), Vec::new(), None)
+                        });
+                        let k = self.executes_since_sync;
+                        self.record_allowed(&sql, params, rule, WatchKind::Execute(k));
                     }
                 }
                 self.executes_since_sync += 1;
@@ -561,11 +640,11 @@ impl Frontend<'_> {
             b'C' => {
                 let (kind, name) = codec::close(body).map_err(|e| violation("Close", e))?;
                 if kind == b'P' {
-                    self.held_portals.remove(name);
+                    self.portals.remove(name);
                 }
                 if kind == b'S' {
                     self.session.closed(name);
-                    self.needs.remove(name);
+                    self.statements.remove(name);
                     if let Some(m) = &mut self.mask {
                         m.closed_statement(name);
                     }
@@ -587,10 +666,16 @@ impl Frontend<'_> {
 
     /// Judge a query text and, under a masking policy, decide how its
     /// results are masked (or refuse what masking cannot make safe).
-    fn judge(&mut self, sql: &str) -> Judged {
+    fn judge(&mut self, sql: &str) -> (Judged, Option<String>) {
         let (verdict, j) = self.gate.judge_with(sql, &mut self.session);
+        // The deciding rule, for the recording only.
+        let rule = self
+            .log
+            .and_then(|_| j.outcome.as_ref().ok())
+            .and_then(|d| d.rule_name())
+            .map(str::to_owned);
         let hold = match verdict {
-            Verdict::Refuse(err) => return Judged::Refuse(err),
+            Verdict::Refuse(err) => return (Judged::Refuse(err), rule),
             Verdict::Allow => None,
             Verdict::RequireApproval(reason) => Some(reason),
         };
@@ -599,16 +684,79 @@ impl Frontend<'_> {
             Some(m) => match m.context(self.gate, &j) {
                 Ok(ctx) => ctx,
                 // Refused outright: never put in front of a reviewer.
-                Err(r) => return Judged::Refuse(PgError::denied(format!("masking: {}", r.0))),
+                Err(r) => {
+                    return (
+                        Judged::Refuse(PgError::denied(format!("masking: {}", r.0))),
+                        rule,
+                    )
+                }
             },
         };
-        match hold {
+        let judged = match hold {
             None => Judged::Allow(ctx),
-            Some(_) if self.approvals.is_none() => {
-                Judged::Refuse(messages::no_store(hold.as_deref().unwrap_or_default()))
-            }
+            Some(reason) if self.approvals.is_none() => Judged::Refuse(messages::no_store(&reason)),
             Some(reason) => Judged::Hold(reason, ctx),
-        }
+        };
+        (judged, rule)
+    }
+
+    /// Record a statement that goes upstream, and watch for its answer.
+    fn record_allowed(
+        &mut self,
+        sql: &str,
+        parameters: Vec<Option<String>>,
+        rule: Option<String>,
+        kind: WatchKind,
+    ) {
+        let Some(log) = self.log else { return };
+        let (n, ack) = log.statement(StatementFacts {
+            text: sql,
+            parameters,
+            verdict: "allow",
+            rule,
+            reason: None,
+            approval: None,
+            approved_by: None,
+        });
+        self.acks.extend(ack);
+        let _ = self.watches.send(Watch {
+            window: self.requests_sent,
+            kind,
+            approval: None,
+            record: Some(n),
+            started: Instant::now(),
+        });
+    }
+
+    /// Record a statement that does not run (its error is the reason).
+    fn record_refused(
+        &mut self,
+        sql: &str,
+        parameters: Vec<Option<String>>,
+        rule: Option<String>,
+        err: &PgError,
+        approval: Option<String>,
+    ) {
+        let Some(log) = self.log else { return };
+        // As in the log line: a parser message can quote the statement.
+        let reason = if err.code == SqlState::SyntaxError {
+            "statement cannot be parsed".to_owned()
+        } else {
+            err.message
+                .strip_prefix("pgwarden: ")
+                .unwrap_or(&err.message)
+                .to_owned()
+        };
+        let (_, ack) = log.statement(StatementFacts {
+            text: sql,
+            parameters,
+            verdict: if approval.is_some() { "held" } else { "deny" },
+            rule,
+            reason: Some(reason),
+            approval,
+            approved_by: None,
+        });
+        self.acks.extend(ack);
     }
 
     fn request_sent(&mut self) {
@@ -631,11 +779,17 @@ impl Frontend<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let approvals = self
-            .approvals
-            .expect("judge() holds only with an approval store");
+        let Some(approvals) = self.approvals else {
+            // judge() holds only with an approval store.
+            let reason = hold.need.reason.clone().unwrap_or_default();
+            self.refuse_held(hold, messages::no_store(&reason), None, out);
+            return Ok(());
+        };
         // What came before the held message goes upstream now.
         self.cancels.settled().await;
+        if !recorded(&mut self.acks).await {
+            return Err(End::RecordingFailed);
+        }
         if let Err(e) = write(w, out).await {
             return Err(End::UpstreamFailed(format!(
                 "writing to the upstream server failed: {e}"
@@ -648,26 +802,32 @@ impl Frontend<'_> {
                 statement: &hold.need.sql,
                 params: &params,
                 sensitive: hold.need.sensitive,
-                reason: &hold.need.reason,
+                reason: hold.need.reason.as_deref().unwrap_or_default(),
             })
             .await;
         use crate::approval::Opened;
         let decided = match opened {
             Err(e) => {
                 tracing::warn!(error = %e, "approval store failed; statement refused");
-                Err(messages::store_failed(&e))
+                Err((messages::store_failed(&e), None))
             }
-            Ok(Opened::Released(req)) => Ok(crate::approval::request::id(&req).to_owned()),
-            Ok(Opened::Denied(req)) => Err(messages::denied(&req)),
+            Ok(Opened::Released(req)) => Ok(req),
+            Ok(Opened::Denied(req)) => Err((messages::denied(&req), Some(req))),
             Ok(Opened::Pending(req)) if approvals.wait.is_zero() => {
                 tracing::info!(request = %crate::approval::request::id(&req), "statement needs approval (fail fast)");
-                Err(messages::pending(approvals, &req))
+                Err((messages::pending(approvals, &req), Some(req)))
             }
             Ok(Opened::Pending(req)) => self.wait_for(approvals, req, r, frames).await?,
         };
+        let decided = decided.map_err(|(err, req)| {
+            (
+                err,
+                req.map(|r| crate::approval::request::id(&r).to_owned()),
+            )
+        });
         match decided {
-            Ok(id) => self.release(hold, &id, out),
-            Err(err) => self.refuse_held(hold, err, out),
+            Ok(req) => self.release(hold, &req, out),
+            Err((err, id)) => self.refuse_held(hold, err, id, out),
         }
         Ok(())
     }
@@ -680,7 +840,10 @@ impl Frontend<'_> {
         req: pgwarden_api::ApprovalRequest,
         r: &mut R,
         frames: &mut FrameBuf,
-    ) -> Result<Result<String, PgError>, End> {
+    ) -> Result<
+        Result<pgwarden_api::ApprovalRequest, (PgError, Option<pgwarden_api::ApprovalRequest>)>,
+        End,
+    > {
         use crate::approval::{request, Waited};
         let id = request::id(&req).to_owned();
         tracing::info!(request = %id, "statement held for approval");
@@ -697,7 +860,7 @@ impl Frontend<'_> {
                 _ = tokio::time::sleep(crate::approval::POLL_EVERY) => {}
                 _ = self.interrupt.notified() => {
                     tracing::info!(request = %id, "wait for approval cancelled by the client");
-                    return Ok(Err(messages::cancelled(&req)));
+                    return Ok(Err((messages::cancelled(&req), Some(req))));
                 }
                 _ = self.shutdown.wait_for(|down| *down) => return Err(End::Shutdown),
                 _ = approve::sleep_until(expires) => return Err(End::CredentialExpired),
@@ -711,52 +874,76 @@ impl Frontend<'_> {
             // Never inside the select: a check may claim the approval, and a
             // claimed approval must not be dropped half-way.
             match approvals.check(&id).await {
-                Ok(Waited::Released(_)) => return Ok(Ok(id)),
-                Ok(Waited::Denied(req)) => return Ok(Err(messages::denied(&req))),
-                Ok(Waited::Expired(req)) => return Ok(Err(messages::expired(&req))),
-                Ok(Waited::UsedElsewhere(req)) => return Ok(Err(messages::used_elsewhere(&req))),
+                Ok(Waited::Released(req)) => return Ok(Ok(req)),
+                Ok(Waited::Denied(req)) => return Ok(Err((messages::denied(&req), Some(req)))),
+                Ok(Waited::Expired(req)) => return Ok(Err((messages::expired(&req), Some(req)))),
+                Ok(Waited::UsedElsewhere(req)) => {
+                    return Ok(Err((messages::used_elsewhere(&req), Some(req))))
+                }
                 Ok(Waited::Pending) if tokio::time::Instant::now() >= deadline => {
-                    return Ok(Err(messages::timed_out(approvals, &req)))
+                    return Ok(Err((messages::timed_out(approvals, &req), Some(req))))
                 }
                 Ok(Waited::Pending) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "approval store failed while waiting");
-                    return Ok(Err(messages::store_failed(&e)));
+                    return Ok(Err((messages::store_failed(&e), Some(req))));
                 }
             }
         }
     }
 
     /// Send an approved statement upstream; its outcome is recorded on the
-    /// request once the server answers.
-    fn release(&mut self, hold: Hold, id: &str, out: &mut BytesMut) {
+    /// request (and in the session's recording) once the server answers.
+    fn release(&mut self, hold: Hold, req: &pgwarden_api::ApprovalRequest, out: &mut BytesMut) {
+        let id = crate::approval::request::id(req).to_owned();
         tracing::info!(request = %id, "approved statement released");
-        let kind = match hold.kind {
+        let kind = match &hold.kind {
             HoldKind::Query { ctx } => {
                 if let Some(m) = &mut self.mask {
-                    m.query(ctx);
+                    m.query(ctx.clone());
                 }
                 WatchKind::Query
             }
             HoldKind::Execute { portal } => {
                 if let Some(m) = &mut self.mask {
-                    m.execute(&portal);
+                    m.execute(portal);
                 }
                 WatchKind::Execute(self.executes_since_sync)
             }
         };
+        let record = self.log.map(|log| {
+            let (n, ack) = log.statement(StatementFacts {
+                text: &hold.need.sql,
+                parameters: hold.rendered_params(),
+                verdict: "approved",
+                rule: hold.rule.clone(),
+                reason: hold.need.reason.clone(),
+                approval: Some(id.clone()),
+                approved_by: req
+                    .spec
+                    .decision
+                    .as_ref()
+                    .and_then(|d| d.decided_by.clone()),
+            });
+            self.acks.extend(ack);
+            n
+        });
         // Sent before the bytes go upstream, so the upstream half has it
         // when the answer comes.
         let _ = self.watches.send(Watch {
             window: self.requests_sent,
             kind,
-            id: id.to_owned(),
+            approval: Some(id),
+            record,
+            started: Instant::now(),
         });
         out.extend_from_slice(&hold.bytes);
         self.after_held(kind);
     }
 
-    fn refuse_held(&mut self, hold: Hold, err: PgError, out: &mut BytesMut) {
+    fn refuse_held(&mut self, hold: Hold, err: PgError, id: Option<String>, out: &mut BytesMut) {
+        let params = hold.rendered_params();
+        self.record_refused(&hold.need.sql, params, hold.rule.clone(), &err, id);
         let kind = match hold.kind {
             HoldKind::Query { .. } => {
                 if let Some(m) = &mut self.mask {
@@ -859,6 +1046,17 @@ fn sentinel_seq(message: &str, nonce: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// Wait for durable records; false if the recorder failed (the session then
+/// ends rather than go on unrecorded).
+async fn recorded(acks: &mut Vec<Ack>) -> bool {
+    for ack in acks.drain(..) {
+        if ack.await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
 async fn write<W: AsyncWrite + Unpin>(w: &mut W, out: &mut BytesMut) -> std::io::Result<()> {
     if out.is_empty() {
         return Ok(());
@@ -891,7 +1089,9 @@ struct Backend<'a> {
     /// NoticeResponses from the client half (a statement waiting for approval).
     notices: mpsc::UnboundedReceiver<BytesMut>,
     /// Records the outcome of approved statements.
-    watcher: Watcher,
+    watcher: Watcher<'a>,
+    /// Durable result records to wait for before the client sees more.
+    acks: Vec<Ack>,
 }
 
 impl Backend<'_> {
@@ -921,6 +1121,11 @@ impl Backend<'_> {
                 frames.consume(frame.wire_len);
             }
             let n = out.len();
+            // Durable recording: a result completes only once its record is
+            // on disk.
+            if !recorded(&mut self.acks).await {
+                return End::RecordingFailed;
+            }
             if let Err(e) = write(w, &mut out).await {
                 return End::ClientIo(e);
             }
@@ -960,7 +1165,7 @@ impl Backend<'_> {
         };
         if matches!(ty, b'C' | b'I' | b's' | b'E' | b'Z') {
             self.watcher
-                .on_message(ty, body, disposition == Disposition::Scrub);
+                .on_message(ty, body, disposition == Disposition::Scrub, &mut self.acks);
         }
         if disposition == Disposition::Swallow {
             return Ok(());
@@ -1006,12 +1211,25 @@ impl Backend<'_> {
                 out.extend_from_slice(bytes);
             }
             // Results: the masking stage decides what leaves the proxy.
-            b'D' => match (&self.mask, &disposition) {
-                (Some(m), Disposition::QueryRow | Disposition::PortalRow(_)) => {
-                    m.mask_row(&disposition, bytes, out)?
+            b'D' => {
+                let at = out.len();
+                match (&self.mask, &disposition) {
+                    (Some(m), Disposition::QueryRow | Disposition::PortalRow(_)) => {
+                        m.mask_row(&disposition, bytes, out)?
+                    }
+                    _ => out.extend_from_slice(bytes),
                 }
-                _ => out.extend_from_slice(bytes),
-            },
+                if self.watcher.records_results() && out.len() >= at + 5 {
+                    // The row as the client gets it: after masking.
+                    self.watcher.on_result(b'D', &out[at + 5..]);
+                }
+            }
+            b'T' => {
+                if self.watcher.records_results() {
+                    self.watcher.on_result(b'T', body);
+                }
+                out.extend_from_slice(bytes);
+            }
             _ => out.extend_from_slice(bytes),
         }
         Ok(())

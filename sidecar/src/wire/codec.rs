@@ -338,6 +338,22 @@ pub fn row_description(body: &[u8]) -> Result<Vec<FieldInfo>, DecodeError> {
     Ok(fields)
 }
 
+/// RowDescription ('T'): the field names only (for recordings).
+pub fn row_names(body: &[u8]) -> Result<Vec<String>, DecodeError> {
+    let mut r = Reader::new(body);
+    let n = usize::try_from(r.i16()?).map_err(|_| DecodeError::Invalid("negative field count"))?;
+    if n > body.len() / 19 {
+        return Err(DecodeError::Truncated);
+    }
+    let mut names = Vec::with_capacity(n);
+    for _ in 0..n {
+        names.push(String::from_utf8_lossy(r.cstr_bytes()?).into_owned());
+        r.bytes(18)?;
+    }
+    r.finish()?;
+    Ok(names)
+}
+
 pub fn parameter_status(body: &[u8]) -> Result<(&str, &str), DecodeError> {
     let mut r = Reader::new(body);
     let name = r.cstr()?;

@@ -192,6 +192,15 @@ impl PgError {
         Self::new(Severity::Error, SqlState::ProgramLimitExceeded, message)
     }
 
+    /// Session recording is required and failed: the session ends.
+    pub fn recording_failed() -> Self {
+        Self::new(
+            Severity::Fatal,
+            SqlState::InternalError,
+            "the session recording could not be written; the session ends rather than go on unrecorded",
+        )
+    }
+
     /// The client cancelled a statement the proxy was holding.
     pub fn canceled(message: impl Into<String>) -> Self {
         Self::new(Severity::Error, SqlState::QueryCanceled, message)

@@ -111,20 +111,6 @@ fn missing_secret_or_keys_are_named() {
 }
 
 #[test]
-fn features_not_enforced_yet_are_refused_not_ignored() {
-    let cases = [("  recording: {resultRows: 10}\n", "spec.recording")];
-    for (extra, path) in cases {
-        let p = format!("{POLICY}{extra}");
-        let errs = errors(&[&p, SECRET]);
-        let e = errs
-            .iter()
-            .find(|e| e.path.as_deref() == Some(path))
-            .unwrap_or_else(|| panic!("{path}: {errs:?}"));
-        assert!(e.message.contains("not supported"), "{e}");
-    }
-}
-
-#[test]
 fn hash_masking_needs_a_key_from_the_gateway() {
     let p = format!("{POLICY}  masking:\n    - {{columns: [public.c.card], strategy: Redact}}\n    - {{columns: [public.c.email], strategy: Hash}}\n");
     let errs = errors(&[&p, SECRET]);

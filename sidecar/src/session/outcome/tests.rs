@@ -25,22 +25,53 @@ fn error(code: &str, m: &str) -> (u8, Vec<u8>) {
     })
 }
 
+fn row(values: &[Option<&str>]) -> (u8, Vec<u8>) {
+    msg(b'D', |b| {
+        b.extend_from_slice(&(values.len() as i16).to_be_bytes());
+        for v in values {
+            match v {
+                None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+                Some(s) => {
+                    b.extend_from_slice(&(s.len() as i32).to_be_bytes());
+                    b.extend_from_slice(s.as_bytes());
+                }
+            }
+        }
+    })
+}
+
 fn ready() -> (u8, Vec<u8>) {
     (b'Z', vec![b'I'])
 }
 
-fn run(t: &mut Tracker, msgs: &[(u8, Vec<u8>)]) -> Vec<(String, Outcome)> {
-    msgs.iter()
-        .filter_map(|(ty, body)| t.on_message(*ty, body, false))
-        .collect()
+fn run(t: &mut Tracker, msgs: &[(u8, Vec<u8>)]) -> Vec<(Option<String>, Outcome)> {
+    let mut out = Vec::new();
+    for (ty, body) in msgs {
+        if matches!(ty, b'T' | b'D') {
+            t.on_result(*ty, body);
+        } else {
+            out.extend(
+                t.on_message(*ty, body, false)
+                    .into_iter()
+                    .map(|f| (f.approval, f.outcome)),
+            );
+        }
+    }
+    out
 }
 
 fn watch(window: u64, kind: WatchKind, id: &str) -> Watch {
     Watch {
         window,
         kind,
-        id: id.into(),
+        approval: Some(id.into()),
+        record: None,
+        started: Instant::now(),
     }
+}
+
+fn done(id: &str, o: Outcome) -> Vec<(Option<String>, Outcome)> {
+    vec![(Some(id.into()), o)]
 }
 
 #[test]
@@ -58,7 +89,7 @@ fn a_query_is_answered_by_its_window() {
             ready(),
         ],
     );
-    assert_eq!(out, vec![("r1".into(), Outcome::Done("DELETE 3".into()))]);
+    assert_eq!(out, done("r1", Outcome::Done("DELETE 3".into())));
 }
 
 #[test]
@@ -68,33 +99,43 @@ fn a_failed_query_records_the_server_error_unless_scrubbed() {
     let e = error("42P01", "relation \"nope\" does not exist");
     assert_eq!(
         run(&mut t, &[e.clone(), ready()]),
-        vec![(
-            "r1".into(),
+        done(
+            "r1",
             Outcome::Failed("ERROR 42P01: relation \"nope\" does not exist".into())
-        )]
+        )
     );
     t.watch(watch(1, WatchKind::Query, "r2"));
-    assert_eq!(
-        t.on_message(b'E', &e.1, true),
-        Some(("r2".into(), Outcome::Failed("ERROR 42P01".into())))
-    );
+    let f = t.on_message(b'E', &e.1, true);
+    assert_eq!(f[0].outcome, Outcome::Failed("ERROR 42P01".into()));
 }
 
 #[test]
-fn the_kth_execute_takes_the_kth_completion() {
-    let mut t = Tracker::default();
+fn the_kth_execute_takes_the_kth_completion_and_its_rows() {
+    let mut t = Tracker::new(1);
     t.watch(watch(0, WatchKind::Execute(1), "r1"));
-    let out = run(
-        &mut t,
-        &[
-            (b'1', vec![]),
-            (b'2', vec![]),
-            complete("INSERT 0 1"),
-            complete("DELETE 7"),
-            ready(),
-        ],
-    );
-    assert_eq!(out, vec![("r1".into(), Outcome::Done("DELETE 7".into()))]);
+    let mut finished = Vec::new();
+    for (ty, body) in [
+        (b'1', vec![]),
+        (b'2', vec![]),
+        row(&[Some("not ours")]),
+        complete("SELECT 1"),
+        row(&[Some("a"), None]),
+        row(&[Some("b"), Some("x")]),
+        complete("SELECT 2"),
+        ready(),
+    ] {
+        if ty == b'D' {
+            t.on_result(ty, &body);
+        } else {
+            finished.extend(t.on_message(ty, &body, false));
+        }
+    }
+    assert_eq!(finished.len(), 1);
+    let f = &finished[0];
+    assert_eq!(f.outcome, Outcome::Done("SELECT 2".into()));
+    assert_eq!(f.rows, 2);
+    assert_eq!(f.sample, vec![vec![Some("a".to_owned()), None]]);
+    assert!(f.sample_cut);
 }
 
 #[test]
@@ -112,9 +153,9 @@ fn an_error_before_the_execute_means_it_never_ran() {
     let out = run(&mut t, &[error("40001", "serialization failure"), ready()]);
     assert_eq!(
         out,
-        vec![(
-            "r2".into(),
+        done(
+            "r2",
             Outcome::Failed("ERROR 40001: serialization failure".into())
-        )]
+        )
     );
 }

@@ -1,0 +1,183 @@
+//! Reading the log back: every line with its place, and sessions grouped.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::chain::{Broken, Summary, Verifier};
+use super::record::{Event, Record};
+use super::spool::{self, SpoolError};
+
+/// Where a line is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// Walk every line of the log in order. `f` gets the place and the line
+/// (without newline) and whether it ended with a newline.
+pub fn walk(
+    dir: &Path,
+    mut f: impl FnMut(Place, &str, bool) -> Result<(), (Place, Broken)>,
+) -> Result<(), LogError> {
+    let segs = spool::segments(dir).map_err(|e| LogError::Io(dir.to_owned(), e))?;
+    for path in segs {
+        let file = File::open(&path).map_err(|e| LogError::Io(path.clone(), e))?;
+        let mut reader = BufReader::new(file);
+        let mut buf = String::new();
+        let mut n = 0;
+        loop {
+            buf.clear();
+            let read = reader
+                .read_line(&mut buf)
+                .map_err(|e| LogError::Io(path.clone(), e))?;
+            if read == 0 {
+                break;
+            }
+            n += 1;
+            let complete = buf.ends_with('\n');
+            let place = Place {
+                file: path.clone(),
+                line: n,
+            };
+            f(place, buf.trim_end_matches('\n'), complete)
+                .map_err(|(p, b)| LogError::Broken(p, b))?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("{0}: {1}")]
+    Broken(Place, Broken),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("no recordings in {0}")]
+    Empty(PathBuf),
+}
+
+/// Verify the whole log against its head.
+pub fn verify(state_dir: &Path) -> Result<Summary, LogError> {
+    let dir = spool::dir(state_dir);
+    if !dir.exists() {
+        return Err(LogError::Empty(dir));
+    }
+    let head = spool::read_head(&dir)?;
+    let mut v = Verifier::new(head);
+    let mut last_place = None;
+    walk(&dir, |place, line, complete| {
+        if !complete {
+            return Err((place, Broken::TornLine));
+        }
+        v.feed(line).map_err(|b| (place.clone(), b))?;
+        last_place = Some(place);
+        Ok(())
+    })?;
+    v.finish().map_err(|b| {
+        LogError::Broken(
+            last_place.unwrap_or(Place {
+                file: dir.clone(),
+                line: 0,
+            }),
+            b,
+        )
+    })
+}
+
+/// Every record, in order (checking each line's own seal only).
+pub fn records(
+    state_dir: &Path,
+    mut keep: impl FnMut(&Record) -> bool,
+) -> Result<Vec<Record>, LogError> {
+    let dir = spool::dir(state_dir);
+    let mut out = Vec::new();
+    if !dir.exists() {
+        return Ok(out);
+    }
+    walk(&dir, |place, line, complete| {
+        if !complete {
+            return Ok(()); // a torn tail: verify reports it
+        }
+        let (r, _) =
+            super::record::open(line).map_err(|e| (place, Broken::Edited(e.to_string())))?;
+        if keep(&r) {
+            out.push(r);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// A session as `pgwarden sessions list` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionInfo {
+    pub id: String,
+    pub subject: String,
+    pub started: String,
+    pub ended: Option<String>,
+    pub statements: u64,
+    pub denied: u64,
+    pub policy: String,
+    pub database: String,
+    pub client: String,
+    pub application_name: String,
+}
+
+pub fn sessions(state_dir: &Path) -> Result<Vec<SessionInfo>, LogError> {
+    let mut out: Vec<SessionInfo> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for r in records(state_dir, |_| true)? {
+        match &r.event {
+            Event::SessionStart {
+                subject,
+                client,
+                application_name,
+                policy,
+                database,
+                ..
+            } => {
+                index.insert(r.session.clone(), out.len());
+                out.push(SessionInfo {
+                    id: r.session.clone(),
+                    subject: subject.clone(),
+                    started: r.at.clone(),
+                    ended: None,
+                    statements: 0,
+                    denied: 0,
+                    policy: policy.clone(),
+                    database: database.clone(),
+                    client: client.clone(),
+                    application_name: application_name.clone(),
+                });
+            }
+            Event::Statement { verdict, .. } => {
+                if let Some(s) = index.get(&r.session).map(|&i| &mut out[i]) {
+                    s.statements += 1;
+                    if verdict == "deny" {
+                        s.denied += 1;
+                    }
+                }
+            }
+            Event::SessionEnd { .. } => {
+                if let Some(s) = index.get(&r.session).map(|&i| &mut out[i]) {
+                    s.ended = Some(r.at.clone());
+                }
+            }
+            Event::Result { .. } => {}
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,213 @@
+//! The record format, sans-IO: what one line of the spool holds, how it is
+//! sealed into the hash chain, and how a line is checked.
+//!
+//! One record per line (JSON). A line is the record's JSON with its own hash
+//! appended as the last field: `{"seq":7,...,"sessionPrev":"…","hash":"…"}`.
+//! The hash is SHA-256 over the exact bytes of the line without that field
+//! (`{"seq":7,...,"sessionPrev":"…"}`), so any byte edited anywhere in a line
+//! breaks it. Each record carries the hash of the record before it in the
+//! whole log (`prev`: the chain over sessions, so deleting a whole session
+//! breaks it) and of the record before it in its own session (`sessionPrev`:
+//! a session verifies on its own, wherever its records are stored).
+
+use serde::{Deserialize, Serialize};
+
+/// `prev` of the very first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Texts longer than this are cut, with a marker saying how long they were.
+pub const MAX_TEXT: usize = 64 * 1024;
+/// Values (parameters, result fields) longer than this are cut likewise.
+pub const MAX_VALUE: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    pub seq: u64,
+    /// RFC 3339, microseconds.
+    pub at: String,
+    pub session: String,
+    #[serde(flatten)]
+    pub event: Event,
+    pub prev: String,
+    /// Empty on a session's first record.
+    pub session_prev: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Event {
+    #[serde(rename_all = "camelCase")]
+    SessionStart {
+        subject: String,
+        method: String,
+        /// Identity claims worth keeping (repository, workflow, pod, ...).
+        claims: Vec<(String, String)>,
+        client: String,
+        application_name: String,
+        policy: String,
+        /// First 16 hex of SHA-256 over the policy spec as loaded.
+        policy_version: String,
+        database: String,
+    },
+    #[serde(rename_all = "camelCase")]
+    Statement {
+        /// 1, 2, ... within the session.
+        n: u64,
+        text: String,
+        parameters: Vec<Option<String>>,
+        /// allow | deny | approval
+        verdict: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rule: Option<String>,
+        /// Why it was refused or needed approval (never a value).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        approval: Option<String>,
+        /// Who approved it, for a released statement.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        approved_by: Option<String>,
+    },
+    #[serde(rename_all = "camelCase")]
+    Result {
+        n: u64,
+        duration_ms: f64,
+        rows: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+        /// Result column names.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        columns: Vec<String>,
+        /// The first rows as the client received them (masked), as text.
+        sample: Vec<Vec<Option<String>>>,
+        /// More rows came than were kept.
+        #[serde(default)]
+        sample_cut: bool,
+    },
+    #[serde(rename_all = "camelCase")]
+    SessionEnd { reason: String, statements: u64 },
+}
+
+/// Cut `s` to `max` bytes (on a char boundary) with a visible marker.
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…[truncated: {} bytes]", &s[..end], s.len())
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    let mut out = String::with_capacity(64);
+    for b in d.as_ref() {
+        use std::fmt::Write;
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+const HASH_FIELD: &str = ",\"hash\":\"";
+
+/// The line for a record (no newline) and its hash.
+pub fn seal(r: &Record) -> (String, String) {
+    let body = serde_json::to_string(r).expect("a Record always serializes");
+    let hash = sha256_hex(body.as_bytes());
+    let mut line = String::with_capacity(body.len() + 80);
+    line.push_str(&body[..body.len() - 1]);
+    line.push_str(HASH_FIELD);
+    line.push_str(&hash);
+    line.push_str("\"}");
+    (line, hash)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LineError {
+    #[error("not a sealed record (no hash field)")]
+    Unsealed,
+    #[error("the hash does not match the content (edited)")]
+    HashMismatch,
+    #[error("not a valid record: {0}")]
+    Invalid(String),
+}
+
+/// Check one line's own hash and parse it: (record, its hash).
+pub fn open(line: &str) -> Result<(Record, String), LineError> {
+    let at = line.rfind(HASH_FIELD).ok_or(LineError::Unsealed)?;
+    let hash = line[at + HASH_FIELD.len()..]
+        .strip_suffix("\"}")
+        .ok_or(LineError::Unsealed)?;
+    let mut body = String::with_capacity(at + 1);
+    body.push_str(&line[..at]);
+    body.push('}');
+    if sha256_hex(body.as_bytes()) != hash {
+        return Err(LineError::HashMismatch);
+    }
+    let r: Record = serde_json::from_str(&body).map_err(|e| LineError::Invalid(e.to_string()))?;
+    Ok((r, hash.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Record {
+        Record {
+            seq: 1,
+            at: "2026-12-01T10:00:00.000001Z".into(),
+            session: "00000000000000ab".into(),
+            event: Event::Statement {
+                n: 1,
+                text: "SELECT \"x\" FROM t".into(),
+                parameters: vec![Some("1".into()), None],
+                verdict: "allow".into(),
+                rule: Some("app".into()),
+                reason: None,
+                approval: None,
+                approved_by: None,
+            },
+            prev: GENESIS.into(),
+            session_prev: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_sealed_line_opens_to_the_same_record() {
+        let (line, hash) = seal(&sample());
+        assert!(!line.contains('\n'));
+        let (back, h) = open(&line).unwrap();
+        assert_eq!(back, sample());
+        assert_eq!(h, hash);
+    }
+
+    #[test]
+    fn any_edited_byte_is_detected() {
+        let (line, _) = seal(&sample());
+        let bytes = line.as_bytes();
+        for i in 0..bytes.len() {
+            let mut b = bytes.to_vec();
+            b[i] ^= 0x01;
+            let Ok(edited) = String::from_utf8(b) else {
+                continue;
+            };
+            assert!(open(&edited).is_err(), "flipping byte {i} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn long_texts_are_cut_with_a_marker_on_a_char_boundary() {
+        let s = "é".repeat(10);
+        let t = truncate(&s, 5);
+        assert!(
+            t.starts_with("éé") && t.ends_with("…[truncated: 20 bytes]"),
+            "{t}"
+        );
+        assert_eq!(truncate("short", 10), "short");
+    }
+}

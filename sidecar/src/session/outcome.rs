@@ -1,0 +1,317 @@
+//! What a statement did, as the server half sees it: for a released
+//! approval (its request's result) and for a recorded session (duration,
+//! rows, tag or error, columns and the first rows as the client got them).
+//!
+//! Attribution needs no per-message bookkeeping. Every Query, Sync and
+//! FunctionCall gets exactly one ReadyForQuery, so the client half numbers
+//! its requests and the server half counts ReadyForQuery: a statement's
+//! answer lies in the "window" before ReadyForQuery number N. Inside a
+//! window, the k-th Execute since Sync ends with the k-th completion
+//! (CommandComplete, EmptyQueryResponse, PortalSuspended); an error before
+//! it means it never ran, as the server skips to Sync.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::approval::request::Outcome;
+use crate::approval::Approvals;
+use crate::recording::{record, Ack, ResultFacts, SessionLog};
+use crate::wire::codec;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchKind {
+    /// A simple Query: the whole window is its answer.
+    Query,
+    /// The k-th Execute since Sync (0-based).
+    Execute(u32),
+}
+
+/// A statement sent upstream whose outcome someone wants.
+#[derive(Debug)]
+pub struct Watch {
+    /// ReadyForQuery messages before its answer.
+    pub window: u64,
+    pub kind: WatchKind,
+    /// The approval request it released.
+    pub approval: Option<String>,
+    /// Its statement number in the session's recording.
+    pub record: Option<u64>,
+    pub started: Instant,
+}
+
+/// A watched statement's answer.
+#[derive(Debug, PartialEq)]
+pub struct Finished {
+    pub approval: Option<String>,
+    pub record: Option<u64>,
+    pub outcome: Outcome,
+    pub started: Instant,
+    pub rows: u64,
+    pub columns: Vec<String>,
+    pub sample: Vec<Vec<Option<String>>>,
+    pub sample_cut: bool,
+}
+
+/// Sans-IO: backend messages in, finished statements out.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    windows_done: u64,
+    completions: u32,
+    last_tag: Option<String>,
+    watches: VecDeque<Watch>,
+    /// Rows sampled per statement.
+    sample_rows: usize,
+    rows: u64,
+    columns: Vec<String>,
+    sample: Vec<Vec<Option<String>>>,
+}
+
+impl Tracker {
+    pub fn new(sample_rows: usize) -> Self {
+        Tracker {
+            sample_rows,
+            ..Tracker::default()
+        }
+    }
+
+    pub fn watch(&mut self, w: Watch) {
+        self.watches.push_back(w);
+    }
+
+    /// The watch the current message belongs to, if any.
+    fn current(&self) -> Option<&Watch> {
+        self.watches.front().filter(|w| {
+            w.window == self.windows_done
+                && match w.kind {
+                    WatchKind::Query => true,
+                    WatchKind::Execute(k) => k == self.completions,
+                }
+        })
+    }
+
+    /// A RowDescription or DataRow (as sent to the client, after masking).
+    pub fn on_result(&mut self, ty: u8, body: &[u8]) {
+        if self.current().is_none() {
+            return;
+        }
+        match ty {
+            b'T' => {
+                if let Ok(names) = codec::row_names(body) {
+                    self.columns = names;
+                }
+            }
+            b'D' => {
+                self.rows += 1;
+                if self.sample.len() < self.sample_rows {
+                    self.sample.push(row_values(body));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Feed one of C, I, s, E, Z. `scrub`: the message belongs to a statement
+    /// that touches masked columns, so an error's text is not kept.
+    pub fn on_message(&mut self, ty: u8, body: &[u8], scrub: bool) -> Vec<Finished> {
+        let mut done = Vec::new();
+        // A watch for a window already past was never answered.
+        while self
+            .watches
+            .front()
+            .is_some_and(|w| w.window < self.windows_done)
+        {
+            if let Some(w) = self.watches.pop_front() {
+                done.push(self.finish(w, Outcome::Failed("no answer from the server".into())));
+            }
+        }
+        if let Some(w) = self
+            .watches
+            .front()
+            .filter(|w| w.window == self.windows_done)
+        {
+            let resolved = match (ty, w.kind) {
+                (b'C', WatchKind::Query) => {
+                    self.last_tag = codec::command_tag(body).ok().map(str::to_owned);
+                    None
+                }
+                (b'C' | b'I' | b's', WatchKind::Execute(k)) if k == self.completions => {
+                    Some(Outcome::Done(match ty {
+                        b'C' => codec::command_tag(body).unwrap_or("").to_owned(),
+                        b'I' => "EMPTY QUERY".to_owned(),
+                        _ => "SUSPENDED (row limit reached)".to_owned(),
+                    }))
+                }
+                (b'E', WatchKind::Execute(k)) if k > self.completions => Some(Outcome::Failed(
+                    "did not run: an earlier message of its pipeline failed".into(),
+                )),
+                (b'E', _) => Some(Outcome::Failed(error_text(body, scrub))),
+                (b'Z', WatchKind::Query) => Some(Outcome::Done(
+                    self.last_tag.take().unwrap_or_else(|| "EMPTY QUERY".into()),
+                )),
+                (b'Z', WatchKind::Execute(_)) => Some(Outcome::Failed(
+                    "did not run: the server did not execute it".into(),
+                )),
+                _ => None,
+            };
+            if let Some(outcome) = resolved {
+                if let Some(w) = self.watches.pop_front() {
+                    done.push(self.finish(w, outcome));
+                }
+            }
+        }
+        match ty {
+            b'C' | b'I' | b's' => self.completions += 1,
+            b'Z' => {
+                self.windows_done += 1;
+                self.completions = 0;
+            }
+            _ => {}
+        }
+        done
+    }
+
+    fn finish(&mut self, w: Watch, outcome: Outcome) -> Finished {
+        self.last_tag = None;
+        let sample = std::mem::take(&mut self.sample);
+        let rows = std::mem::take(&mut self.rows);
+        Finished {
+            approval: w.approval,
+            record: w.record,
+            outcome,
+            started: w.started,
+            sample_cut: rows > sample.len() as u64,
+            rows,
+            columns: std::mem::take(&mut self.columns),
+            sample,
+        }
+    }
+}
+
+/// A DataRow's values as text (binary or non-UTF-8 values as hex), each cut
+/// to `record::MAX_VALUE`.
+fn row_values(body: &[u8]) -> Vec<Option<String>> {
+    let Ok(values) = codec::data_row(body) else {
+        return vec![Some("(unreadable row)".into())];
+    };
+    values
+        .into_iter()
+        .map(|v| {
+            v.map(|b| match std::str::from_utf8(b) {
+                Ok(s) if !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') => {
+                    record::truncate(s, record::MAX_VALUE)
+                }
+                _ => {
+                    let hex: String = b
+                        .iter()
+                        .take(record::MAX_VALUE / 2)
+                        .map(|x| format!("{x:02x}"))
+                        .collect();
+                    if b.len() > record::MAX_VALUE / 2 {
+                        format!("\\x{hex}…[truncated: {} bytes]", b.len())
+                    } else {
+                        format!("\\x{hex}")
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// `ERROR 23505: duplicate key value ...`; without the message for
+/// statements on masked data (it can quote a value).
+pub fn error_text(body: &[u8], scrub: bool) -> String {
+    let Ok(fields) = codec::notice_fields(body) else {
+        return "ERROR".into();
+    };
+    let get = |c: u8| {
+        fields
+            .iter()
+            .find(|(k, _)| *k == c)
+            .map(|(_, v)| v.as_str())
+    };
+    let code = get(b'C').unwrap_or("");
+    match get(b'M') {
+        Some(m) if !scrub => format!("ERROR {code}: {m}"),
+        _ => format!("ERROR {code}"),
+    }
+}
+
+/// The server half's side: watches arrive over a channel; approval
+/// outcomes are written to the store in the background, results to the
+/// session's recording (durable ones hand back an ack to wait for).
+pub struct Watcher<'a> {
+    rx: mpsc::UnboundedReceiver<Watch>,
+    tracker: Tracker,
+    approvals: Option<Arc<Approvals>>,
+    log: Option<&'a SessionLog>,
+}
+
+impl<'a> Watcher<'a> {
+    pub fn new(
+        rx: mpsc::UnboundedReceiver<Watch>,
+        approvals: Option<Arc<Approvals>>,
+        log: Option<&'a SessionLog>,
+    ) -> Self {
+        let rows = log.map(|l| l.settings().result_rows).unwrap_or(0);
+        Watcher {
+            rx,
+            tracker: Tracker::new(rows),
+            approvals,
+            log,
+        }
+    }
+
+    /// Whether results need to be looked at row by row.
+    pub fn records_results(&self) -> bool {
+        self.log.is_some()
+    }
+
+    pub fn on_result(&mut self, ty: u8, body: &[u8]) {
+        if self.tracker.watches.is_empty() {
+            // The watch for these rows may still be in the channel.
+            while let Ok(w) = self.rx.try_recv() {
+                self.tracker.watch(w);
+            }
+        }
+        self.tracker.on_result(ty, body);
+    }
+
+    /// Acks of durable records to wait for before the client sees this.
+    pub fn on_message(&mut self, ty: u8, body: &[u8], scrub: bool, acks: &mut Vec<Ack>) {
+        if self.approvals.is_none() && self.log.is_none() {
+            return;
+        }
+        while let Ok(w) = self.rx.try_recv() {
+            self.tracker.watch(w);
+        }
+        for f in self.tracker.on_message(ty, body, scrub) {
+            if let (Some(id), Some(a)) = (&f.approval, &self.approvals) {
+                tracing::info!(request = %id, outcome = ?f.outcome, "approved statement finished");
+                let (a, id, outcome) = (a.clone(), id.clone(), f.outcome.clone());
+                tokio::spawn(async move { a.finish(id, outcome).await });
+            }
+            if let (Some(n), Some(log)) = (f.record, self.log) {
+                let (tag, error) = match f.outcome {
+                    Outcome::Done(t) => (Some(t), None),
+                    Outcome::Failed(e) => (None, Some(e)),
+                };
+                acks.extend(log.result(ResultFacts {
+                    n,
+                    duration_ms: f.started.elapsed().as_secs_f64() * 1000.0,
+                    rows: f.rows,
+                    tag,
+                    error,
+                    columns: f.columns,
+                    sample: f.sample,
+                    sample_cut: f.sample_cut,
+                }));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
