@@ -19,7 +19,8 @@ pub use policy::{
     Action, ApprovalSettings, Approvers, DatabaseAccessPolicy, DatabaseAccessPolicySpec,
     DatabaseAccessPolicyStatus, DatabaseTarget, DatabaseTls, Detector, Identity,
     KubernetesIdentity, Limits, LocalTrustIdentity, MaskStrategy, MaskingRule, OidcIdentity,
-    PredicateUse, RecordingSettings, Rule, StatementClass, TlsMode, DEFAULT_PORT,
+    PostgresRecordingStore, PredicateUse, RecordingSettings, RecordingStore, Rule, StatementClass,
+    TlsMode, DEFAULT_PORT,
 };
 pub use validate::FieldError;
 

@@ -474,4 +474,28 @@ pub struct RecordingSettings {
     /// fsync the record before the statement's result reaches the client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub durable: Option<bool>,
+
+    /// Where records are shipped besides the local spool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<RecordingStore>,
+}
+
+/// A durable store for session records.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RecordingStore {
+    /// An audit PostgreSQL, written through an INSERT-only role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresRecordingStore>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PostgresRecordingStore {
+    /// Secret (same namespace) whose key `dsn` holds a libpq URI:
+    /// `postgres://writer:...@audit-pg:5432/audit?sslmode=verify-full`.
+    pub dsn_secret: String,
+    /// Table the records go to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
 }

@@ -33,7 +33,39 @@ impl DatabaseAccessPolicySpec {
         self.validate_rules(&mut errs);
         self.validate_masking(&mut errs);
         self.validate_approval(&mut errs);
+        self.validate_recording(&mut errs);
         errs.0
+    }
+
+    fn validate_recording(&self, errs: &mut Errors) {
+        let Some(r) = &self.recording else { return };
+        if r.result_rows.is_some_and(|n| n > 10_000) {
+            errs.push(
+                "spec.recording.resultRows",
+                "at most 10000 rows per statement are kept",
+            );
+        }
+        let Some(pg) = r.store.as_ref().and_then(|s| s.postgres.as_ref()) else {
+            return;
+        };
+        errs.non_empty("spec.recording.store.postgres.dsnSecret", &pg.dsn_secret);
+        if let Some(t) = &pg.table {
+            // Interpolated into SQL: plain (optionally schema-qualified) names only.
+            let ok = t.split('.').count() <= 2
+                && t.split('.').all(|p| {
+                    p.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                        && p.bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                });
+            if !ok {
+                errs.push(
+                    "spec.recording.store.postgres.table",
+                    format!(
+                        "{t:?} is not a plain table name ([schema.]table, lower case, digits, _)"
+                    ),
+                );
+            }
+        }
     }
 
     fn validate_approval(&self, errs: &mut Errors) {

@@ -352,6 +352,22 @@ fn each_check_reports_its_path() {
             "spec.approval.wait",
             "5m is longer",
         ),
+        (
+            "store table that is not a plain name",
+            |s| {
+                s.recording = Some(crate::RecordingSettings {
+                    store: Some(crate::RecordingStore {
+                        postgres: Some(crate::PostgresRecordingStore {
+                            dsn_secret: "audit".into(),
+                            table: Some("records; DROP TABLE x".into()),
+                        }),
+                    }),
+                    ..Default::default()
+                })
+            },
+            "spec.recording.store.postgres.table",
+            "plain table name",
+        ),
     ];
     for (name, mutate, path, word) in cases {
         let mut spec = good_spec();

@@ -42,6 +42,12 @@ pub struct SessionsArgs {
     /// The gateway's --state-dir.
     #[arg(long, global = true, default_value = "./pgwarden-state")]
     pub state_dir: PathBuf,
+    /// Read the audit PostgreSQL instead (a role that can SELECT the table).
+    #[arg(long, global = true, env = "PGWARDEN_STORE_DSN")]
+    pub store_dsn: Option<String>,
+    /// The table in the audit store.
+    #[arg(long, global = true, default_value = crate::recording::ship::DEFAULT_TABLE)]
+    pub store_table: String,
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
 }

@@ -117,12 +117,24 @@ async fn serve(
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding --listen {}", args.listen))?;
+    let mut shipping = std::collections::HashSet::new();
     for p in &shared.config.policies {
         // Token keys are fetched in the background: an issuer that is down
         // leaves the gateway ready, refusing logins with the fetch error.
         p.authenticator.start();
         if let Some(m) = &p.masking {
             m.spawn_refresher(shared.limits);
+        }
+        if let Some((target, table)) = p.recording.as_ref().and_then(|r| r.store.clone()) {
+            let key = (
+                target.host.clone(),
+                target.port,
+                target.database.clone(),
+                table.clone(),
+            );
+            if shipping.insert(key) {
+                crate::recording::ship::spawn(&args.state_dir, target, table, shared.limits);
+            }
         }
         info!(policy.name = %p.id, database = %p.upstream.database,
               upstream = %format!("{}:{}", p.upstream.host, p.upstream.port), "serving policy");

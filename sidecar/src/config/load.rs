@@ -16,7 +16,7 @@ use crate::approval::Approvals;
 use crate::identity::{Authenticator, IdentityOptions};
 use crate::masking::{HashKey, MaskRules, Masking};
 use crate::policy::Gate;
-use crate::recording::{Recorder, Recording};
+use crate::recording::{ship, Recorder, Recording};
 use crate::upstream::{tls::UpstreamTls, Credential, UpstreamTarget};
 
 const POLICY_API_VERSION: &str = "pgwarden.io/v1alpha1";
@@ -505,13 +505,46 @@ fn resolve_policy(
     };
     let recording = match &policy.spec.recording {
         None => None,
-        Some(settings) => match opts.recorder() {
-            Ok(r) => Some(Arc::new(Recording::new(r, settings, &policy.spec))),
-            Err(e) => {
-                errors.push(err("spec.recording", format!("cannot record: {e}")));
-                return None;
+        Some(settings) => {
+            let store = match settings.store.as_ref().and_then(|s| s.postgres.as_ref()) {
+                None => None,
+                Some(pg) => {
+                    let path = "spec.recording.store.postgres.dsnSecret";
+                    let key = format!("{ns}/{}", pg.dsn_secret);
+                    let dsn = secrets
+                        .get(&key)
+                        .ok_or_else(|| {
+                            format!("Secret {key} not found in the given files (it needs key dsn)")
+                        })
+                        .and_then(|s| {
+                            secret_value(&s.value, "dsn")
+                                .ok_or_else(|| format!("Secret {key} has no key \"dsn\""))
+                        })
+                        .and_then(|dsn| {
+                            ship::parse_dsn(&dsn).map_err(|e| format!("Secret {key}: dsn: {e}"))
+                        });
+                    match dsn {
+                        Ok(target) => Some((
+                            Arc::new(target),
+                            pg.table
+                                .clone()
+                                .unwrap_or_else(|| ship::DEFAULT_TABLE.into()),
+                        )),
+                        Err(m) => {
+                            errors.push(err(path, m));
+                            return None;
+                        }
+                    }
+                }
+            };
+            match opts.recorder() {
+                Ok(r) => Some(Arc::new(Recording::new(r, settings, &policy.spec, store))),
+                Err(e) => {
+                    errors.push(err("spec.recording", format!("cannot record: {e}")));
+                    return None;
+                }
             }
-        },
+        }
     };
     Some(PolicyConfig {
         id: format!("{ns}/{name}"),

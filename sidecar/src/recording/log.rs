@@ -137,9 +137,36 @@ pub struct SessionInfo {
 }
 
 pub fn sessions(state_dir: &Path) -> Result<Vec<SessionInfo>, LogError> {
+    Ok(summarize(records(state_dir, |_| true)?))
+}
+
+/// Records from lines of any store (each line's own seal checked).
+pub fn parse_lines(lines: &[String]) -> Result<Vec<Record>, (usize, Broken)> {
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            super::record::open(l)
+                .map(|(r, _)| r)
+                .map_err(|e| (i, Broken::Edited(e.to_string())))
+        })
+        .collect()
+}
+
+/// Verify one chain's lines (from a store: no head to compare with).
+pub fn verify_lines(lines: &[String]) -> Result<Summary, (usize, Broken)> {
+    let mut v = Verifier::new(None);
+    for (i, l) in lines.iter().enumerate() {
+        v.feed(l).map_err(|b| (i, b))?;
+    }
+    v.finish().map_err(|b| (lines.len(), b))
+}
+
+/// Sessions in log order, from their records.
+pub fn summarize(records: Vec<Record>) -> Vec<SessionInfo> {
     let mut out: Vec<SessionInfo> = Vec::new();
     let mut index = std::collections::HashMap::new();
-    for r in records(state_dir, |_| true)? {
+    for r in records {
         match &r.event {
             Event::SessionStart {
                 subject,
@@ -179,5 +206,5 @@ pub fn sessions(state_dir: &Path) -> Result<Vec<SessionInfo>, LogError> {
             Event::Result { .. } => {}
         }
     }
-    Ok(out)
+    out
 }

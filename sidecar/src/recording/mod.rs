@@ -13,6 +13,7 @@ pub mod chain;
 pub mod log;
 pub mod record;
 pub mod replay;
+pub mod ship;
 pub mod spool;
 
 use std::sync::Arc;
@@ -32,6 +33,8 @@ pub struct Recording {
     /// A statement's records are on disk before its result completes.
     pub durable: bool,
     pub policy_version: String,
+    /// The audit PostgreSQL records are shipped to, and its table.
+    pub store: Option<(Arc<crate::upstream::UpstreamTarget>, String)>,
 }
 
 /// Result rows kept per statement when `resultRows` is not set.
@@ -42,12 +45,14 @@ impl Recording {
         recorder: Recorder,
         settings: &RecordingSettings,
         spec: &DatabaseAccessPolicySpec,
+        store: Option<(Arc<crate::upstream::UpstreamTarget>, String)>,
     ) -> Self {
         Recording {
             recorder,
             result_rows: settings.result_rows.unwrap_or(DEFAULT_RESULT_ROWS) as usize,
             durable: settings.durable.unwrap_or(false),
             policy_version: policy_version(spec),
+            store,
         }
     }
 }
@@ -134,7 +139,7 @@ impl SessionLog {
             + 1;
         let ack = self.send(Event::Statement {
             n,
-            text: record::truncate(f.text, MAX_TEXT),
+            text: record::truncate(&scrub_literals(f.text), MAX_TEXT),
             parameters: f.parameters,
             verdict: f.verdict.to_owned(),
             rule: f.rule,
@@ -151,7 +156,7 @@ impl SessionLog {
             duration_ms: r.duration_ms,
             rows: r.rows,
             tag: r.tag,
-            error: r.error,
+            error: r.error.map(|e| scrub_literals(&e)),
             columns: r.columns,
             sample: r.sample,
             sample_cut: r.sample_cut,
@@ -164,6 +169,19 @@ impl SessionLog {
             statements: self.statements.load(std::sync::atomic::Ordering::Relaxed),
         })
     }
+}
+
+/// Card numbers, US SSNs and email addresses typed into a statement (or
+/// quoted back by an error) are masked in the record: a value a column
+/// mask hides in results must not reach the log through the query text.
+fn scrub_literals(text: &str) -> String {
+    use crate::masking::{detect, strategy::Strategy};
+    use pgwarden_api::Detector;
+    let rules = [(
+        vec![Detector::CreditCard, Detector::UsSsn, Detector::Email],
+        Strategy::Redact,
+    )];
+    detect::scan(text, &rules, None).unwrap_or_else(|| text.to_owned())
 }
 
 /// What a statement's answer was.

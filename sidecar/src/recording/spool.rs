@@ -139,6 +139,7 @@ impl Recorder {
             .mode(0o700)
             .create(&dir)
             .map_err(io_err(&dir))?;
+        super::ship::chain_id(&dir).map_err(io_err(&dir))?;
         let (seq, last_hash) = recover(&dir)?;
         let head = read_head(&dir)?;
         if let Some((hseq, _)) = &head {
