@@ -881,9 +881,19 @@ fn main() -> ExitCode {
     // The same gateway with the verdict cache off: every statement is parsed
     // and judged again, which shows what the cache saves.
     let gw_nocache = Gateway::builder(&pg)
-        .policy_yaml(realistic)
+        .policy_yaml(realistic.clone())
         .arg("--verdict-cache-entries")
         .arg("0")
+        .start();
+    // Session recording on top (issue: measure both modes): records flushed
+    // within 200 ms, and durable (fsync before the result completes).
+    let gw_recorded = Gateway::builder(&pg)
+        .policy_yaml(format!("{realistic}  recording: {{resultRows: 10}}\n"))
+        .start();
+    let gw_durable = Gateway::builder(&pg)
+        .policy_yaml(format!(
+            "{realistic}  recording: {{resultRows: 10, durable: true}}\n"
+        ))
         .start();
     let bouncer = if opts.pgbouncer {
         match Pgbouncer::start(&pg) {
@@ -915,6 +925,18 @@ fn main() -> ExitCode {
             pid: Some(gw_nocache.pid()),
             skip_modes: &[],
         },
+        Target {
+            name: "recorded",
+            env: gw_recorded.env(),
+            pid: Some(gw_recorded.pid()),
+            skip_modes: &[],
+        },
+        Target {
+            name: "durable",
+            env: gw_durable.env(),
+            pid: Some(gw_durable.pid()),
+            skip_modes: &[],
+        },
     ];
     if let Some(b) = &bouncer {
         targets.push(Target {
@@ -929,8 +951,12 @@ fn main() -> ExitCode {
     let target_names = targets.iter().map(|t| t.name).collect();
     gw.assert_running();
     gw_nocache.assert_running();
+    gw_recorded.assert_running();
+    gw_durable.assert_running();
     drop(gw);
     drop(gw_nocache);
+    drop(gw_recorded);
+    drop(gw_durable);
     drop(bouncer);
 
     let stream_rounds = opts.rounds.min(2);

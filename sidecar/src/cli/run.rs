@@ -186,6 +186,11 @@ async fn serve(
     {
         warn!("sessions still open after the grace period; closing them");
     }
+    // The recording log's head moves to its last record (one writer serves
+    // all policies; flushing through any of them is enough).
+    if let Some(r) = shared.config.policies.iter().find_map(|p| p.recording.clone()) {
+        r.flush().await;
+    }
     Ok(())
 }
 

@@ -57,6 +57,13 @@ impl Recording {
     }
 }
 
+impl Recording {
+    /// Everything recorded so far is on disk and under the head.
+    pub async fn flush(&self) {
+        self.recorder.flush().await
+    }
+}
+
 /// First 16 hex of SHA-256 over the spec as loaded: which policy text was
 /// in force, without a cluster's generation counter.
 pub fn policy_version(spec: &DatabaseAccessPolicySpec) -> String {
