@@ -225,7 +225,12 @@ fn example_policies_load() {
             .replace("namespace: ci", "namespace: default");
         let (_d, mut paths) = files(&[&secret]);
         paths.push(path.clone());
-        if let Err(e) = load_files(&paths, &LoadOptions::default()) {
+        let state = tempfile::tempdir().unwrap();
+        let opts = LoadOptions {
+            state_dir: Some(state.path().to_owned()),
+            ..LoadOptions::default()
+        };
+        if let Err(e) = load_files(&paths, &opts) {
             panic!("{}: {e}", path.display());
         }
         seen += 1;
