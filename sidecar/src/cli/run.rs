@@ -188,7 +188,12 @@ async fn serve(
     }
     // The recording log's head moves to its last record (one writer serves
     // all policies; flushing through any of them is enough).
-    if let Some(r) = shared.config.policies.iter().find_map(|p| p.recording.clone()) {
+    if let Some(r) = shared
+        .config
+        .policies
+        .iter()
+        .find_map(|p| p.recording.clone())
+    {
         r.flush().await;
     }
     Ok(())

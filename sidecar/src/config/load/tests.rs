@@ -263,3 +263,43 @@ fn approvals_open_their_store_in_the_state_dir() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn recording_needs_a_state_dir_and_its_store_a_valid_dsn() {
+    let p = format!("{POLICY}  recording: {{resultRows: 3}}\n");
+    let errs = errors(&[&p, SECRET]);
+    assert!(
+        errs.iter()
+            .any(|e| e.path.as_deref() == Some("spec.recording")
+                && e.message.contains("--state-dir")),
+        "{errs:?}"
+    );
+    let with_store =
+        format!("{POLICY}  recording: {{store: {{postgres: {{dsnSecret: audit}}}}}}\n");
+    let state = tempfile::tempdir().unwrap();
+    let opts = LoadOptions {
+        state_dir: Some(state.path().to_owned()),
+        ..LoadOptions::default()
+    };
+    let load = |docs: &[&str]| {
+        let (_d, paths) = files(docs);
+        load_files(&paths, &opts)
+    };
+    let e = load(&[&with_store, SECRET]).unwrap_err().0;
+    assert!(
+        e.iter().any(
+            |e| e.path.as_deref() == Some("spec.recording.store.postgres.dsnSecret")
+                && e.message.contains("not found")
+        ),
+        "{e:?}"
+    );
+    let bad_dsn = "apiVersion: v1\nkind: Secret\nmetadata: {name: audit, namespace: ci}\nstringData: {dsn: 'mysql://x@h/db'}\n";
+    let e = load(&[&with_store, SECRET, bad_dsn]).unwrap_err().0;
+    assert!(e.iter().any(|e| e.message.contains("postgres://")), "{e:?}");
+    let good = "apiVersion: v1\nkind: Secret\nmetadata: {name: audit, namespace: ci}\nstringData: {dsn: 'postgres://w:pw@127.0.0.1:5999/audit?sslmode=disable'}\n";
+    let cfg = load(&[&with_store, SECRET, good]).unwrap();
+    let rec = cfg.policies[0].recording.as_ref().expect("recording");
+    let (target, table) = rec.store.as_ref().expect("store");
+    assert_eq!((target.port, table.as_str()), (5999, "pgwarden_records"));
+    assert!(state.path().join("recordings/chain").exists());
+}
