@@ -137,6 +137,7 @@ pub struct GatewayBuilder {
     args: Vec<OsString>,
     env: Vec<(String, String)>,
     identity: Option<String>,
+    state_dir: Option<PathBuf>,
 }
 
 /// `pgwarden run` exited (or refused to start) before it became ready.
@@ -154,6 +155,7 @@ pub struct Gateway {
     port: u16,
     metrics_port: u16,
     log_path: PathBuf,
+    state_dir: PathBuf,
     // Declared last: removed after the child is gone.
     dir: TempDir,
 }
@@ -190,6 +192,7 @@ impl GatewayBuilder {
             args: Vec::new(),
             env: Vec::new(),
             identity: None,
+            state_dir: None,
         }
     }
 
@@ -264,6 +267,14 @@ impl GatewayBuilder {
         self
     }
 
+    /// `--state-dir`: an existing directory the test owns instead of a fresh
+    /// `state/` in the gateway's temp dir, so a second gateway started from a
+    /// clone of this builder finds what the first one stored (restart tests).
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
     /// An environment variable for the gateway process.
     pub fn env(mut self, name: &str, value: &str) -> Self {
         self.env.push((name.to_string(), value.to_string()));
@@ -285,8 +296,14 @@ impl GatewayBuilder {
             .prefix("pgwarden-e2e-gw-")
             .tempdir()
             .expect("create gateway temp dir");
-        let state_dir = dir.path().join("state");
-        fs::create_dir(&state_dir).expect("create state dir");
+        let state_dir = match &self.state_dir {
+            Some(state_dir) => state_dir.clone(),
+            None => {
+                let state_dir = dir.path().join("state");
+                fs::create_dir(&state_dir).expect("create state dir");
+                state_dir
+            }
+        };
 
         let mut files = vec![write_file(dir.path(), "policy.yaml", &self.policy_text())];
         if self.with_secret {
@@ -349,6 +366,7 @@ impl GatewayBuilder {
                 port,
                 metrics_port,
                 log_path,
+                state_dir: state_dir.clone(),
                 dir: dir.take().expect("dir kept until started"),
             };
             match gateway.wait_ready(READY_TIMEOUT) {
@@ -448,14 +466,15 @@ impl Gateway {
         self.child.id()
     }
 
-    /// The gateway's temp dir (policy.yaml, secret.yaml, state/, logs).
+    /// The gateway's temp dir (policy.yaml, secret.yaml, state/ unless
+    /// [`GatewayBuilder::state_dir`] chose another, logs).
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
 
     /// `--state-dir`.
     pub fn state_dir(&self) -> PathBuf {
-        self.dir.path().join("state")
+        self.state_dir.clone()
     }
 
     /// Everything the gateway wrote to stdout/stderr so far.

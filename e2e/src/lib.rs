@@ -22,6 +22,7 @@
 //! the `postgres` OS user. `PGWARDEN_E2E_SEED` reseeds the random-input tests.
 #![forbid(unsafe_code)]
 
+pub mod approvals;
 mod client;
 mod gateway;
 mod net;
@@ -29,6 +30,7 @@ pub mod oidc;
 mod pg;
 mod tls;
 
+pub use approvals::{ApprovalsCli, CliOutput};
 pub use client::{libpq_command, psql_query, run_command, run_psql, wait_until, Endpoint};
 pub use gateway::{
     pgwarden_bin, policy_with_identity, policy_with_rules, policy_yaml, Gateway, GatewayBuilder,

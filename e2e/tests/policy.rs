@@ -229,16 +229,17 @@ fn builtin_denials_hold_even_with_allow_everything() {
 }
 
 #[test]
-fn require_approval_is_refused_until_approvals_exist() {
+fn require_approval_does_not_run_the_statement_before_a_decision() {
     let pg = cluster();
-    let gw = gateway(
-        &pg,
-        "Allow",
-        &["{name: schema-changes, action: RequireApproval, statements: [DDL]}"],
-    );
+    // Fail fast (wait: 0s): the hold itself is tested in approvals.rs.
+    let decision = "  defaultAction: Allow\n  rules:\n    - {name: schema-changes, action: RequireApproval, statements: [DDL]}\n  approval: {wait: 0s}\n";
+    let gw = Gateway::builder(&pg)
+        .policy_yaml(policy_with_rules(pg.port(), None, decision))
+        .start();
     let err = refused(&gw, "ALTER TABLE orders ADD COLUMN note text");
     assert!(
-        err.contains("approval required by rule \"schema-changes\""),
+        err.contains("approval required by rule \"schema-changes\"")
+            && err.contains("waiting for a reviewer"),
         "{err}"
     );
     assert_not_at_server(&pg, "ADD COLUMN note");

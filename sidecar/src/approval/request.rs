@@ -103,6 +103,17 @@ pub fn render_params(params: &[Param<'_>], sensitive_statement: bool) -> Vec<Opt
                 if let Some(decoded) = decode_binary(p.type_oid, v) {
                     return Some(decoded);
                 }
+                // Text-like types travel as their UTF-8 bytes in binary too:
+                // shown (and scanned) as text.
+                let printable = std::str::from_utf8(v).ok().filter(|t| {
+                    !t.is_empty() && !t.chars().any(|c| c.is_control() && c != '\n' && c != '\t')
+                });
+                if let Some(t) = printable {
+                    if detect::scan(t, &detectors, None).is_some() {
+                        return Some(MASKED.into());
+                    }
+                    return Some(cut_text(t, v.len()));
+                }
                 let shown: String = v
                     .iter()
                     .take(MAX_PARAM_HEX)
@@ -119,15 +130,18 @@ pub fn render_params(params: &[Param<'_>], sensitive_statement: bool) -> Vec<Opt
             if detect::scan(&text, &detectors, None).is_some() {
                 return Some(MASKED.into());
             }
-            let n = text.chars().count();
-            Some(if n > MAX_PARAM_CHARS {
-                let head: String = text.chars().take(MAX_PARAM_CHARS).collect();
-                format!("{head}… ({} bytes)", v.len())
-            } else {
-                text.into_owned()
-            })
+            Some(cut_text(&text, v.len()))
         })
         .collect()
+}
+
+fn cut_text(text: &str, bytes: usize) -> String {
+    if text.chars().count() > MAX_PARAM_CHARS {
+        let head: String = text.chars().take(MAX_PARAM_CHARS).collect();
+        format!("{head}… ({bytes} bytes)")
+    } else {
+        text.to_owned()
+    }
 }
 
 /// Binary parameters of the common scalar types, as their text form.
@@ -174,11 +188,23 @@ pub fn new_request(
         name: Some(id.to_owned()),
         namespace: Some(namespace.to_owned()),
         creation_timestamp: Some(Time(now)),
+        // creationTimestamp has whole seconds; this orders requests made
+        // within one second.
+        annotations: Some(
+            [(
+                CREATED_ANNOTATION.to_owned(),
+                now.strftime("%Y-%m-%dT%H:%M:%S%.9fZ").to_string(),
+            )]
+            .into(),
+        ),
         ..ObjectMeta::default()
     };
     r.status = Some(ApprovalRequestStatus::default());
     r
 }
+
+/// When a request was created, to the nanosecond.
+pub const CREATED_ANNOTATION: &str = "pgwarden.io/created";
 
 /// Seconds precision, `Z`: what Kubernetes writes.
 pub fn rfc3339(t: Timestamp) -> String {
@@ -355,14 +381,16 @@ pub fn standing(same_fingerprint: &[ApprovalRequest], now: Timestamp) -> Standin
 }
 
 fn created(r: &ApprovalRequest) -> (Timestamp, String) {
-    (
-        r.metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0)
-            .unwrap_or(Timestamp::MIN),
-        id(r).to_owned(),
-    )
+    let precise = r
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(CREATED_ANNOTATION))
+        .and_then(|t| t.parse().ok());
+    let at = precise
+        .or_else(|| r.metadata.creation_timestamp.as_ref().map(|t| t.0))
+        .unwrap_or(Timestamp::MIN);
+    (at, id(r).to_owned())
 }
 
 /// Oldest first.

@@ -32,16 +32,19 @@ pub struct Need {
 pub struct HeldPortal {
     pub need: Arc<Need>,
     pub params: Vec<(i16, Option<Vec<u8>>)>,
+    /// Parameter types (declared in Parse, or learnt from the server).
+    pub types: Vec<u32>,
 }
 
 impl HeldPortal {
-    pub fn new(need: Arc<Need>, params: &[codec::BindParam<'_>]) -> Self {
+    pub fn new(need: Arc<Need>, params: &[codec::BindParam<'_>], types: Vec<u32>) -> Self {
         HeldPortal {
             need,
             params: params
                 .iter()
                 .map(|(f, v)| (*f, v.map(<[u8]>::to_vec)))
                 .collect(),
+            types,
         }
     }
 }
@@ -58,44 +61,40 @@ pub struct Hold {
     pub bytes: Vec<u8>,
     pub need: Arc<Need>,
     pub params: Vec<(i16, Option<Vec<u8>>)>,
+    pub types: Vec<u32>,
     pub rule: Option<String>,
 }
 
 impl HeldPortal {
     /// Parameters as a recording shows them (sensitive ones masked).
     pub fn rendered_params(&self) -> Vec<Option<String>> {
-        render(&self.need, &self.params)
+        render(&self.need, &self.params, &self.types)
     }
 }
 
-fn render(need: &Need, params: &[(i16, Option<Vec<u8>>)]) -> Vec<Option<String>> {
-    let refs: Vec<Param<'_>> = params
+fn refs<'a>(params: &'a [(i16, Option<Vec<u8>>)], types: &[u32]) -> Vec<Param<'a>> {
+    params
         .iter()
         .enumerate()
         .map(|(i, (format, value))| Param {
             format: *format,
-            type_oid: need.param_types.get(i).copied().unwrap_or(0),
+            type_oid: types.get(i).copied().unwrap_or(0),
             value: value.as_deref(),
         })
-        .collect();
-    crate::approval::request::render_params(&refs, need.sensitive)
+        .collect()
+}
+
+fn render(need: &Need, params: &[(i16, Option<Vec<u8>>)], types: &[u32]) -> Vec<Option<String>> {
+    crate::approval::request::render_params(&refs(params, types), need.sensitive)
 }
 
 impl Hold {
     pub fn rendered_params(&self) -> Vec<Option<String>> {
-        render(&self.need, &self.params)
+        render(&self.need, &self.params, &self.types)
     }
 
     pub fn param_refs(&self) -> Vec<Param<'_>> {
-        self.params
-            .iter()
-            .enumerate()
-            .map(|(i, (format, value))| Param {
-                format: *format,
-                type_oid: self.need.param_types.get(i).copied().unwrap_or(0),
-                value: value.as_deref(),
-            })
-            .collect()
+        refs(&self.params, &self.types)
     }
 }
 

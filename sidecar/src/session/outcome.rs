@@ -62,6 +62,9 @@ pub struct Tracker {
     completions: u32,
     last_tag: Option<String>,
     watches: VecDeque<Watch>,
+    /// Describes of statements whose parameter types are wanted:
+    /// (window, statement name), answered by ParameterDescription in order.
+    describes: VecDeque<(u64, String)>,
     /// Rows sampled per statement.
     sample_rows: usize,
     rows: u64,
@@ -79,6 +82,28 @@ impl Tracker {
 
     pub fn watch(&mut self, w: Watch) {
         self.watches.push_back(w);
+    }
+
+    pub fn describe(&mut self, window: u64, statement: String) {
+        self.describes.push_back((window, statement));
+    }
+
+    /// A ParameterDescription: the statement it describes and its types.
+    /// Describes of windows already closed were skipped by an error.
+    pub fn on_parameter_description(&mut self, body: &[u8]) -> Option<(String, Vec<u32>)> {
+        while self
+            .describes
+            .front()
+            .is_some_and(|(w, _)| *w < self.windows_done)
+        {
+            self.describes.pop_front();
+        }
+        let (window, _) = self.describes.front()?;
+        if *window != self.windows_done {
+            return None;
+        }
+        let (_, name) = self.describes.pop_front()?;
+        Some((name, codec::parameter_description(body).ok()?))
     }
 
     /// The watch the current message belongs to, if any.
@@ -244,6 +269,9 @@ pub fn error_text(body: &[u8], scrub: bool) -> String {
 /// session's recording (durable ones hand back an ack to wait for).
 pub struct Watcher<'a> {
     rx: mpsc::UnboundedReceiver<Watch>,
+    describes: mpsc::UnboundedReceiver<(u64, String)>,
+    /// Parameter types the server reported, by statement name.
+    described: Arc<Described>,
     tracker: Tracker,
     approvals: Option<Arc<Approvals>>,
     log: Option<&'a SessionLog>,
@@ -252,12 +280,16 @@ pub struct Watcher<'a> {
 impl<'a> Watcher<'a> {
     pub fn new(
         rx: mpsc::UnboundedReceiver<Watch>,
+        describes: mpsc::UnboundedReceiver<(u64, String)>,
+        described: Arc<Described>,
         approvals: Option<Arc<Approvals>>,
         log: Option<&'a SessionLog>,
     ) -> Self {
         let rows = log.map(|l| l.settings().result_rows).unwrap_or(0);
         Watcher {
             rx,
+            describes,
+            described,
             tracker: Tracker::new(rows),
             approvals,
             log,
@@ -277,6 +309,16 @@ impl<'a> Watcher<'a> {
             }
         }
         self.tracker.on_result(ty, body);
+    }
+
+    /// A ParameterDescription from the server.
+    pub fn on_parameter_description(&mut self, body: &[u8]) {
+        while let Ok((w, name)) = self.describes.try_recv() {
+            self.tracker.describe(w, name);
+        }
+        if let Some((name, types)) = self.tracker.on_parameter_description(body) {
+            self.described.set(name, types);
+        }
     }
 
     /// Acks of durable records to wait for before the client sees this.
@@ -310,6 +352,42 @@ impl<'a> Watcher<'a> {
                 }));
             }
         }
+    }
+}
+
+/// Parameter types learnt from the server's ParameterDescription, for
+/// statements whose client declared none in Parse (drivers that let the
+/// server infer them, then bind binary values): a reviewer and a recording
+/// then read `2`, not `\x00000002`.
+#[derive(Debug, Default)]
+pub struct Described(std::sync::Mutex<std::collections::HashMap<String, Vec<u32>>>);
+
+impl Described {
+    fn set(&self, statement: String, types: Vec<u32>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(statement, types);
+    }
+
+    /// The types for a statement's parameters: declared ones win, learnt
+    /// ones fill the gaps.
+    pub fn fill(&self, statement: &str, declared: &[u32], n: usize) -> Vec<u32> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let learnt = map.get(statement);
+        (0..n)
+            .map(|i| match declared.get(i) {
+                Some(&t) if t != 0 => t,
+                _ => learnt.and_then(|l| l.get(i).copied()).unwrap_or(0),
+            })
+            .collect()
+    }
+
+    pub fn forget(&self, statement: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(statement);
     }
 }
 

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use super::approve::{self, Hold, HoldKind, Need};
 use super::limits::{RowAction, RowLimiter, StatementClock};
 use super::mask::{self, BackMask, Disposition, FrontMask};
-use super::outcome::{Watch, WatchKind, Watcher};
+use super::outcome::{Described, Watch, WatchKind, Watcher};
 use crate::approval::{messages, Approvals};
 use crate::masking::{plan, Masking};
 use crate::observe::Metrics;
@@ -161,6 +161,8 @@ impl Relay<'_> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (notice_tx, notice_rx) = mpsc::unbounded_channel();
         let (watch_tx, watch_rx) = mpsc::unbounded_channel();
+        let (describe_tx, describe_rx) = mpsc::unbounded_channel();
+        let described = Arc::new(Described::default());
         let clock = StatementClock::default();
         let cancels = Arc::new(CancelInFlight::default());
         let (front_mask, back_mask) = match &self.masking {
@@ -194,6 +196,8 @@ impl Relay<'_> {
                 portals: HashMap::new(),
                 log: self.log,
                 acks: Vec::new(),
+                describes: describe_tx,
+                described: described.clone(),
             }
             .run(&mut cr, client_frames, &mut uw);
             let back = Backend {
@@ -208,7 +212,13 @@ impl Relay<'_> {
                 cancel: &self.cancel,
                 cancels: &cancels,
                 notices: notice_rx,
-                watcher: Watcher::new(watch_rx, self.approvals.clone(), self.log),
+                watcher: Watcher::new(
+                    watch_rx,
+                    describe_rx,
+                    described.clone(),
+                    self.approvals.clone(),
+                    self.log,
+                ),
                 acks: Vec::new(),
             }
             .run(&mut ur, upstream_frames, &mut cw);
@@ -352,6 +362,10 @@ struct Frontend<'a> {
     log: Option<&'a SessionLog>,
     /// Durable statement records to wait for before sending upstream.
     acks: Vec<Ack>,
+    /// Describes of tracked statements, for the server half to attribute
+    /// their ParameterDescription; and what it learnt.
+    describes: mpsc::UnboundedSender<(u64, String)>,
+    described: Arc<Described>,
 }
 
 impl Frontend<'_> {
@@ -461,6 +475,7 @@ impl Frontend<'_> {
                                 rule: rule.clone(),
                             }),
                             params: Vec::new(),
+                            types: Vec::new(),
                             rule,
                         }));
                     }
@@ -555,7 +570,10 @@ impl Frontend<'_> {
                     Some(need) => {
                         let (_, _, params) =
                             codec::bind_params(body).map_err(|e| violation("Bind", e))?;
-                        let held = approve::HeldPortal::new(need, &params);
+                        let types = self
+                            .described
+                            .fill(statement, &need.param_types, params.len());
+                        let held = approve::HeldPortal::new(need, &params, types);
                         self.portals.insert(portal.to_owned(), held);
                     }
                     None => {
@@ -572,9 +590,15 @@ impl Frontend<'_> {
                 }
             }
             b'D' => {
-                if let Some(m) = &mut self.mask {
-                    codec::describe(body).map_err(|e| violation("Describe", e))?;
-                    m.describe();
+                if self.mask.is_some() || !self.statements.is_empty() {
+                    let (kind, name) =
+                        codec::describe(body).map_err(|e| violation("Describe", e))?;
+                    if kind == b'S' && self.statements.contains_key(name) {
+                        let _ = self.describes.send((self.requests_sent, name.to_owned()));
+                    }
+                    if let Some(m) = &mut self.mask {
+                        m.describe();
+                    }
                 }
                 out.extend_from_slice(bytes);
             }
@@ -597,6 +621,7 @@ impl Frontend<'_> {
                                 rule: held.need.rule.clone(),
                                 need: held.need,
                                 params: held.params,
+                                types: held.types,
                             }));
                         }
                     }
@@ -645,6 +670,7 @@ impl Frontend<'_> {
                 if kind == b'S' {
                     self.session.closed(name);
                     self.statements.remove(name);
+                    self.described.forget(name);
                     if let Some(m) = &mut self.mask {
                         m.closed_statement(name);
                     }
@@ -1228,6 +1254,10 @@ impl Backend<'_> {
                 if self.watcher.records_results() {
                     self.watcher.on_result(b'T', body);
                 }
+                out.extend_from_slice(bytes);
+            }
+            b't' => {
+                self.watcher.on_parameter_description(body);
                 out.extend_from_slice(bytes);
             }
             _ => out.extend_from_slice(bytes),

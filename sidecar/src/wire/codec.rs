@@ -338,6 +338,18 @@ pub fn row_description(body: &[u8]) -> Result<Vec<FieldInfo>, DecodeError> {
     Ok(fields)
 }
 
+/// ParameterDescription ('t'): the parameter type OIDs.
+pub fn parameter_description(body: &[u8]) -> Result<Vec<u32>, DecodeError> {
+    let mut r = Reader::new(body);
+    let n = usize::try_from(r.i16()?).map_err(|_| DecodeError::Invalid("negative count"))?;
+    let raw = r.bytes(n.checked_mul(4).ok_or(DecodeError::Truncated)?)?;
+    r.finish()?;
+    Ok(raw
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
 /// RowDescription ('T'): the field names only (for recordings).
 pub fn row_names(body: &[u8]) -> Result<Vec<String>, DecodeError> {
     let mut r = Reader::new(body);
