@@ -148,6 +148,19 @@ fn cut_text(text: &str, bytes: usize) -> String {
 /// (Text-like binary values go through the detectors like text.)
 fn decode_binary(type_oid: u32, v: &[u8]) -> Option<String> {
     Some(match (type_oid, v.len()) {
+        (17, _) => {
+            // bytea: hex, as PostgreSQL prints it.
+            let hex: String = v
+                .iter()
+                .take(MAX_PARAM_HEX)
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            if v.len() > MAX_PARAM_HEX {
+                format!("\\x{hex}… ({} bytes)", v.len())
+            } else {
+                format!("\\x{hex}")
+            }
+        }
         (16, 1) => if v[0] != 0 { "t" } else { "f" }.to_owned(),
         (21, 2) => i16::from_be_bytes(v.try_into().ok()?).to_string(),
         (23 | 26, 4) => i32::from_be_bytes(v.try_into().ok()?).to_string(),

@@ -246,6 +246,22 @@ impl RowPlan {
         bytes: &[u8],
         out: &mut BytesMut,
     ) -> Result<(), String> {
+        let start = out.len();
+        let result = self.write_row(rules, key, bytes, out);
+        if result.is_err() {
+            // Nothing of a row that failed half-way stays in the output.
+            out.truncate(start);
+        }
+        result
+    }
+
+    fn write_row(
+        &self,
+        rules: &MaskRules,
+        key: Option<&HashKey>,
+        bytes: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<(), String> {
         if !self.any {
             out.extend_from_slice(bytes);
             return Ok(());

@@ -10,8 +10,10 @@ pub mod analyze;
 mod cache;
 pub mod catalog;
 pub mod decide;
+pub mod normalize;
 pub mod rules;
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -141,12 +143,29 @@ impl Gate {
         uc.operators.extend(operators);
     }
 
-    /// Analyse and decide, from the cache when this text was seen before.
+    /// Analyse and decide, from the cache when this text — or one that
+    /// differs only in numeric literals (`normalize`) — was seen before.
     pub fn evaluate(&self, sql: &str) -> Arc<Judgement> {
-        if let Some(j) = self.cache.get(sql) {
-            return j;
+        let key = match normalize::numeric_key(sql) {
+            // NUL never occurs in a query text: the two kinds of keys
+            // cannot collide.
+            Some(k) => Cow::Owned(format!("\0{k}")),
+            None => Cow::Borrowed(sql),
+        };
+        if let Some(j) = self.cache.get(&key) {
+            // A parse error's message may quote the text: not shared.
+            if !matches!(j.outcome, Err(AnalyzeError::Parse(_))) || key == sql {
+                return j;
+            }
+            return Arc::new(self.judge_text(sql));
         }
-        let j = Arc::new(match analyze::analyze(sql, self.settings) {
+        let j = Arc::new(self.judge_text(sql));
+        self.cache.insert(&key, j.clone());
+        j
+    }
+
+    fn judge_text(&self, sql: &str) -> Judgement {
+        match analyze::analyze(sql, self.settings) {
             Ok(statements) => {
                 let outcome = Ok(self.policy.decide(&statements));
                 Judgement {
@@ -158,9 +177,7 @@ impl Gate {
                 statements: Vec::new(),
                 outcome: Err(e),
             },
-        });
-        self.cache.insert(sql, j.clone());
-        j
+        }
     }
 
     /// The verdict for a query text in this session; applies the text's

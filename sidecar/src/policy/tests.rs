@@ -426,3 +426,33 @@ fn ts_rewrite_runs_sql_text_and_is_built_in_denied() {
     assert_eq!(a, Action::Deny);
     assert!(why.contains("built-in"), "{why}");
 }
+
+#[test]
+fn texts_that_differ_only_in_numbers_share_one_cached_judgement() {
+    let g = Gate::new(
+        &spec(
+            "  - {name: reads, action: Allow, statements: [SELECT], tables: [\"public.orders\"]}\n",
+            "Deny",
+        ),
+        64,
+    );
+    // Admission on the second sighting, then shared by every number.
+    let a = g.evaluate("SELECT * FROM orders WHERE id = 1");
+    let b = g.evaluate("SELECT * FROM orders WHERE id = 2");
+    let c = g.evaluate("SELECT * FROM orders WHERE id = 3");
+    assert!(!Arc::ptr_eq(&a, &b));
+    assert!(
+        Arc::ptr_eq(&b, &c),
+        "the third text should come from the cache"
+    );
+    // Names are never merged: another table is judged on its own.
+    let mut s = SessionState::default();
+    assert!(matches!(
+        g.judge("SELECT * FROM orders2 WHERE id = 3", &mut s),
+        Verdict::Refuse(_)
+    ));
+    assert_eq!(
+        g.judge("SELECT * FROM orders WHERE id = 4", &mut s),
+        Verdict::Allow
+    );
+}
