@@ -15,7 +15,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
@@ -26,6 +26,9 @@ use super::record::{self, Event, Record, GENESIS};
 pub const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 /// Records not asked to be durable reach the disk within this.
 pub const SYNC_EVERY: Duration = Duration::from_millis(200);
+/// ... and the log file (the OS) within this: the writer is not woken per
+/// record, which would cost a thread switch per statement.
+pub const WRITE_EVERY: Duration = Duration::from_millis(20);
 /// The head is rewritten at most this often.
 pub const HEAD_EVERY: Duration = Duration::from_secs(1);
 
@@ -44,9 +47,58 @@ struct Pending {
 }
 
 /// Where sessions send their records. Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Recorder {
-    tx: mpsc::Sender<Msg>,
+    queue: Arc<Queue>,
+}
+
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Recorder")
+    }
+}
+
+/// Messages for the writer. Only durable records and flushes wake it; the
+/// rest wait for its next round (`WRITE_EVERY`).
+#[derive(Default)]
+struct Queue {
+    state: Mutex<QueueState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    msgs: Vec<Msg>,
+    urgent: bool,
+}
+
+/// Past this many queued records the writer is woken anyway.
+const WAKE_AT: usize = 1024;
+
+impl Queue {
+    fn push(&self, msg: Msg, urgent: bool) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.msgs.push(msg);
+        if urgent || st.msgs.len() == WAKE_AT {
+            st.urgent = true;
+            drop(st);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Wait until something urgent comes or `timeout` passes; take all.
+    fn take(&self, timeout: Duration) -> Vec<Msg> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !st.urgent {
+            st = self
+                .wake
+                .wait_timeout_while(st, timeout, |s| !s.urgent)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        st.urgent = false;
+        std::mem::take(&mut st.msgs)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,15 +216,16 @@ impl Recorder {
             last_sync: Instant::now(),
             last_head: Instant::now(),
         };
-        let (tx, rx) = mpsc::channel();
+        let queue = Arc::new(Queue::default());
+        let q = queue.clone();
         std::thread::Builder::new()
             .name("pgwarden-recorder".into())
-            .spawn(move || w.run(rx))
+            .spawn(move || w.run(&q))
             .map_err(|e| SpoolError::Io {
                 path: PathBuf::from("(recorder thread)"),
                 source: e,
             })?;
-        Ok(Recorder { tx })
+        Ok(Recorder { queue })
     }
 
     /// Append an event. With `durable`, the receiver completes once the
@@ -189,21 +242,23 @@ impl Recorder {
         } else {
             (None, None)
         };
-        let _ = self.tx.send(Msg::Event(Box::new(Pending {
-            session: session.to_owned(),
-            event,
-            at: Timestamp::now(),
-            ack,
-        })));
+        self.queue.push(
+            Msg::Event(Box::new(Pending {
+                session: session.to_owned(),
+                event,
+                at: Timestamp::now(),
+                ack,
+            })),
+            durable,
+        );
         rx
     }
 
     /// Everything sent so far is on disk and under the head.
     pub async fn flush(&self) {
         let (t, r) = oneshot::channel();
-        if self.tx.send(Msg::Flush(t)).is_ok() {
-            let _ = r.await;
-        }
+        self.queue.push(Msg::Flush(t), true);
+        let _ = r.await;
     }
 }
 
@@ -285,24 +340,12 @@ fn open_segment(dir: &Path, next_seq: u64, fresh: bool) -> Result<(File, u64), S
 }
 
 impl Writer {
-    fn run(&mut self, rx: mpsc::Receiver<Msg>) {
+    fn run(&mut self, queue: &Queue) {
         loop {
-            let wait = SYNC_EVERY.saturating_sub(self.last_sync.elapsed());
-            let first = match rx.recv_timeout(wait.max(Duration::from_millis(1))) {
-                Ok(m) => Some(m),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let _ = self.sync(true);
-                    return;
-                }
-            };
+            let msgs = queue.take(WRITE_EVERY);
             let mut acks = Vec::new();
             let mut force_head = false;
-            let mut batch = first
-                .into_iter()
-                .chain(std::iter::from_fn(|| rx.try_recv().ok()));
-            let mut n = 0;
-            for msg in batch.by_ref() {
+            for msg in msgs {
                 match msg {
                     Msg::Event(p) => {
                         let Pending {
@@ -324,10 +367,9 @@ impl Writer {
                         acks.push(t);
                     }
                 }
-                n += 1;
-                if n >= 4096 {
-                    break;
-                }
+            }
+            if let Err(e) = self.file.flush() {
+                tracing::error!(error = %e, "writing the recording log failed");
             }
             let due = self.last_sync.elapsed() >= SYNC_EVERY;
             if !acks.is_empty() || due || force_head {
