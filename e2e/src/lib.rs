@@ -28,6 +28,7 @@ mod gateway;
 mod net;
 pub mod oidc;
 mod pg;
+pub mod recording;
 mod tls;
 
 pub use approvals::{ApprovalsCli, CliOutput};

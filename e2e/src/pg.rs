@@ -379,6 +379,38 @@ impl PgCluster {
         env
     }
 
+    /// Starts a cluster stopped with [`PgCluster::stop`] again, on the same port
+    /// with the same data (the end of an outage).
+    pub fn start_again(&mut self) {
+        if self.running {
+            return;
+        }
+        let out = run_command(
+            server_command("pg_ctl", self.dir.path()).args([
+                "-D",
+                path_str(&self.data_dir),
+                "-l",
+                path_str(&self.log_path),
+                "-w",
+                "-t",
+                "30",
+                "start",
+            ]),
+            None,
+            SERVER_TOOL_TIMEOUT,
+        );
+        // Whatever pg_ctl says, let Drop stop what may run.
+        self.running = true;
+        assert!(
+            out.status.success(),
+            "pg_ctl start (again, port {}) failed:\n{}{}\n--- postgres.log ---\n{}",
+            self.port,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log(), 8 * 1024)
+        );
+    }
+
     /// Stops the server now (`pg_ctl stop -m immediate`); drop does this too.
     pub fn stop(&mut self) {
         if !std::mem::replace(&mut self.running, false) {

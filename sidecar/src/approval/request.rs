@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::masking::detect;
 use crate::masking::strategy::Strategy;
+use crate::wire::values;
 
 /// A bind parameter as the client sent it.
 #[derive(Clone, Copy, Debug)]
@@ -147,28 +148,14 @@ fn cut_text(text: &str, bytes: usize) -> String {
 /// Binary parameters of the common scalar types, as their text form.
 /// (Text-like binary values go through the detectors like text.)
 fn decode_binary(type_oid: u32, v: &[u8]) -> Option<String> {
-    Some(match (type_oid, v.len()) {
-        (17, _) => {
-            // bytea: hex, as PostgreSQL prints it.
-            let hex: String = v
-                .iter()
-                .take(MAX_PARAM_HEX)
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            if v.len() > MAX_PARAM_HEX {
-                format!("\\x{hex}… ({} bytes)", v.len())
-            } else {
-                format!("\\x{hex}")
-            }
-        }
-        (16, 1) => if v[0] != 0 { "t" } else { "f" }.to_owned(),
-        (21, 2) => i16::from_be_bytes(v.try_into().ok()?).to_string(),
-        (23 | 26, 4) => i32::from_be_bytes(v.try_into().ok()?).to_string(),
-        (20, 8) => i64::from_be_bytes(v.try_into().ok()?).to_string(),
-        (700, 4) => f32::from_be_bytes(v.try_into().ok()?).to_string(),
-        (701, 8) => f64::from_be_bytes(v.try_into().ok()?).to_string(),
-        _ => return None,
-    })
+    if type_oid == 17 {
+        // bytea: hex, as PostgreSQL prints it.
+        return Some(values::hex(v, MAX_PARAM_HEX));
+    }
+    if values::is_text_type(type_oid) {
+        return None;
+    }
+    values::scalar_text(type_oid, v)
 }
 
 /// A new Pending request.

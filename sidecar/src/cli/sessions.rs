@@ -49,29 +49,36 @@ pub fn sessions(args: SessionsArgs) -> anyhow::Result<ExitCode> {
             }
         }
         SessionsCommand::Replay { id } => {
-            let records = match &source {
-                Source::Dir(d) => log::records(d, |r| r.session == id).map_err(|e| e.to_string()),
-                Source::Store(chains) => store_records(chains, |r| r.session == id),
+            // The session's own lines, byte for byte: its chain is checked
+            // over what was stored, not over a re-serialisation.
+            let lines: Result<Vec<String>, String> = match &source {
+                Source::Dir(d) => log::session_lines(d, &id).map_err(|e| e.to_string()),
+                Source::Store(chains) => Ok(chains
+                    .iter()
+                    .flat_map(|(_, lines)| lines.iter())
+                    .filter(|l| {
+                        crate::recording::record::open(l).is_ok_and(|(r, _)| r.session == id)
+                    })
+                    .cloned()
+                    .collect()),
             };
-            let records = match records {
-                Ok(r) => r,
+            let lines = match lines {
+                Ok(l) => l,
                 Err(e) => return Ok(fail(EXIT_ERROR, &e)),
             };
-            if records.is_empty() {
+            if lines.is_empty() {
                 return Ok(fail(EXIT_BROKEN, &format!("no session {id}")));
             }
-            // A replay is only as good as the session's own chain.
-            let lines: Vec<String> = records
-                .iter()
-                .map(|r| crate::recording::record::seal(r).0)
-                .collect();
             let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
-            if let Err((i, b)) = crate::recording::chain::verify_session(&refs) {
-                return Ok(fail(
-                    EXIT_BROKEN,
-                    &format!("session {id} is broken at its record {}: {b}", i + 1),
-                ));
-            }
+            let records = match crate::recording::chain::verify_session(&refs) {
+                Ok(r) => r,
+                Err((i, b)) => {
+                    return Ok(fail(
+                        EXIT_BROKEN,
+                        &format!("session {id} is broken at its record {}: {b}", i + 1),
+                    ))
+                }
+            };
             match args.output {
                 OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&records)?),
                 OutputFormat::Text => print!("{}", replay::transcript(&records)),

@@ -120,6 +120,28 @@ pub fn records(
     Ok(out)
 }
 
+/// One session's lines exactly as stored (for `replay`, which verifies the
+/// session's own chain over the original bytes).
+pub fn session_lines(state_dir: &Path, session: &str) -> Result<Vec<String>, LogError> {
+    let dir = spool::dir(state_dir);
+    let mut out = Vec::new();
+    if !dir.exists() {
+        return Ok(out);
+    }
+    walk(&dir, |place, line, complete| {
+        if !complete {
+            return Ok(());
+        }
+        let (r, _) =
+            super::record::open(line).map_err(|e| (place, Broken::Edited(e.to_string())))?;
+        if r.session == session {
+            out.push(line.to_owned());
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// A session as `pgwarden sessions list` shows it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]

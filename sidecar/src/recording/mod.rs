@@ -160,7 +160,7 @@ impl SessionLog {
     pub fn result(&self, r: ResultFacts) -> Option<Ack> {
         self.send(Event::Result {
             n: r.n,
-            duration_ms: r.duration_ms,
+            duration_us: r.duration_us,
             rows: r.rows,
             tag: r.tag,
             error: r.error.map(|e| scrub_literals(&e)),
@@ -195,7 +195,7 @@ fn scrub_literals(text: &str) -> String {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ResultFacts {
     pub n: u64,
-    pub duration_ms: f64,
+    pub duration_us: u64,
     pub rows: u64,
     pub tag: Option<String>,
     pub error: Option<String>,

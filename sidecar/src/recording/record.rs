@@ -72,7 +72,8 @@ pub enum Event {
     #[serde(rename_all = "camelCase")]
     Result {
         n: u64,
-        duration_ms: f64,
+        /// Microseconds from sending it upstream to its completion.
+        duration_us: u64,
         rows: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tag: Option<String>,

@@ -80,7 +80,7 @@ pub fn transcript(records: &[Record]) -> String {
             }
             Event::Result {
                 n,
-                duration_ms,
+                duration_us,
                 rows,
                 tag,
                 error,
@@ -95,16 +95,18 @@ pub fn transcript(records: &[Record]) -> String {
                     } else {
                         String::new()
                     };
-                    let _ = writeln!(out, "({rows} rows{more})");
+                    let noun = if *rows == 1 { "row" } else { "rows" };
+                    let _ = writeln!(out, "({rows} {noun}{more})");
                 }
                 if let Some(e) = error {
                     let _ = writeln!(out, "{e}");
                 }
                 let _ = writeln!(
                     out,
-                    "-- #{n} {} in {duration_ms:.3} ms",
+                    "-- #{n} {} in {:.3} ms",
                     tag.as_deref()
-                        .unwrap_or(if error.is_some() { "failed" } else { "done" })
+                        .unwrap_or(if error.is_some() { "failed" } else { "done" }),
+                    *duration_us as f64 / 1000.0
                 );
             }
             Event::SessionEnd { reason, statements } => {

@@ -34,17 +34,23 @@ pub struct HeldPortal {
     pub params: Vec<(i16, Option<Vec<u8>>)>,
     /// Parameter types (declared in Parse, or learnt from the server).
     pub types: Vec<u32>,
+    /// The statement it was bound to, and the result formats asked for.
+    pub statement: String,
+    pub result_formats: Vec<i16>,
 }
 
 impl HeldPortal {
-    pub fn new(need: Arc<Need>, params: &[codec::BindParam<'_>], types: Vec<u32>) -> Self {
+    pub fn new(need: Arc<Need>, bind: &codec::Bind<'_>, types: Vec<u32>) -> Self {
         HeldPortal {
             need,
-            params: params
+            params: bind
+                .params
                 .iter()
                 .map(|(f, v)| (*f, v.map(<[u8]>::to_vec)))
                 .collect(),
             types,
+            statement: bind.statement.to_owned(),
+            result_formats: bind.result_formats.clone(),
         }
     }
 }
@@ -63,6 +69,8 @@ pub struct Hold {
     pub params: Vec<(i16, Option<Vec<u8>>)>,
     pub types: Vec<u32>,
     pub rule: Option<String>,
+    /// Result columns when known in advance (see `outcome::Watch`).
+    pub columns: Option<Arc<Vec<codec::Column>>>,
 }
 
 impl HeldPortal {

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use crate::approval::request::Outcome;
 use crate::approval::Approvals;
 use crate::recording::{record, Ack, ResultFacts, SessionLog};
-use crate::wire::codec;
+use crate::wire::{codec, values};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WatchKind {
@@ -40,6 +40,9 @@ pub struct Watch {
     /// Its statement number in the session's recording.
     pub record: Option<u64>,
     pub started: Instant,
+    /// Its result columns when known in advance (a portal of a statement
+    /// described earlier: Execute brings no RowDescription).
+    pub columns: Option<Arc<Vec<codec::Column>>>,
 }
 
 /// A watched statement's answer.
@@ -68,8 +71,12 @@ pub struct Tracker {
     /// Rows sampled per statement.
     sample_rows: usize,
     rows: u64,
-    columns: Vec<String>,
+    columns: Option<Arc<Vec<codec::Column>>>,
     sample: Vec<Vec<Option<String>>>,
+    /// A ParameterDescription was matched to this statement: the
+    /// RowDescription (or NoData) that follows is the statement's, not a
+    /// result.
+    describing: Option<(u64, String)>,
 }
 
 impl Tracker {
@@ -102,7 +109,8 @@ impl Tracker {
         if *window != self.windows_done {
             return None;
         }
-        let (_, name) = self.describes.pop_front()?;
+        let (window, name) = self.describes.pop_front()?;
+        self.describing = Some((window, name.clone()));
         Some((name, codec::parameter_description(body).ok()?))
     }
 
@@ -117,21 +125,45 @@ impl Tracker {
         })
     }
 
+    /// A RowDescription or NoData that answers a Describe of a statement
+    /// (after its ParameterDescription): (statement, columns).
+    pub fn on_statement_description(
+        &mut self,
+        ty: u8,
+        body: &[u8],
+    ) -> Option<(String, Option<Vec<codec::Column>>)> {
+        let (window, _) = self.describing.as_ref()?;
+        if *window != self.windows_done {
+            self.describing = None;
+            return None;
+        }
+        let (_, name) = self.describing.take()?;
+        Some((
+            name,
+            match ty {
+                b'T' => codec::row_columns(body).ok(),
+                _ => None,
+            },
+        ))
+    }
+
     /// A RowDescription or DataRow (as sent to the client, after masking).
     pub fn on_result(&mut self, ty: u8, body: &[u8]) {
-        if self.current().is_none() {
-            return;
-        }
+        let Some(w) = self.current() else { return };
         match ty {
             b'T' => {
-                if let Ok(names) = codec::row_names(body) {
-                    self.columns = names;
+                if let Ok(cols) = codec::row_columns(body) {
+                    self.columns = Some(Arc::new(cols));
                 }
             }
             b'D' => {
+                if self.columns.is_none() {
+                    self.columns = w.columns.clone();
+                }
                 self.rows += 1;
                 if self.sample.len() < self.sample_rows {
-                    self.sample.push(row_values(body));
+                    let cols = self.columns.as_deref().map(Vec::as_slice).unwrap_or(&[]);
+                    self.sample.push(row_values(body, cols));
                 }
             }
             _ => {}
@@ -209,40 +241,55 @@ impl Tracker {
             started: w.started,
             sample_cut: rows > sample.len() as u64,
             rows,
-            columns: std::mem::take(&mut self.columns),
+            columns: self
+                .columns
+                .take()
+                .or(w.columns)
+                .map(|c| c.iter().map(|c| c.name.clone()).collect())
+                .unwrap_or_default(),
             sample,
         }
     }
 }
 
-/// A DataRow's values as text (binary or non-UTF-8 values as hex), each cut
-/// to `record::MAX_VALUE`.
-fn row_values(body: &[u8]) -> Vec<Option<String>> {
+/// A DataRow's values as text: text-format values as they are, binary ones
+/// decoded by their column's type where known, else hex; each cut to
+/// `record::MAX_VALUE`.
+fn row_values(body: &[u8], cols: &[codec::Column]) -> Vec<Option<String>> {
     let Ok(values) = codec::data_row(body) else {
         return vec![Some("(unreadable row)".into())];
     };
     values
         .into_iter()
-        .map(|v| {
-            v.map(|b| match std::str::from_utf8(b) {
-                Ok(s) if !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') => {
-                    record::truncate(s, record::MAX_VALUE)
-                }
-                _ => {
-                    let hex: String = b
-                        .iter()
-                        .take(record::MAX_VALUE / 2)
-                        .map(|x| format!("{x:02x}"))
-                        .collect();
-                    if b.len() > record::MAX_VALUE / 2 {
-                        format!("\\x{hex}…[truncated: {} bytes]", b.len())
-                    } else {
-                        format!("\\x{hex}")
-                    }
-                }
+        .enumerate()
+        .map(|(i, v)| {
+            let v = v?;
+            let text = match cols.get(i) {
+                Some(c) if c.binary => values::scalar_text(c.type_oid, v),
+                _ => std::str::from_utf8(v)
+                    .ok()
+                    .filter(|s| !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t'))
+                    .map(str::to_owned),
+            };
+            Some(match text {
+                Some(t) => record::truncate(&t, record::MAX_VALUE),
+                None => values::hex(v, record::MAX_VALUE / 2),
             })
         })
         .collect()
+}
+
+/// The row count at the end of a command tag (`INSERT 0 5`, `DELETE 3`).
+fn tag_rows(tag: &str) -> Option<u64> {
+    let (verb, n) = tag.rsplit_once(' ')?;
+    let counts = [
+        "SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "FETCH", "MOVE",
+    ];
+    counts
+        .iter()
+        .any(|v| verb == *v || verb.starts_with(&format!("{v} ")))
+        .then(|| n.parse().ok())
+        .flatten()
 }
 
 /// `ERROR 23505: duplicate key value ...`; without the message for
@@ -317,7 +364,19 @@ impl<'a> Watcher<'a> {
             self.tracker.describe(w, name);
         }
         if let Some((name, types)) = self.tracker.on_parameter_description(body) {
-            self.described.set(name, types);
+            self.described.set_params(name, types);
+        }
+    }
+
+    /// A RowDescription or NoData: a described statement's columns, or a
+    /// result's.
+    pub fn on_row_description(&mut self, ty: u8, body: &[u8]) {
+        if let Some((name, cols)) = self.tracker.on_statement_description(ty, body) {
+            self.described.set_columns(name, cols);
+            return;
+        }
+        if ty == b'T' && self.records_results() {
+            self.on_result(ty, body);
         }
     }
 
@@ -342,8 +401,10 @@ impl<'a> Watcher<'a> {
                 };
                 acks.extend(log.result(ResultFacts {
                     n,
-                    duration_ms: f.started.elapsed().as_secs_f64() * 1000.0,
-                    rows: f.rows,
+                    duration_us: u64::try_from(f.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    // Rows processed, as the tag says (DELETE 3), else the
+                    // rows the client received.
+                    rows: tag.as_deref().and_then(tag_rows).unwrap_or(f.rows),
                     tag,
                     error,
                     columns: f.columns,
@@ -360,21 +421,51 @@ impl<'a> Watcher<'a> {
 /// server infer them, then bind binary values): a reviewer and a recording
 /// then read `2`, not `\x00000002`.
 #[derive(Debug, Default)]
-pub struct Described(std::sync::Mutex<std::collections::HashMap<String, Vec<u32>>>);
+pub struct Described(std::sync::Mutex<std::collections::HashMap<String, Description>>);
+
+#[derive(Debug, Default)]
+struct Description {
+    params: Vec<u32>,
+    columns: Option<Arc<Vec<codec::Column>>>,
+}
 
 impl Described {
-    fn set(&self, statement: String, types: Vec<u32>) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(statement, types);
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Description>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_params(&self, statement: String, types: Vec<u32>) {
+        self.lock().entry(statement).or_default().params = types;
+    }
+
+    fn set_columns(&self, statement: String, cols: Option<Vec<codec::Column>>) {
+        self.lock().entry(statement).or_default().columns = cols.map(Arc::new);
+    }
+
+    /// A described statement's result columns, with the result formats of
+    /// the Bind (none: all text; one: for all; else one per column).
+    pub fn columns(&self, statement: &str, formats: &[i16]) -> Option<Arc<Vec<codec::Column>>> {
+        let cols = self.lock().get(statement)?.columns.clone()?;
+        if formats.is_empty() {
+            return Some(cols);
+        }
+        Some(Arc::new(
+            cols.iter()
+                .enumerate()
+                .map(|(i, c)| codec::Column {
+                    binary: formats.get(i).or(formats.first()).copied() == Some(1)
+                        && (formats.len() == 1 || i < formats.len()),
+                    ..c.clone()
+                })
+                .collect(),
+        ))
     }
 
     /// The types for a statement's parameters: declared ones win, learnt
     /// ones fill the gaps.
     pub fn fill(&self, statement: &str, declared: &[u32], n: usize) -> Vec<u32> {
-        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let learnt = map.get(statement);
+        let map = self.lock();
+        let learnt = map.get(statement).map(|d| &d.params);
         (0..n)
             .map(|i| match declared.get(i) {
                 Some(&t) if t != 0 => t,
@@ -384,10 +475,7 @@ impl Described {
     }
 
     pub fn forget(&self, statement: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(statement);
+        self.lock().remove(statement);
     }
 }
 

@@ -459,7 +459,7 @@ impl Frontend<'_> {
                         if let Some(m) = &mut self.mask {
                             m.query(ctx);
                         }
-                        self.record_allowed(sql, Vec::new(), rule, WatchKind::Query);
+                        self.record_allowed(sql, Vec::new(), rule, WatchKind::Query, None);
                         out.extend_from_slice(bytes)
                     }
                     Judged::Hold(reason, ctx) => {
@@ -477,6 +477,7 @@ impl Frontend<'_> {
                             params: Vec::new(),
                             types: Vec::new(),
                             rule,
+                            columns: None,
                         }));
                     }
                     Judged::Refuse(err) => {
@@ -568,12 +569,11 @@ impl Frontend<'_> {
                 };
                 match need {
                     Some(need) => {
-                        let (_, _, params) =
-                            codec::bind_params(body).map_err(|e| violation("Bind", e))?;
-                        let types = self
-                            .described
-                            .fill(statement, &need.param_types, params.len());
-                        let held = approve::HeldPortal::new(need, &params, types);
+                        let bind = codec::bind_params(body).map_err(|e| violation("Bind", e))?;
+                        let types =
+                            self.described
+                                .fill(statement, &need.param_types, bind.params.len());
+                        let held = approve::HeldPortal::new(need, &bind, types);
                         self.portals.insert(portal.to_owned(), held);
                     }
                     None => {
@@ -613,7 +613,11 @@ impl Frontend<'_> {
                         .is_some_and(|p| p.need.reason.is_some());
                     if needs_approval {
                         if let Some(held) = self.portals.remove(portal) {
+                            let columns = self
+                                .described
+                                .columns(&held.statement, &held.result_formats);
                             return Ok(Flow::Hold(Hold {
+                                columns,
                                 kind: HoldKind::Execute {
                                     portal: portal.to_owned(),
                                 },
@@ -633,13 +637,19 @@ impl Frontend<'_> {
                         // fetch more rows is recorded again).
                         let facts = self.portals.get(portal).map(|p| {
                             let params = p.rendered_params();
-                            (p.need.sql.clone(), params, p.need.rule.clone())
+                            let columns = self.described.columns(&p.statement, &p.result_formats);
+                            (p.need.sql.clone(), params, p.need.rule.clone(), columns)
                         });
-                        let (sql, params, rule) = facts.unwrap_or_else(|| {
-                            (format!("-- execute portal \"{portal}\""), Vec::new(), None)
+                        let (sql, params, rule, columns) = facts.unwrap_or_else(|| {
+                            (
+                                format!("-- execute portal \"{portal}\""),
+                                Vec::new(),
+                                None,
+                                None,
+                            )
                         });
                         let k = self.executes_since_sync;
-                        self.record_allowed(&sql, params, rule, WatchKind::Execute(k));
+                        self.record_allowed(&sql, params, rule, WatchKind::Execute(k), columns);
                     }
                 }
                 self.executes_since_sync += 1;
@@ -733,6 +743,7 @@ impl Frontend<'_> {
         parameters: Vec<Option<String>>,
         rule: Option<String>,
         kind: WatchKind,
+        columns: Option<Arc<Vec<codec::Column>>>,
     ) {
         let Some(log) = self.log else { return };
         let (n, ack) = log.statement(StatementFacts {
@@ -751,6 +762,7 @@ impl Frontend<'_> {
             approval: None,
             record: Some(n),
             started: Instant::now(),
+            columns,
         });
     }
 
@@ -962,6 +974,7 @@ impl Frontend<'_> {
             approval: Some(id),
             record,
             started: Instant::now(),
+            columns: hold.columns.clone(),
         });
         out.extend_from_slice(&hold.bytes);
         self.after_held(kind);
@@ -1250,10 +1263,8 @@ impl Backend<'_> {
                     self.watcher.on_result(b'D', &out[at + 5..]);
                 }
             }
-            b'T' => {
-                if self.watcher.records_results() {
-                    self.watcher.on_result(b'T', body);
-                }
+            b'T' | b'n' => {
+                self.watcher.on_row_description(ty, body);
                 out.extend_from_slice(bytes);
             }
             b't' => {

@@ -170,8 +170,16 @@ pub fn bind_names(body: &[u8]) -> Result<(&str, &str), DecodeError> {
 /// with its format code (0 text, 1 binary; None is SQL NULL).
 pub type BindParam<'a> = (i16, Option<&'a [u8]>);
 
-/// Bind ('B') in full: (portal, statement, parameters).
-pub fn bind_params(body: &[u8]) -> Result<(&str, &str, Vec<BindParam<'_>>), DecodeError> {
+/// Bind ('B') in full.
+pub struct Bind<'a> {
+    pub portal: &'a str,
+    pub statement: &'a str,
+    pub params: Vec<BindParam<'a>>,
+    /// Result format codes: none (all text), one for all, or one per column.
+    pub result_formats: Vec<i16>,
+}
+
+pub fn bind_params(body: &[u8]) -> Result<Bind<'_>, DecodeError> {
     let mut r = Reader::new(body);
     let portal = r.cstr()?;
     let statement = r.cstr()?;
@@ -203,9 +211,20 @@ pub fn bind_params(body: &[u8]) -> Result<(&str, &str, Vec<BindParam<'_>>), Deco
         };
         params.push((format, value));
     }
-    // Result format codes: the server checks them.
-    r.rest();
-    Ok((portal, statement, params))
+    let nres = usize::try_from(r.i16()?)
+        .map_err(|_| DecodeError::Invalid("negative result format count"))?;
+    let raw = r.bytes(nres.checked_mul(2).ok_or(DecodeError::Truncated)?)?;
+    r.finish()?;
+    let result_formats = raw
+        .chunks_exact(2)
+        .map(|c| i16::from_be_bytes([c[0], c[1]]))
+        .collect();
+    Ok(Bind {
+        portal,
+        statement,
+        params,
+        result_formats,
+    })
 }
 
 /// Execute ('E'): the portal name (and a row limit the proxy does not need).
@@ -350,20 +369,36 @@ pub fn parameter_description(body: &[u8]) -> Result<Vec<u32>, DecodeError> {
         .collect())
 }
 
-/// RowDescription ('T'): the field names only (for recordings).
-pub fn row_names(body: &[u8]) -> Result<Vec<String>, DecodeError> {
+/// A result column as a person reads it: name, type, binary or text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub type_oid: u32,
+    pub binary: bool,
+}
+
+/// RowDescription ('T') with the names (for recordings).
+pub fn row_columns(body: &[u8]) -> Result<Vec<Column>, DecodeError> {
     let mut r = Reader::new(body);
     let n = usize::try_from(r.i16()?).map_err(|_| DecodeError::Invalid("negative field count"))?;
     if n > body.len() / 19 {
         return Err(DecodeError::Truncated);
     }
-    let mut names = Vec::with_capacity(n);
+    let mut cols = Vec::with_capacity(n);
     for _ in 0..n {
-        names.push(String::from_utf8_lossy(r.cstr_bytes()?).into_owned());
-        r.bytes(18)?;
+        let name = String::from_utf8_lossy(r.cstr_bytes()?).into_owned();
+        r.bytes(6)?; // table oid, attnum
+        let type_oid = r.i32()? as u32;
+        r.bytes(6)?; // typlen, typmod
+        let binary = r.i16()? == 1;
+        cols.push(Column {
+            name,
+            type_oid,
+            binary,
+        });
     }
     r.finish()?;
-    Ok(names)
+    Ok(cols)
 }
 
 pub fn parameter_status(body: &[u8]) -> Result<(&str, &str), DecodeError> {

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod conn;
 pub mod frame;
 pub mod pg_error;
+pub mod values;
 
 pub use frame::{Direction, Frame, FrameError, Limits};
 pub use pg_error::{PgError, Severity, SqlState};

@@ -67,6 +67,7 @@ fn watch(window: u64, kind: WatchKind, id: &str) -> Watch {
         approval: Some(id.into()),
         record: None,
         started: Instant::now(),
+        columns: None,
     }
 }
 
@@ -157,5 +158,40 @@ fn an_error_before_the_execute_means_it_never_ran() {
             "r2",
             Outcome::Failed("ERROR 40001: serialization failure".into())
         )
+    );
+}
+
+#[test]
+fn binary_rows_of_a_described_statement_read_as_text() {
+    let mut t = Tracker::new(5);
+    let cols = vec![
+        codec::Column {
+            name: "id".into(),
+            type_oid: 23,
+            binary: true,
+        },
+        codec::Column {
+            name: "note".into(),
+            type_oid: 25,
+            binary: true,
+        },
+    ];
+    t.watch(Watch {
+        columns: Some(Arc::new(cols)),
+        ..watch(0, WatchKind::Execute(0), "r")
+    });
+    let r = msg(b'D', |b| {
+        b.extend_from_slice(&2i16.to_be_bytes());
+        b.extend_from_slice(&4i32.to_be_bytes());
+        b.extend_from_slice(&[0, 0, 0, 2]);
+        b.extend_from_slice(&2i32.to_be_bytes());
+        b.extend_from_slice(b"hi");
+    });
+    t.on_result(b'D', &r.1);
+    let f = t.on_message(b'C', &complete("SELECT 1").1, false);
+    assert_eq!(f[0].columns, vec!["id".to_owned(), "note".to_owned()]);
+    assert_eq!(
+        f[0].sample,
+        vec![vec![Some("2".to_owned()), Some("hi".to_owned())]]
     );
 }

@@ -229,10 +229,11 @@ fn bind_params_reads_formats_and_values() {
     b.extend_from_slice(&4i32.to_be_bytes());
     b.extend_from_slice(&[0, 0, 0, 7]);
     b.extend_from_slice(&0i16.to_be_bytes());
-    let (portal, statement, params) = bind_params(&b).unwrap();
-    assert_eq!((portal, statement), ("p", "s"));
+    let bind = bind_params(&b).unwrap();
+    assert_eq!((bind.portal, bind.statement), ("p", "s"));
+    assert!(bind.result_formats.is_empty());
     assert_eq!(
-        params,
+        bind.params,
         vec![
             (1, None),
             (1, Some(&b"ab"[..])),
