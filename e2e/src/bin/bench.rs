@@ -62,6 +62,9 @@ struct Options {
     quick: bool,
     json: bool,
     pgbouncer: bool,
+    /// CI's regression guard: a quick run of direct, pgwarden and (when
+    /// installed) pgbouncer; exit 1 on a gross regression.
+    guard: bool,
     secs: u32,
     rounds: u32,
     scale: u32,
@@ -73,6 +76,7 @@ impl Options {
         let mut quick = false;
         let mut json = false;
         let mut pgbouncer = false;
+        let mut guard = false;
         let (mut secs, mut rounds, mut scale) = (None, None, None);
         while let Some(arg) = args.next() {
             let mut number = |name: &str| -> Result<u32, String> {
@@ -85,21 +89,25 @@ impl Options {
                 "--quick" => quick = true,
                 "--json" => json = true,
                 "--pgbouncer" => pgbouncer = true,
+                "--guard" => guard = true,
                 "--secs" => secs = Some(number("--secs")?),
                 "--rounds" => rounds = Some(number("--rounds")?),
                 "--scale" => scale = Some(number("--scale")?),
                 "-h" | "--help" => {
-                    return Err("usage: bench [--quick] [--json] [--pgbouncer] [--secs N] \
-                                [--rounds N] [--scale N]"
+                    return Err("usage: bench [--quick] [--guard] [--json] [--pgbouncer] \
+                                [--secs N] [--rounds N] [--scale N]"
                         .to_string())
                 }
                 other => return Err(format!("unknown argument {other:?} (try --help)")),
             }
         }
+        // The guard is a quick run.
+        let quick = quick || guard;
         Ok(Options {
             quick,
             json,
-            pgbouncer,
+            pgbouncer: pgbouncer || guard,
+            guard,
             secs: secs.unwrap_or(if quick { 2 } else { 10 }),
             rounds: rounds.unwrap_or(if quick { 2 } else { 3 }),
             scale: scale.unwrap_or(if quick { 2 } else { 10 }),
@@ -494,8 +502,9 @@ fn tail_lines(text: &str, n: usize) -> String {
 
 // === pgbouncer (optional) ===
 
-/// A pgbouncer in transaction-pooling mode in front of the cluster, run as the
-/// `postgres` user when we are root (it refuses to run as root).
+/// A pgbouncer in front of the cluster (transaction pooling, or session
+/// pooling for `-M prepared`), run as the `postgres` user when we are root
+/// (it refuses to run as root).
 struct Pgbouncer {
     child: std::process::Child,
     port: u16,
@@ -503,7 +512,7 @@ struct Pgbouncer {
 }
 
 impl Pgbouncer {
-    fn start(pg: &PgCluster) -> Result<Pgbouncer, String> {
+    fn start(pg: &PgCluster, pool_mode: &str) -> Result<Pgbouncer, String> {
         let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
             .into_iter()
             .map(PathBuf::from)
@@ -523,7 +532,7 @@ impl Pgbouncer {
              unix_socket_dir =\n\
              auth_type = trust\n\
              auth_file = {dir}/userlist.txt\n\
-             pool_mode = transaction\n\
+             pool_mode = {pool_mode}\n\
              max_client_conn = 1000\n\
              default_pool_size = 16\n\
              logfile = {dir}/pgbouncer.log\n\
@@ -895,16 +904,28 @@ fn main() -> ExitCode {
             "{realistic}  recording: {{resultRows: 10, durable: true}}\n"
         ))
         .start();
-    let bouncer = if opts.pgbouncer {
-        match Pgbouncer::start(&pg) {
-            Ok(b) => Some(b),
-            Err(e) => {
+    // The runtime flavour: the same gateway on tokio's multi-threaded
+    // runtime (2 workers) instead of the default single thread.
+    let gw_mt = (!opts.quick).then(|| {
+        Gateway::builder(&pg)
+            .policy_yaml(realistic.clone())
+            .arg("--worker-threads")
+            .arg("2")
+            .start()
+    });
+    let (bouncer, bouncer_session) = if opts.pgbouncer {
+        match (
+            Pgbouncer::start(&pg, "transaction"),
+            Pgbouncer::start(&pg, "session"),
+        ) {
+            (Ok(b), Ok(s)) => (Some(b), Some(s)),
+            (Err(e), _) | (_, Err(e)) => {
                 progress(format!("skipping the pgbouncer comparison: {e}"));
-                None
+                (None, None)
             }
         }
     } else {
-        None
+        (None, None)
     };
     let mut targets = vec![
         Target {
@@ -919,6 +940,8 @@ fn main() -> ExitCode {
             pid: Some(gw.pid()),
             skip_modes: &[],
         },
+    ];
+    let mut more = vec![
         Target {
             name: "no-cache",
             env: gw_nocache.env(),
@@ -938,13 +961,32 @@ fn main() -> ExitCode {
             skip_modes: &[],
         },
     ];
-    if let Some(b) = &bouncer {
+    if let Some(g) = &gw_mt {
+        more.push(Target {
+            name: "mt2",
+            env: g.env(),
+            pid: Some(g.pid()),
+            skip_modes: &["extended", "prepared"],
+        });
+    }
+    // The guard compares only what its thresholds need.
+    if !opts.guard {
+        targets.extend(more);
+    }
+    if let (Some(b), Some(s)) = (&bouncer, &bouncer_session) {
         targets.push(Target {
             name: "pgbouncer",
             env: b.env(),
             pid: Some(b.pid()),
             // Transaction pooling cannot keep protocol-level prepared statements.
             skip_modes: &["prepared"],
+        });
+        targets.push(Target {
+            name: "pgb-session",
+            env: s.env(),
+            pid: Some(s.pid()),
+            // Session pooling: the mode that can (and only where it matters).
+            skip_modes: &["simple", "extended"],
         });
     }
     let rows = pgbench_matrix(&opts, &targets, ticks_per_sec);
@@ -957,7 +999,9 @@ fn main() -> ExitCode {
     drop(gw_nocache);
     drop(gw_recorded);
     drop(gw_durable);
+    drop(gw_mt);
     drop(bouncer);
+    drop(bouncer_session);
 
     let stream_rounds = opts.rounds.min(2);
     progress(format!(
@@ -1061,5 +1105,71 @@ fn main() -> ExitCode {
         print_text(&opts, &report);
     }
     progress(format!("done in {:.0} s", started.elapsed().as_secs_f64()));
+    if opts.guard {
+        let failures = guard(&report);
+        if !failures.is_empty() {
+            for f in &failures {
+                eprintln!("bench guard: FAILED: {f}");
+            }
+            return ExitCode::FAILURE;
+        }
+        eprintln!("bench guard: ok (no gross regression)");
+    }
     ExitCode::SUCCESS
+}
+
+/// Gross regressions only: a guard that flakes on a noisy machine gets
+/// ignored. Measured on the 2-core CI machine: 1-client ratios 0.6-0.7,
+/// CPU per statement 1.0-1.6x pgbouncer's, masked streaming 0.9-1.0,
+/// 35 KiB per idle session.
+const GUARD_MIN_RATIO_1C: f64 = 0.40;
+const GUARD_MAX_CPU_VS_PGBOUNCER: f64 = 3.0;
+const GUARD_MIN_MASKED_STREAM: f64 = 0.70;
+const GUARD_MAX_IDLE_KIB: f64 = 100.0;
+
+fn guard(r: &Report) -> Vec<String> {
+    let mut failures = Vec::new();
+    let col = |name: &str| r.target_names.iter().position(|n| *n == name);
+    let (Some(pw), bouncer) = (col("pgwarden"), col("pgbouncer")) else {
+        return vec!["no pgwarden column in the report".into()];
+    };
+    for row in &r.rows {
+        let (direct, ours) = (row.results[0], row.results[pw]);
+        if row.clients == 1 {
+            match ratio(direct, ours) {
+                Some(x) if x >= GUARD_MIN_RATIO_1C => {}
+                got => failures.push(format!(
+                    "-M {} 1 client: pgwarden at {} of direct TPS (minimum {GUARD_MIN_RATIO_1C})",
+                    row.mode,
+                    opt(got, 2)
+                )),
+            }
+        }
+        let theirs = bouncer.and_then(|b| row.results[b]);
+        if let (Some(o), Some(t)) = (
+            ours.and_then(|s| s.proxy_us_per_stmt),
+            theirs.and_then(|s| s.proxy_us_per_stmt),
+        ) {
+            if o > GUARD_MAX_CPU_VS_PGBOUNCER * t {
+                failures.push(format!(
+                    "-M {} {} clients: pgwarden {o:.1} CPU-us per statement, more than {GUARD_MAX_CPU_VS_PGBOUNCER}x pgbouncer's {t:.1}",
+                    row.mode, row.clients
+                ));
+            }
+        }
+    }
+    let masked = r.masked_gateway.mb_per_sec() / r.masked_direct.mb_per_sec();
+    if masked < GUARD_MIN_MASKED_STREAM {
+        failures.push(format!(
+            "masked streaming at {masked:.2} of direct (minimum {GUARD_MIN_MASKED_STREAM})"
+        ));
+    }
+    let per_session =
+        (r.idle.with_sessions_kib as f64 - r.idle.baseline_kib as f64) / IDLE_SESSIONS as f64;
+    if per_session > GUARD_MAX_IDLE_KIB {
+        failures.push(format!(
+            "{per_session:.1} KiB per idle session (maximum {GUARD_MAX_IDLE_KIB})"
+        ));
+    }
+    failures
 }
