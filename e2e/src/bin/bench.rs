@@ -1173,3 +1173,80 @@ fn guard(r: &Report) -> Vec<String> {
     }
     failures
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(tps: f64, us: f64) -> Option<Summary> {
+        Some(Summary {
+            tps,
+            latency_ms: 1.0,
+            p50_ms: 1.0,
+            p99_ms: 1.0,
+            transactions: 1000,
+            proxy_us_per_stmt: Some(us),
+        })
+    }
+
+    fn report(ours_1c: f64, ours_us: f64, masked_mb: f64, idle_kib: u64) -> Report {
+        let stream = |mb: f64| StreamResult {
+            secs: 1.0,
+            bytes: (mb * 1_000_000.0) as u64,
+        };
+        Report {
+            rows: vec![
+                PgbenchRow {
+                    mode: "simple",
+                    clients: 1,
+                    results: vec![
+                        summary(10_000.0, 0.0),
+                        summary(ours_1c, ours_us),
+                        summary(8_000.0, 20.0),
+                    ],
+                },
+                PgbenchRow {
+                    mode: "simple",
+                    clients: 8,
+                    results: vec![
+                        summary(30_000.0, 0.0),
+                        summary(20_000.0, ours_us),
+                        summary(20_000.0, 20.0),
+                    ],
+                },
+            ],
+            target_names: vec!["direct", "pgwarden", "pgbouncer"],
+            stream_direct: stream(100.0),
+            stream_gateway: stream(95.0),
+            stream_peak_before_kib: 0,
+            stream_peak_kib: 0,
+            masked_direct: stream(100.0),
+            masked_gateway: stream(masked_mb),
+            masked_peak_kib: 0,
+            idle: IdleResult {
+                baseline_kib: 8_000,
+                with_sessions_kib: 8_000 + idle_kib * IDLE_SESSIONS as u64,
+                open_secs: 1.0,
+            },
+        }
+    }
+
+    #[test]
+    fn the_guard_passes_todays_numbers_and_fails_gross_regressions() {
+        assert!(guard(&report(6_000.0, 25.0, 95.0, 35)).is_empty());
+        let slow = guard(&report(3_000.0, 25.0, 95.0, 35));
+        assert!(slow.len() == 1 && slow[0].contains("1 client"), "{slow:?}");
+        let hungry = guard(&report(6_000.0, 70.0, 95.0, 35));
+        assert!(
+            hungry.iter().all(|f| f.contains("CPU-us")) && hungry.len() == 2,
+            "{hungry:?}"
+        );
+        let masked = guard(&report(6_000.0, 25.0, 50.0, 35));
+        assert!(
+            masked.len() == 1 && masked[0].contains("masked"),
+            "{masked:?}"
+        );
+        let fat = guard(&report(6_000.0, 25.0, 95.0, 150));
+        assert!(fat.len() == 1 && fat[0].contains("idle"), "{fat:?}");
+    }
+}
