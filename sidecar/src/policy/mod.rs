@@ -41,6 +41,10 @@ pub enum Verdict {
 pub struct Judgement {
     pub statements: Vec<Statement>,
     pub outcome: Result<Decision, AnalyzeError>,
+    /// What masking made of it, for the column map and user-code state it
+    /// was computed under (`masking::plan::statement_mask` per statement
+    /// was a tenth of the proxy's instructions before this cache).
+    pub mask_memo: crate::masking::plan::MaskMemo,
 }
 
 impl Judgement {
@@ -149,7 +153,12 @@ impl Gate {
         let key = match normalize::numeric_key(sql) {
             // NUL never occurs in a query text: the two kinds of keys
             // cannot collide.
-            Some(k) => Cow::Owned(format!("\0{k}")),
+            Some(k) => {
+                let mut key = String::with_capacity(k.len() + 1);
+                key.push('\0');
+                key.push_str(&k);
+                Cow::Owned(key)
+            }
             None => Cow::Borrowed(sql),
         };
         if let Some(j) = self.cache.get(&key) {
@@ -171,11 +180,13 @@ impl Gate {
                 Judgement {
                     statements,
                     outcome,
+                    mask_memo: Default::default(),
                 }
             }
             Err(e) => Judgement {
                 statements: Vec::new(),
                 outcome: Err(e),
+                mask_memo: Default::default(),
             },
         }
     }

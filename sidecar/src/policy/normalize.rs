@@ -25,8 +25,13 @@
 /// not certain of every token.
 pub fn numeric_key(sql: &str) -> Option<String> {
     let b = sql.as_bytes();
-    let mut out = String::with_capacity(sql.len());
-    let mut replaced = false;
+    if !b.iter().any(u8::is_ascii_digit) {
+        return None;
+    }
+    // Built lazily: the text up to `copied` is in `out` (allocated at the
+    // first replacement; most texts without literals never allocate).
+    let mut out = String::new();
+    let mut copied = 0;
     let mut i = 0;
     // The identifier just before (for E'...' and friends).
     let mut prev_ident: Option<(usize, usize)> = None;
@@ -83,23 +88,30 @@ pub fn numeric_key(sql: &str) -> Option<String> {
                     .bytes()
                     .take_while(|c| *c != b'e' && *c != b'E')
                     .all(|c| c == b'0' || c == b'.');
+                if out.capacity() == 0 {
+                    out.reserve(sql.len());
+                }
+                out.push_str(&sql[copied..start]);
                 out.push_str(match (decimal, zero) {
                     (false, true) => "0",
                     (false, false) => "1",
                     (true, true) => "0.0",
                     (true, false) => "1.0",
                 });
-                replaced = true;
+                copied = end;
                 i = end;
                 prev_ident = None;
                 continue;
             }
             _ => i += 1,
         }
-        out.push_str(&sql[start..i]);
         prev_ident = ident;
     }
-    replaced.then_some(out)
+    if out.capacity() == 0 {
+        return None;
+    }
+    out.push_str(&sql[copied..]);
+    Some(out)
 }
 
 fn is_ident_start(c: u8) -> bool {

@@ -84,12 +84,10 @@ impl FrontMask {
             // Sessions start only with a map; never pass results unmasked.
             return Err(Refusal("the masking column map is not available".into()));
         };
-        let ctx = plan::statement_mask(
-            &self.masking.rules,
-            &map,
-            &j.statements,
-            gate.calls_user_code(j),
-        )?;
+        let user_code = gate.calls_user_code(j);
+        let ctx = j.mask_memo.get_or(&map, user_code, || {
+            plan::statement_mask(&self.masking.rules, &map, &j.statements, user_code)
+        })?;
         let changes_schema = j.statements.iter().any(|s| {
             s.accesses
                 .iter()
