@@ -41,6 +41,16 @@ impl CliOutput {
     }
 }
 
+impl From<std::process::Output> for CliOutput {
+    fn from(out: std::process::Output) -> Self {
+        CliOutput {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 impl fmt::Display for CliOutput {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -71,12 +81,7 @@ impl ApprovalsCli {
             .args(args)
             .arg("--state-dir")
             .arg(&self.state_dir);
-        let out = run_command(&mut cmd, None, CLI_TIMEOUT);
-        CliOutput {
-            status: out.status,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        run_command(&mut cmd, None, CLI_TIMEOUT).into()
     }
 
     /// `approvals list -o json`: every request, newest last. Panics unless the CLI

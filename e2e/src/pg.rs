@@ -211,20 +211,7 @@ impl PgCluster {
                 cluster.settings(&opts),
             )
             .expect("write pgwarden_e2e.conf");
-            let out = run_command(
-                server_command("pg_ctl", cluster.dir.path()).args([
-                    "-D",
-                    path_str(&cluster.data_dir),
-                    "-l",
-                    path_str(&cluster.log_path),
-                    "-w",
-                    "-t",
-                    "30",
-                    "start",
-                ]),
-                None,
-                SERVER_TOOL_TIMEOUT,
-            );
+            let out = cluster.pg_ctl_start();
             if out.status.success() {
                 cluster.running = true;
                 break;
@@ -379,13 +366,9 @@ impl PgCluster {
         env
     }
 
-    /// Starts a cluster stopped with [`PgCluster::stop`] again, on the same port
-    /// with the same data (the end of an outage).
-    pub fn start_again(&mut self) {
-        if self.running {
-            return;
-        }
-        let out = run_command(
+    /// `pg_ctl start` on this cluster's data dir (waits up to 30 s).
+    fn pg_ctl_start(&self) -> std::process::Output {
+        run_command(
             server_command("pg_ctl", self.dir.path()).args([
                 "-D",
                 path_str(&self.data_dir),
@@ -398,7 +381,16 @@ impl PgCluster {
             ]),
             None,
             SERVER_TOOL_TIMEOUT,
-        );
+        )
+    }
+
+    /// Starts a cluster stopped with [`PgCluster::stop`] again, on the same port
+    /// with the same data (the end of an outage).
+    pub fn start_again(&mut self) {
+        if self.running {
+            return;
+        }
+        let out = self.pg_ctl_start();
         // Whatever pg_ctl says, let Drop stop what may run.
         self.running = true;
         assert!(

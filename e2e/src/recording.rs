@@ -76,12 +76,7 @@ impl SessionsCli {
     pub fn run(&self, args: &[&str]) -> CliOutput {
         let mut cmd = Command::new(pgwarden_bin());
         cmd.arg("sessions").args(args).args(&self.target);
-        let out = run_command(&mut cmd, None, CLI_TIMEOUT);
-        CliOutput {
-            status: out.status,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        run_command(&mut cmd, None, CLI_TIMEOUT).into()
     }
 
     /// `sessions list -o json`: every session, oldest first. Panics unless the

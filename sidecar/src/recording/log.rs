@@ -96,26 +96,33 @@ pub fn verify(state_dir: &Path) -> Result<Summary, LogError> {
     })
 }
 
-/// Every record, in order (checking each line's own seal only).
+/// Every complete line with its record (each line's own seal checked; a
+/// torn tail is skipped here, `verify` reports it).
+fn sealed_lines(state_dir: &Path, mut f: impl FnMut(Record, &str)) -> Result<(), LogError> {
+    let dir = spool::dir(state_dir);
+    if !dir.exists() {
+        return Ok(());
+    }
+    walk(&dir, |place, line, complete| {
+        if complete {
+            let (r, _) =
+                super::record::open(line).map_err(|e| (place, Broken::Edited(e.to_string())))?;
+            f(r, line);
+        }
+        Ok(())
+    })
+}
+
+/// Every record, in order.
 pub fn records(
     state_dir: &Path,
     mut keep: impl FnMut(&Record) -> bool,
 ) -> Result<Vec<Record>, LogError> {
-    let dir = spool::dir(state_dir);
     let mut out = Vec::new();
-    if !dir.exists() {
-        return Ok(out);
-    }
-    walk(&dir, |place, line, complete| {
-        if !complete {
-            return Ok(()); // a torn tail: verify reports it
-        }
-        let (r, _) =
-            super::record::open(line).map_err(|e| (place, Broken::Edited(e.to_string())))?;
+    sealed_lines(state_dir, |r, _| {
         if keep(&r) {
             out.push(r);
         }
-        Ok(())
     })?;
     Ok(out)
 }
@@ -123,21 +130,11 @@ pub fn records(
 /// One session's lines exactly as stored (for `replay`, which verifies the
 /// session's own chain over the original bytes).
 pub fn session_lines(state_dir: &Path, session: &str) -> Result<Vec<String>, LogError> {
-    let dir = spool::dir(state_dir);
     let mut out = Vec::new();
-    if !dir.exists() {
-        return Ok(out);
-    }
-    walk(&dir, |place, line, complete| {
-        if !complete {
-            return Ok(());
-        }
-        let (r, _) =
-            super::record::open(line).map_err(|e| (place, Broken::Edited(e.to_string())))?;
+    sealed_lines(state_dir, |r, line| {
         if r.session == session {
             out.push(line.to_owned());
         }
-        Ok(())
     })?;
     Ok(out)
 }

@@ -165,60 +165,30 @@ fn the_fingerprint_binds_statement_parameters_subject_and_policy() {
         type_oid: 23,
         value: Some(v),
     };
-    let base = fingerprint(
-        &key,
-        "ci/p",
-        "shop",
-        "alice",
-        "DELETE FROM t WHERE id = $1",
-        &[p(b"1")],
-    );
+    let sql = "DELETE FROM t WHERE id = $1";
+    // (key, policy, database, subject, statement, parameters)
+    let fp = |k: &[u8], pol: &str, db: &str, sub: &str, text: &str, params: &[Param<'_>]| {
+        fingerprint(k, pol, db, sub, text, params)
+    };
+    let base = fp(&key, "ci/p", "shop", "alice", sql, &[p(b"1")]);
     assert!(base.starts_with("hmac-sha256:"), "{base}");
-    assert_eq!(
-        base,
-        fingerprint(
-            &key,
-            "ci/p",
-            "shop",
-            "alice",
-            "DELETE FROM t WHERE id = $1",
-            &[p(b"1")]
-        )
-    );
+    assert_eq!(base, fp(&key, "ci/p", "shop", "alice", sql, &[p(b"1")]));
+    let null = Param {
+        format: 0,
+        type_oid: 23,
+        value: None,
+    };
+    let binary = Param {
+        format: 1,
+        type_oid: 23,
+        value: Some(b"1"),
+    };
     let variants = [
-        fingerprint(
-            &key,
-            "ci/p",
-            "shop",
-            "alice",
-            "DELETE FROM t WHERE id = $1",
-            &[p(b"2")],
-        ),
-        fingerprint(
-            &key,
-            "ci/p",
-            "shop",
-            "bob",
-            "DELETE FROM t WHERE id = $1",
-            &[p(b"1")],
-        ),
-        fingerprint(
-            &key,
-            "ci/q",
-            "shop",
-            "alice",
-            "DELETE FROM t WHERE id = $1",
-            &[p(b"1")],
-        ),
-        fingerprint(
-            &key,
-            "ci/p",
-            "shop2",
-            "alice",
-            "DELETE FROM t WHERE id = $1",
-            &[p(b"1")],
-        ),
-        fingerprint(
+        fp(&key, "ci/p", "shop", "alice", sql, &[p(b"2")]),
+        fp(&key, "ci/p", "shop", "bob", sql, &[p(b"1")]),
+        fp(&key, "ci/q", "shop", "alice", sql, &[p(b"1")]),
+        fp(&key, "ci/p", "shop2", "alice", sql, &[p(b"1")]),
+        fp(
             &key,
             "ci/p",
             "shop",
@@ -226,34 +196,10 @@ fn the_fingerprint_binds_statement_parameters_subject_and_policy() {
             "DELETE FROM t WHERE id = $1 ",
             &[p(b"1")],
         ),
-        fingerprint(
-            &key,
-            "ci/p",
-            "shop",
-            "alice",
-            "DELETE FROM t WHERE id = $1",
-            &[],
-        ),
-        fingerprint(
-            &key,
-            "ci/p",
-            "shop",
-            "alice",
-            "DELETE FROM t WHERE id = $1",
-            &[Param {
-                format: 0,
-                type_oid: 23,
-                value: None,
-            }],
-        ),
-        fingerprint(
-            &[8u8; 32],
-            "ci/p",
-            "shop",
-            "alice",
-            "DELETE FROM t WHERE id = $1",
-            &[p(b"1")],
-        ),
+        fp(&key, "ci/p", "shop", "alice", sql, &[]),
+        fp(&key, "ci/p", "shop", "alice", sql, &[null]),
+        fp(&key, "ci/p", "shop", "alice", sql, &[binary]),
+        fp(&[8u8; 32], "ci/p", "shop", "alice", sql, &[p(b"1")]),
     ];
     for v in &variants {
         assert_ne!(&base, v);
