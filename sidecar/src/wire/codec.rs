@@ -327,6 +327,16 @@ pub struct FieldInfo {
 
 /// RowDescription ('T'): per field its name (skipped), origin, type and format.
 pub fn row_description(body: &[u8]) -> Result<Vec<FieldInfo>, DecodeError> {
+    row_fields(body, |_, info| info)
+}
+
+/// Walk a RowDescription's fields: `f` gets each field's name bytes and its
+/// origin, type and format. The one reader of the message: its counts and
+/// format codes are checked here for every caller.
+fn row_fields<T>(
+    body: &[u8],
+    mut f: impl FnMut(&[u8], FieldInfo) -> T,
+) -> Result<Vec<T>, DecodeError> {
     let mut r = Reader::new(body);
     let n = usize::try_from(r.i16()?).map_err(|_| DecodeError::Invalid("negative field count"))?;
     // Each field is at least 19 bytes: bound the allocation.
@@ -335,7 +345,7 @@ pub fn row_description(body: &[u8]) -> Result<Vec<FieldInfo>, DecodeError> {
     }
     let mut fields = Vec::with_capacity(n);
     for _ in 0..n {
-        r.cstr_bytes()?;
+        let name = r.cstr_bytes()?;
         let table_oid = r.i32()? as u32;
         let attnum = r.i16()?;
         let type_oid = r.i32()? as u32;
@@ -346,12 +356,15 @@ pub fn row_description(body: &[u8]) -> Result<Vec<FieldInfo>, DecodeError> {
             1 => true,
             _ => return Err(DecodeError::Invalid("unknown format code")),
         };
-        fields.push(FieldInfo {
-            table_oid,
-            attnum,
-            type_oid,
-            binary,
-        });
+        fields.push(f(
+            name,
+            FieldInfo {
+                table_oid,
+                attnum,
+                type_oid,
+                binary,
+            },
+        ));
     }
     r.finish()?;
     Ok(fields)
@@ -379,26 +392,11 @@ pub struct Column {
 
 /// RowDescription ('T') with the names (for recordings).
 pub fn row_columns(body: &[u8]) -> Result<Vec<Column>, DecodeError> {
-    let mut r = Reader::new(body);
-    let n = usize::try_from(r.i16()?).map_err(|_| DecodeError::Invalid("negative field count"))?;
-    if n > body.len() / 19 {
-        return Err(DecodeError::Truncated);
-    }
-    let mut cols = Vec::with_capacity(n);
-    for _ in 0..n {
-        let name = String::from_utf8_lossy(r.cstr_bytes()?).into_owned();
-        r.bytes(6)?; // table oid, attnum
-        let type_oid = r.i32()? as u32;
-        r.bytes(6)?; // typlen, typmod
-        let binary = r.i16()? == 1;
-        cols.push(Column {
-            name,
-            type_oid,
-            binary,
-        });
-    }
-    r.finish()?;
-    Ok(cols)
+    row_fields(body, |name, info| Column {
+        name: String::from_utf8_lossy(name).into_owned(),
+        type_oid: info.type_oid,
+        binary: info.binary,
+    })
 }
 
 pub fn parameter_status(body: &[u8]) -> Result<(&str, &str), DecodeError> {
