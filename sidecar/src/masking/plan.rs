@@ -107,15 +107,10 @@ pub fn statement_mask(
         let from_code = matches!(s.effect, Some(Effect::Execute(_) | Effect::Fetch));
         tainted |= source || returned || from_code;
 
-        if let Some(n) = s
-            .columns
-            .predicate_names
-            .iter()
-            .find(|n| rules.denies_predicates_on(n))
-        {
-            return Err(Refusal(format!(
-                "filtering, joining, sorting or grouping on masked column \"{n}\" reveals its values (inPredicates: Deny)"
-            )));
+        for facts in [&s.columns, &s.returning] {
+            if let Some(why) = predicate_leak(rules, facts, &risky) {
+                return Err(Refusal(why));
+            }
         }
         let has = |classes: &[Class]| {
             s.accesses
@@ -177,6 +172,75 @@ pub fn statement_mask(
             tainted,
         })
     }))
+}
+
+/// `inPredicates: Deny`: a protected column's value may leave only as a
+/// (masked) output column. Any other use — a filter, a sort, a join, an
+/// expression, a function argument, an error that depends on it — lets a
+/// client test the value without seeing it. Names are tainted through output
+/// aliases, whole-row references and alias column lists; wholesale
+/// comparisons of outputs (ORDER BY 2, DISTINCT, INTERSECT) count too.
+fn predicate_leak(
+    rules: &MaskRules,
+    f: &ColumnFacts,
+    risky: &[&crate::policy::analyze::QualifiedName],
+) -> Option<String> {
+    if !rules.denies_predicates() {
+        return None;
+    }
+    let mut denied: HashSet<&str> = f
+        .names
+        .iter()
+        .chain(&f.expression_names)
+        .chain(&f.predicate_names)
+        .map(String::as_str)
+        .filter(|n| rules.denies_predicates_on(n))
+        .collect();
+    // Rows that hold a protected column: any risky relation, by name or alias.
+    let mut rows: HashSet<&str> = risky.iter().map(|q| q.name.as_str()).collect();
+    for (rel, alias, _) in &f.aliases {
+        if risky.iter().any(|q| q.to_string() == *rel) {
+            rows.insert(alias);
+        }
+    }
+    let whole_rows = f
+        .names
+        .iter()
+        .chain(&f.star_qualifiers)
+        .any(|n| rows.contains(n.as_str()));
+    let reads = !denied.is_empty() || whole_rows || (f.bare_star && !risky.is_empty());
+    if !reads {
+        return None;
+    }
+    if f.compares_outputs {
+        return Some(
+            "comparing output rows (ORDER BY or GROUP BY position, DISTINCT, UNION, INTERSECT, EXCEPT, NATURAL JOIN) of a statement that reads a column protected by inPredicates: Deny reveals its values".into(),
+        );
+    }
+    // Whatever names a row source or renames columns may carry the value.
+    denied.extend(rows.iter().copied());
+    denied.extend(f.row_names.iter().map(String::as_str));
+    denied.extend(f.renamed_columns.iter().map(String::as_str));
+    loop {
+        let before = denied.len();
+        for (alias, sources) in &f.output_aliases {
+            if sources.iter().any(|n| denied.contains(n.as_str())) {
+                denied.insert(alias);
+            }
+        }
+        if denied.len() == before {
+            break;
+        }
+    }
+    f.expression_names
+        .iter()
+        .chain(&f.predicate_names)
+        .find(|n| denied.contains(n.as_str()))
+        .map(|n| {
+            format!(
+                "using \"{n}\" in a filter, sort, join, grouping or expression reveals the values of a column protected by inPredicates: Deny (it may only be selected as a plain column)"
+            )
+        })
 }
 
 /// Whether these references could compute from a masked value.

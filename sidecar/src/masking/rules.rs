@@ -84,6 +84,11 @@ impl MaskRules {
         &self.detectors
     }
 
+    /// Whether some entry says `inPredicates: Deny`.
+    pub fn denies_predicates(&self) -> bool {
+        self.entries.iter().any(|e| e.deny_predicates)
+    }
+
     /// Whether an `inPredicates: Deny` entry could mask a column of this name.
     pub fn denies_predicates_on(&self, column: &str) -> bool {
         self.entries

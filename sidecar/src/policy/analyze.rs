@@ -116,6 +116,24 @@ pub struct ColumnFacts {
     /// Names used to filter, join, sort or group (WHERE, ON, USING, HAVING,
     /// ORDER BY, GROUP BY, DISTINCT ON, window PARTITION/ORDER BY).
     pub predicate_names: Vec<String>,
+    /// Names used anywhere but as a bare output column (`SELECT c` or
+    /// `SELECT t.c AS x` of a top-level or FROM-subquery select list):
+    /// inside an expression, a predicate, a function argument, a sublink.
+    /// Any such use can turn a value into an oracle (`CASE WHEN c LIKE '4%'
+    /// THEN 1/0 END`), so `inPredicates: Deny` refuses them all.
+    pub expression_names: Vec<String>,
+    /// Output aliases and the names their expression reads (`card_number AS
+    /// x` → (x, [card_number])): a later `WHERE x ...` filters on the source.
+    pub output_aliases: Vec<(String, Vec<String>)>,
+    /// Names that denote a row source: relations, their aliases, subquery,
+    /// function and CTE aliases (a bare one in an expression is a whole row).
+    pub row_names: Vec<String>,
+    /// Column names given by alias lists (`s(a, x)`, `WITH w(a, x)`): they may
+    /// rename any column of what they alias.
+    pub renamed_columns: Vec<String>,
+    /// Compares output values wholesale: positional ORDER BY / GROUP BY,
+    /// DISTINCT, UNION/INTERSECT/EXCEPT (not UNION ALL), NATURAL JOIN.
+    pub compares_outputs: bool,
 }
 
 impl ColumnFacts {
@@ -125,6 +143,11 @@ impl ColumnFacts {
         self.bare_star |= other.bare_star;
         self.aliases.extend(other.aliases);
         self.predicate_names.extend(other.predicate_names);
+        self.expression_names.extend(other.expression_names);
+        self.output_aliases.extend(other.output_aliases);
+        self.row_names.extend(other.row_names);
+        self.renamed_columns.extend(other.renamed_columns);
+        self.compares_outputs |= other.compares_outputs;
     }
 
     fn tidy(&mut self) {
@@ -136,6 +159,16 @@ impl ColumnFacts {
         self.aliases.dedup();
         self.predicate_names.sort();
         self.predicate_names.dedup();
+        for v in [
+            &mut self.expression_names,
+            &mut self.row_names,
+            &mut self.renamed_columns,
+        ] {
+            v.sort();
+            v.dedup();
+        }
+        self.output_aliases.sort();
+        self.output_aliases.dedup();
     }
 }
 
@@ -249,6 +282,11 @@ struct Walker {
     returning: ColumnFacts,
     /// Depth of predicate clauses being walked.
     in_predicate: usize,
+    /// Walking the value of a select-list entry that is a bare column.
+    bare_output: bool,
+    /// Depth of sublinks (`(SELECT ...)` inside an expression): their
+    /// outputs are used by the enclosing expression, never bare.
+    in_sublink: usize,
 }
 
 impl Walker {
@@ -264,6 +302,8 @@ impl Walker {
             columns: ColumnFacts::default(),
             returning: ColumnFacts::default(),
             in_predicate: 0,
+            bare_output: false,
+            in_sublink: 0,
         }
     }
 
@@ -357,7 +397,20 @@ impl Walker {
         if m.contains_key("with_clause") {
             return self.with_scope(m, |w| w.fields(m, &["with_clause"]));
         }
+        if m.contains_key("aliasname") {
+            self.alias(m);
+        }
         self.fields(m, &[])
+    }
+
+    /// An alias (`AS s(a, b)`) names a row source and may rename columns.
+    fn alias(&mut self, m: &Map<String, Value>) {
+        let name = str_field(m, "aliasname");
+        if !name.is_empty() {
+            self.columns.row_names.push(name.to_owned());
+        }
+        let renamed = name_list(list(m, "colnames"));
+        self.columns.renamed_columns.extend(renamed);
     }
 
     fn fields(&mut self, m: &Map<String, Value>, skip: &[&str]) -> Result<(), AnalyzeError> {
@@ -369,8 +422,23 @@ impl Walker {
                 // JOIN ... USING (col): the columns compared, as plain names.
                 if let Value::Array(items) = v {
                     let names = name_list(items);
+                    self.columns.expression_names.extend(names.iter().cloned());
                     self.columns.predicate_names.extend(names);
                 }
+            }
+            if k == "group_clause" || k == "distinct_clause" {
+                // GROUP BY 2 groups by an output column whatever it is;
+                // DISTINCT compares every output value.
+                let compares = match v {
+                    Value::Array(items) => {
+                        k == "distinct_clause" && !items.is_empty()
+                            || items
+                                .iter()
+                                .any(|i| matches!(node_of(i), Some(("AConst", _))))
+                    }
+                    _ => false,
+                };
+                self.columns.compares_outputs |= compares;
             }
             let predicate = PREDICATE_KEYS.contains(&k.as_str());
             self.in_predicate += usize::from(predicate);
@@ -419,6 +487,7 @@ impl Walker {
         }
         let q = self.resolve(schema, name);
         self.note_alias(&q.to_string(), m);
+        self.columns.row_names.push(name.to_owned());
         self.push(self.read_class, Target::Relation(q), false, None);
         Ok(())
     }
@@ -429,6 +498,7 @@ impl Walker {
         let Some(alias) = m.get("alias").and_then(Value::as_object) else {
             return;
         };
+        self.alias(alias);
         let name = str_field(alias, "aliasname");
         if !name.is_empty() {
             let renames = !list(alias, "colnames").is_empty();
@@ -469,6 +539,10 @@ impl Walker {
                 return self.fields(m, &["funcname"]);
             }
         }
+        if in_catalog && catalog::SEQUENCE_WRITES.contains(&name.as_str()) {
+            self.sequence_write(&name, list(m, "args").first());
+            return self.fields(m, &["funcname"]);
+        }
         self.accesses.push(Access {
             class: None,
             target: Target::Function { schema, name },
@@ -476,6 +550,62 @@ impl Walker {
             fixed: None,
         });
         self.fields(m, &["funcname"])
+    }
+
+    /// `nextval('s')`, `setval('s'::regclass, n)`, `('s'::regclass).nextval`:
+    /// an UPDATE of sequence `s`, for the rules on that relation. A sequence
+    /// not named by a constant cannot be judged.
+    fn sequence_write(&mut self, function: &str, arg: Option<&Value>) {
+        let named = arg
+            .and_then(regclass_constant)
+            .and_then(|text| parse_relation_name(&text));
+        match named {
+            Some((schema, name)) => {
+                let q = self.resolve(&schema, &name);
+                self.push(Class::Update, Target::Relation(q), false, None);
+            }
+            None => self.forbid(
+                Class::Update,
+                format!("{function} of a sequence not named by a constant"),
+            ),
+        }
+    }
+
+    /// `x.f` / `(x).f` where `f` names a built-in function: PostgreSQL reads
+    /// it as the call `f(x)` when `x` has no column `f`. Judged exactly as
+    /// the call (the deny list, the structural defaults, the rules); and `x`
+    /// is used whole (`c.row_to_json` hands out every column of `c`).
+    fn attribute_call(&mut self, function: &str, arg: Option<&Value>, qualifiers: &[String]) {
+        if !catalog::is_builtin_function(function) {
+            // A user function of that name is checked by the gate, which
+            // knows the database's functions (`attribute_refs`).
+            return;
+        }
+        if catalog::SEQUENCE_WRITES.contains(&function) {
+            self.sequence_write(function, arg);
+        } else {
+            self.accesses.push(Access {
+                class: None,
+                target: Target::Function {
+                    schema: None,
+                    name: function.to_owned(),
+                },
+                unfiltered: false,
+                fixed: None,
+            });
+        }
+        // `c.row_to_json` hands out the whole row `c`; `c.name` with one
+        // qualifier is the column `name` unless `name()` takes a row. With
+        // more (`t.col.f`), the value before `f` is its argument.
+        let used = match qualifiers {
+            [row] if catalog::takes_a_row(function) => std::slice::from_ref(row),
+            [_] => &[],
+            more => more,
+        };
+        for q in used {
+            self.columns.names.push(q.clone());
+            self.columns.expression_names.push(q.clone());
+        }
     }
 
     /// An operator named by an expression (`a === b`, `OPERATOR(s.===)`).
@@ -518,6 +648,11 @@ impl Walker {
             return Err(AnalyzeError::NotUnderstood("a WITH clause entry".into()));
         }
         let names: Vec<String> = ctes.iter().map(|(n, _)| (*n).to_owned()).collect();
+        for (name, body) in &ctes {
+            self.columns.row_names.push((*name).to_owned());
+            let renamed = name_list(list(body, "aliascolnames"));
+            self.columns.renamed_columns.extend(renamed);
+        }
         for (i, (_, body)) in ctes.iter().enumerate() {
             let visible = if recursive {
                 names.clone()
@@ -548,11 +683,45 @@ impl Walker {
             }
             "SubLink" => {
                 self.operator(list(b, "oper_name"));
-                self.fields(b, &["oper_name"])
+                self.in_sublink += 1;
+                let r = self.fields(b, &["oper_name"]);
+                self.in_sublink -= 1;
+                r
             }
             "SortBy" => {
                 self.operator(list(b, "use_op"));
+                if matches!(b.get("node").and_then(node_of), Some(("AConst", _))) {
+                    // ORDER BY 2: sorts by an output column, whatever it is.
+                    self.columns.compares_outputs = true;
+                }
                 self.fields(b, &["use_op"])
+            }
+            "ResTarget" => {
+                let bare = self.in_sublink == 0
+                    && matches!(b.get("val").and_then(node_of), Some(("ColumnRef", _)));
+                let start = self.columns.names.len();
+                self.bare_output = bare;
+                let r = self.field(b, "val");
+                self.bare_output = false;
+                r?;
+                let alias = str_field(b, "name");
+                if !alias.is_empty() {
+                    let sources = self.columns.names[start..].to_vec();
+                    self.columns
+                        .output_aliases
+                        .push((alias.to_owned(), sources));
+                }
+                self.fields(b, &["val"])
+            }
+            "Alias" => {
+                self.alias(b);
+                self.fields(b, &[])
+            }
+            "JoinExpr" => {
+                if b.get("is_natural").and_then(Value::as_bool) == Some(true) {
+                    self.columns.compares_outputs = true;
+                }
+                self.fields(b, &[])
             }
             "ColumnRef" => {
                 let raw = list(b, "fields");
@@ -570,6 +739,14 @@ impl Walker {
                     if self.in_predicate > 0 {
                         self.columns.predicate_names.push(last.clone());
                     }
+                    if !std::mem::take(&mut self.bare_output) {
+                        self.columns.expression_names.push(last.clone());
+                    }
+                }
+                // `a.b.f`: every name after the first may be a function
+                // applied to what precedes it.
+                for i in 1..fields.len() {
+                    self.attribute_call(&fields[i], None, &fields[..i]);
                 }
                 self.attribute_refs.extend(fields.into_iter().skip(1));
                 Ok(())
@@ -579,7 +756,9 @@ impl Walker {
                     match node_of(i) {
                         Some(("String", s)) => {
                             let f = str_field(s, "sval").to_owned();
+                            self.attribute_call(&f, b.get("arg"), &[]);
                             self.columns.names.push(f.clone());
+                            self.columns.expression_names.push(f.clone());
                             self.attribute_refs.push(f);
                         }
                         // `(x).*`: every field of a row value.
@@ -593,6 +772,13 @@ impl Walker {
             // --- reads and writes ---
             "SelectStmt" => {
                 self.set_top(Select);
+                // SetOperation: 1 none, 2 union, 3 intersect, 4 except. All
+                // but UNION ALL compare whole output rows.
+                let op = b.get("op").and_then(Value::as_i64).unwrap_or(1);
+                let all = b.get("all").and_then(Value::as_bool).unwrap_or(false);
+                if op > 1 && !(op == 2 && all) {
+                    self.columns.compares_outputs = true;
+                }
                 self.with_scope(b, |w| {
                     if let Some(into) = b.get("into_clause").and_then(Value::as_object) {
                         // SELECT INTO creates a table.
@@ -999,6 +1185,75 @@ fn string_constant(v: &Value) -> Option<String> {
         Some(("AConst", c)) => {
             let sval = c.get("val")?.as_object()?.get("Sval")?.as_object()?;
             Some(str_field(sval, "sval").to_owned())
+        }
+        _ => None,
+    }
+}
+
+/// The text of `'name'` or `'name'::regclass` (how sequences are named).
+fn regclass_constant(v: &Value) -> Option<String> {
+    if let Some(text) = string_constant(v) {
+        return Some(text);
+    }
+    match node_of(v) {
+        Some(("TypeCast", c)) => {
+            let ty = c.get("type_name").and_then(Value::as_object)?;
+            let names = name_list(list(ty, "names"));
+            if names.last().map(String::as_str) != Some("regclass") {
+                return None;
+            }
+            string_constant(c.get("arg")?)
+        }
+        _ => None,
+    }
+}
+
+/// A relation name as regclass input reads it: `s.t`, `"S"."T"`, `t`;
+/// unquoted parts fold to lower case. None when it is not one or two names.
+pub(crate) fn parse_relation_name(text: &str) -> Option<(String, String)> {
+    let mut parts = Vec::new();
+    let mut chars = text.trim().chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next()? {
+                    '"' if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        part.push('"');
+                    }
+                    '"' => break,
+                    c => part.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == '.' {
+                    break;
+                }
+                if !(c.is_alphanumeric() || c == '_' || c == '$') {
+                    return None;
+                }
+                part.push(c.to_ascii_lowercase());
+                chars.next();
+            }
+        }
+        if part.is_empty() {
+            return None;
+        }
+        parts.push(part);
+        match chars.next() {
+            None => break,
+            Some('.') => {}
+            Some(_) => return None,
+        }
+    }
+    match parts.len() {
+        1 => Some((String::new(), parts.pop()?)),
+        2 => {
+            let name = parts.pop()?;
+            Some((parts.pop()?, name))
         }
         _ => None,
     }

@@ -18,6 +18,26 @@ static PG_CATALOG_FUNCTIONS: LazyLock<HashSet<&'static str>> =
 static PG_CATALOG_OPERATORS: LazyLock<HashSet<&'static str>> =
     LazyLock::new(|| include_str!("catalog/pg15_operators.txt").lines().collect());
 
+/// Built-ins with an overload that is volatile or not executable by PUBLIC on
+/// PostgreSQL 15 (scripts/gen-catalog).
+static PG_CATALOG_RESTRICTED: LazyLock<HashSet<&'static str>> = LazyLock::new(|| {
+    include_str!("catalog/pg15_functions_restricted.txt")
+        .lines()
+        .collect()
+});
+
+/// Built-ins callable with one argument of any row type (scripts/gen-catalog).
+static PG_CATALOG_ROWARG: LazyLock<HashSet<&'static str>> = LazyLock::new(|| {
+    include_str!("catalog/pg15_functions_rowarg.txt")
+        .lines()
+        .collect()
+});
+
+/// Whether `t.name` may be the call `name(t)` on the whole row `t`.
+pub fn takes_a_row(name: &str) -> bool {
+    PG_CATALOG_ROWARG.contains(name)
+}
+
 pub fn is_builtin_operator(name: &str) -> bool {
     PG_CATALOG_OPERATORS.contains(name)
 }
@@ -29,6 +49,93 @@ pub fn is_catalog_relation(name: &str) -> bool {
 pub fn is_builtin_function(name: &str) -> bool {
     PG_CATALOG_FUNCTIONS.contains(name)
 }
+
+/// The structural default for a built-in function nobody's rule names: the
+/// catalog decides, not a list of known-dangerous names, so the next
+/// dangerous built-in is refused before anyone lists it. A built-in is
+/// *restricted* when PostgreSQL itself keeps it from PUBLIC (it reads files,
+/// controls the server, ...) or marks it volatile (it may change state:
+/// sequences, advisory locks, notifications, WAL, other sessions), unless it
+/// is one of the volatile built-ins known to read or change nothing beyond
+/// the caller's own session.
+pub fn is_restricted_builtin(name: &str) -> bool {
+    PG_CATALOG_RESTRICTED.contains(name) && !HARMLESS_VOLATILE_FUNCTIONS.contains(&name)
+}
+
+/// Volatile built-ins with no effect outside the calling session: random
+/// numbers and clocks, reads of the server's own counters, sizes and
+/// positions (psql's `\l+` and `\d+` call several), and the
+/// tablesample method BERNOULLI. Everything else volatile needs a rule.
+pub const HARMLESS_VOLATILE_FUNCTIONS: &[&str] = &[
+    "random",
+    "setseed",
+    "clock_timestamp",
+    "timeofday",
+    "gen_random_uuid",
+    "pg_sleep",
+    "pg_sleep_for",
+    "pg_sleep_until",
+    "currval",
+    "lastval",
+    "current_query",
+    "bernoulli",
+    "pg_blocking_pids",
+    "pg_safe_snapshot_blocking_pids",
+    "pg_isolation_test_session_is_blocked",
+    "pg_lock_status",
+    "pg_notification_queue_usage",
+    "pg_jit_available",
+    "pg_is_in_recovery",
+    "pg_is_wal_replay_paused",
+    "pg_get_wal_replay_pause_state",
+    "pg_current_wal_lsn",
+    "pg_current_wal_flush_lsn",
+    "pg_current_wal_insert_lsn",
+    "pg_last_wal_receive_lsn",
+    "pg_last_wal_replay_lsn",
+    "pg_last_xact_replay_timestamp",
+    "pg_last_committed_xact",
+    "pg_database_size",
+    "pg_relation_size",
+    "pg_table_size",
+    "pg_indexes_size",
+    "pg_total_relation_size",
+    "pg_tablespace_size",
+    "pg_partition_tree",
+    "pg_partition_ancestors",
+    "pg_collation_actual_version",
+    "pg_database_collation_actual_version",
+    "pg_sequence_last_value",
+    "pg_prepared_xact",
+    "pg_xact_status",
+    "txid_status",
+    "pg_xact_commit_timestamp",
+    "pg_xact_commit_timestamp_origin",
+    "pg_stat_clear_snapshot",
+    "pg_stat_get_xact_blocks_fetched",
+    "pg_stat_get_xact_blocks_hit",
+    "pg_stat_get_xact_function_calls",
+    "pg_stat_get_xact_function_self_time",
+    "pg_stat_get_xact_function_total_time",
+    "pg_stat_get_xact_numscans",
+    "pg_stat_get_xact_tuples_deleted",
+    "pg_stat_get_xact_tuples_fetched",
+    "pg_stat_get_xact_tuples_hot_updated",
+    "pg_stat_get_xact_tuples_inserted",
+    "pg_stat_get_xact_tuples_returned",
+    "pg_stat_get_xact_tuples_updated",
+    "pg_stat_get_recovery_prefetch",
+    "pg_control_checkpoint",
+    "pg_control_init",
+    "pg_control_recovery",
+    "pg_control_system",
+    "pg_get_multixact_members",
+    "pg_get_wal_resource_managers",
+];
+
+/// Sequence functions that advance or set a sequence: judged as an UPDATE of
+/// the sequence they name, so the rules for that relation decide.
+pub const SEQUENCE_WRITES: &[&str] = &["nextval", "setval"];
 
 /// Catalog relations whose contents are secrets or other sessions' data:
 /// password hashes, user-mapping options (passwords of other servers), column

@@ -220,6 +220,16 @@ impl Policy {
             // information_schema's helpers (JDBC's metadata calls
             // _pg_expandarray) ship with PostgreSQL too.
             let in_information_schema = schema.as_deref() == Some("information_schema");
+            if in_catalog && catalog::is_restricted_builtin(name) {
+                // Structural default: PostgreSQL keeps it from PUBLIC or marks
+                // it volatile. A rule naming it (above) may allow it.
+                return decided(
+                    Action::Deny,
+                    DecidedBy::BuiltinDeny(format!(
+                        "function {name} (a built-in that is volatile or not executable by PUBLIC; a rule naming it may allow it)"
+                    )),
+                );
+            }
             if (in_catalog && catalog::is_builtin_function(name)) || in_information_schema {
                 return decided(Action::Allow, DecidedBy::Always);
             }

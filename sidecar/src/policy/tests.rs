@@ -456,3 +456,134 @@ fn texts_that_differ_only_in_numbers_share_one_cached_judgement() {
         Verdict::Allow
     );
 }
+
+fn default_deny_gate(rules: &str) -> Gate {
+    Gate::new(&spec(rules, "Deny"), 64)
+}
+
+/// PostgreSQL reads `x.f` / `(x).f` as `f(x)` when `x` has no column `f`:
+/// every notation of a denied or restricted built-in is judged as the call.
+#[test]
+fn attribute_notation_is_a_function_call() {
+    let g = default_deny_gate(
+        r#"  - {name: app, action: Allow, statements: [SELECT], tables: ["public.customers"]}
+"#,
+    );
+    for (sql, what) in [
+        ("SELECT ('/etc/passwd'::text).pg_read_file", "pg_read_file"),
+        (
+            "SELECT ('/etc/passwd'::text).pg_read_binary_file",
+            "pg_read_binary_file",
+        ),
+        ("SELECT ('select 1'::text).ts_stat", "ts_stat"),
+        (
+            "SELECT (NULL::int).pg_stat_get_activity",
+            "pg_stat_get_activity",
+        ),
+        ("SELECT ('/tmp/x'::text).lo_import", "lo_import"),
+        (
+            "SELECT (pg_backend_pid()).pg_terminate_backend",
+            "pg_terminate_backend",
+        ),
+        ("SELECT ('.'::text).pg_ls_dir", "pg_ls_dir"),
+        (
+            "SELECT t.p.pg_read_file FROM (SELECT '/etc/passwd'::text AS p) t",
+            "pg_read_file",
+        ),
+        (
+            "SELECT c.name.pg_read_file FROM customers c",
+            "pg_read_file",
+        ),
+        ("SELECT ((1)).pg_advisory_lock", "pg_advisory_lock"),
+        ("SELECT ('x'::text).pg_notify", "pg_notify"),
+        // structural default: restricted by the catalog, on nobody's list
+        ("SELECT pg_advisory_lock(1)", "pg_advisory_lock"),
+        ("SELECT pg_export_snapshot()", "pg_export_snapshot"),
+        (
+            "SELECT gin_clean_pending_list('i'::regclass)",
+            "gin_clean_pending_list",
+        ),
+        (
+            "SELECT pg_logical_emit_message(true, 'x', 'y')",
+            "pg_logical_emit_message",
+        ),
+    ] {
+        let (a, why) = verdict(&g, sql);
+        assert_eq!(a, Action::Deny, "{sql}: {why}");
+        assert!(why.contains(what), "{sql}: {why}");
+    }
+    // Columns that share a harmless built-in's name stay plain columns.
+    for sql in [
+        "SELECT c.name, c.id FROM customers c WHERE c.name = 'Ann'",
+        "SELECT customers.name FROM customers",
+        "SELECT random(), clock_timestamp(), gen_random_uuid(), pg_relation_size('customers')",
+        "SELECT (c).name FROM customers c",
+    ] {
+        let (a, why) = verdict(&g, sql);
+        assert_eq!(a, Action::Allow, "{sql}: {why}");
+    }
+}
+
+/// A rule naming a restricted built-in allows it; the deny list still wins.
+#[test]
+fn restricted_builtins_need_a_rule_naming_them() {
+    let g = default_deny_gate(
+        r#"  - {name: locks, action: Allow, functions: ["pg_advisory_*", "pg_read_file"]}
+"#,
+    );
+    assert_eq!(verdict(&g, "SELECT pg_advisory_lock(42)").0, Action::Allow);
+    assert_eq!(
+        verdict(&g, "SELECT (42::bigint).pg_advisory_unlock").0,
+        Action::Allow
+    );
+    let (a, why) = verdict(&g, "SELECT pg_read_file('/etc/passwd')");
+    assert_eq!(a, Action::Deny, "{why}");
+    assert!(why.contains("built-in rule"), "{why}");
+}
+
+/// nextval/setval write the sequence they name: the rules for that relation
+/// decide, whatever the notation; an unnamed sequence cannot be judged.
+#[test]
+fn sequence_functions_are_writes_to_the_sequence() {
+    let g = default_deny_gate(
+        r#"  - {name: app, action: Allow, statements: [SELECT, INSERT, UPDATE, DELETE], tables: ["public.orders"]}
+  - {name: ids, action: Allow, statements: [UPDATE], tables: ["public.orders_id_seq"]}
+"#,
+    );
+    for sql in [
+        "SELECT setval('order_seq', 100)",
+        "SELECT nextval('order_seq')",
+        "SELECT nextval('public.order_seq'::regclass)",
+        "SELECT ('order_seq'::regclass).nextval",
+        "SELECT nextval('\"public\".\"order_seq\"')",
+        "SELECT pg_catalog.setval('order_seq', 1, false)",
+    ] {
+        let (a, why) = verdict(&g, sql);
+        assert_eq!(a, Action::Deny, "{sql}: {why}");
+        assert!(why.contains("public.order_seq"), "{sql}: {why}");
+    }
+    let (a, why) = verdict(&g, "SELECT nextval(relname::regclass) FROM pg_class");
+    assert_eq!(a, Action::Deny, "{why}");
+    assert!(why.contains("not named by a constant"), "{why}");
+    for sql in [
+        "SELECT nextval('orders_id_seq')",
+        "SELECT ('orders_id_seq'::regclass).nextval",
+        "SELECT currval('order_seq'), lastval()",
+    ] {
+        let (a, why) = verdict(&g, sql);
+        assert_eq!(a, Action::Allow, "{sql}: {why}");
+    }
+}
+
+#[test]
+fn relation_names_parse_like_regclass_input() {
+    use super::analyze::parse_relation_name as p;
+    let n = |s: &str, t: &str| Some((s.to_owned(), t.to_owned()));
+    assert_eq!(p("order_seq"), n("", "order_seq"));
+    assert_eq!(p("Public.Order_Seq"), n("public", "order_seq"));
+    assert_eq!(p("\"S\".\"a\"\"b\""), n("S", "a\"b"));
+    assert_eq!(p(" s.t "), n("s", "t"));
+    for bad in ["", "a.b.c", "a..b", "\"open", "a b", "a;b", "."] {
+        assert_eq!(p(bad), None, "{bad}");
+    }
+}

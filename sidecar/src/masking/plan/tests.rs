@@ -373,3 +373,63 @@ fn a_memo_answers_for_the_map_it_was_computed_with_only() {
     memo.get_or(&b, true, compute).unwrap();
     assert_eq!(calls.get(), 3, "a new column map: computed again");
 }
+
+/// inPredicates: Deny holds through every way of naming or comparing the value
+/// (the ways PostgreSQL lets a query test a value it never outputs).
+#[test]
+fn predicate_denial_follows_aliases_positions_and_oracles() {
+    let rules = MaskRules::new(&[MaskingRule {
+        columns: vec!["public.customers.card_number".into()],
+        strategy: MaskStrategy::Partial,
+        keep_first: None,
+        keep_last: Some(4),
+        detect: vec![],
+        in_predicates: Some(pgwarden_api::PredicateUse::Deny),
+    }]);
+    let decide = |sql: &str| {
+        let stmts = analyze(sql, Settings::default()).unwrap();
+        statement_mask(&rules, &map(), &stmts, false)
+    };
+    for sql in [
+        // an alias of the value, filtered or sorted outside
+        "SELECT s.id FROM (SELECT id, card_number AS x FROM customers) s WHERE x LIKE '4929%'",
+        "SELECT id, card_number AS x FROM customers ORDER BY x",
+        "SELECT s.id FROM customers c, LATERAL (SELECT c.card_number AS x) s WHERE s.x LIKE '4%'",
+        "WITH w(a, b) AS (SELECT id, card_number FROM customers) SELECT a FROM w WHERE b LIKE '4%'",
+        "SELECT a FROM (SELECT id, card_number FROM customers) s(a, b) WHERE b LIKE '4%'",
+        // positions and wholesale comparisons
+        "SELECT id, card_number FROM customers ORDER BY 2",
+        "SELECT card_number, count(*) FROM customers GROUP BY 1",
+        "SELECT * FROM customers ORDER BY 4",
+        "SELECT DISTINCT card_number FROM customers",
+        "SELECT card_number FROM customers INTERSECT SELECT '4929123456781234'",
+        "SELECT card_number FROM customers EXCEPT SELECT '4929123456781234'",
+        "SELECT * FROM customers NATURAL JOIN (SELECT '4929123456781234' AS card_number) t",
+        // error and value oracles outside any WHERE
+        "SELECT CASE WHEN card_number LIKE '4%' THEN 1/(id-id) ELSE 1 END FROM customers",
+        "SELECT id FROM customers LIMIT CASE WHEN (SELECT card_number FROM customers WHERE id = 1) LIKE '4%' THEN 1 ELSE 0 END",
+        "SELECT 1/(position('4' in card_number) - 1) FROM customers",
+        "SELECT length(card_number) FROM customers",
+        // whole rows and casts
+        "SELECT id FROM customers c WHERE c::text LIKE '%4929%'",
+        "SELECT id FROM customers WHERE customers::text LIKE '%4929%'",
+        "SELECT id FROM customers c WHERE row_to_json(c)->>'card_number' LIKE '4%'",
+        "SELECT s.id FROM (SELECT * FROM customers) s WHERE s::text LIKE '%4929%'",
+    ] {
+        let r = decide(sql);
+        assert!(
+            r.as_ref().is_err_and(|e| e.0.contains("inPredicates")),
+            "{sql}: {r:?}"
+        );
+    }
+    for sql in [
+        "SELECT id, card_number FROM customers WHERE id = 1",
+        "SELECT c.id, c.card_number AS card FROM customers c WHERE c.name = 'Ann' ORDER BY c.id",
+        "SELECT x FROM (SELECT card_number AS x FROM customers) s",
+        "SELECT * FROM customers WHERE id > 1",
+        "SELECT card_number FROM customers UNION ALL SELECT card_number FROM customers",
+        "SELECT id FROM orders ORDER BY 1",
+    ] {
+        assert!(decide(sql).is_ok(), "{sql}: {:?}", decide(sql));
+    }
+}
