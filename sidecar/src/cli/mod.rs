@@ -157,6 +157,12 @@ pub struct RunArgs {
     /// Seconds to let open sessions finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
+    /// Seconds a client has to log in (PostgreSQL's authentication_timeout).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub startup_timeout_seconds: u64,
+    /// Connections from one address that may be logging in at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_unauthenticated_per_source: u64,
     /// PEM CA bundle trusted (besides the Mozilla roots) when fetching a
     /// token issuer's discovery document and keys; repeatable.
     #[arg(long = "issuer-ca-file")]

@@ -93,6 +93,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             large: args.max_message_bytes,
         },
         shutdown,
+        startup_timeout: Duration::from_secs(args.startup_timeout_seconds),
     });
     runtime.block_on(serve(args, shared, shutdown_tx))?;
     Ok(ExitCode::SUCCESS)
@@ -143,6 +144,9 @@ async fn serve(
     ready.store(true, Ordering::Release);
 
     let permits = Arc::new(Semaphore::new(args.max_connections));
+    let login_slots = session::LoginSlots::new(
+        usize::try_from(args.max_unauthenticated_per_source).unwrap_or(usize::MAX),
+    );
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
@@ -164,12 +168,21 @@ async fn serve(
                 .connections_rejected
                 .with_label_values(&["too_many"])
                 .inc();
-            tokio::spawn(refuse_busy(tcp));
+            tokio::spawn(refuse(tcp, PgError::too_many_connections()));
+            continue;
+        };
+        let Some(slot) = login_slots.enter(peer.ip()) else {
+            shared
+                .metrics
+                .startup_aborted
+                .with_label_values(&["per_source_limit"])
+                .inc();
+            tokio::spawn(refuse(tcp, PgError::too_many_logins_from_source()));
             continue;
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            session::serve(tcp, peer, shared).await;
+            session::serve(tcp, peer, shared, slot).await;
             drop(permit);
         });
     }
@@ -199,11 +212,11 @@ async fn serve(
     Ok(())
 }
 
-/// A client over the limit still gets a reason, not a reset.
-async fn refuse_busy(mut tcp: tokio::net::TcpStream) {
+/// A client over a limit still gets a reason, not a reset.
+async fn refuse(mut tcp: tokio::net::TcpStream, err: PgError) {
     use tokio::io::AsyncWriteExt;
     let mut out = bytes::BytesMut::new();
-    codec::put_error(&PgError::too_many_connections(), &mut out);
+    codec::put_error(&err, &mut out);
     let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(&out)).await;
 }
 

@@ -15,6 +15,12 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     pub protocol_errors_client: IntCounter,
     pub protocol_errors_upstream: IntCounter,
+    /// Sessions ended because the server changed a setting pgwarden relies on.
+    pub server_setting_changes: IntCounter,
+    /// Statements refused because analysing them would cost too much.
+    pub statements_too_large: IntCounter,
+    /// Connections closed before login completed, by reason.
+    pub startup_aborted: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -88,6 +94,19 @@ impl Metrics {
             ),
             protocol_errors_client: protocol.with_label_values(&["client"]),
             protocol_errors_upstream: protocol.with_label_values(&["upstream"]),
+            server_setting_changes: counter(
+                "server_setting_changes_total",
+                "Sessions ended because the server changed a setting pgwarden relies on (standard_conforming_strings, client_encoding, session_authorization, ...)",
+            ),
+            statements_too_large: counter(
+                "statements_too_large_total",
+                "Statements refused because they exceed the analysis limits",
+            ),
+            startup_aborted: counter_vec(
+                "startup_aborted_total",
+                "Client connections closed before login completed, by reason (timeout, per_source_limit)",
+                &["reason"],
+            ),
             registry,
         }
     }

@@ -7,9 +7,11 @@
 mod approve;
 mod cancel;
 mod limits;
+mod login_slots;
 mod mask;
 mod outcome;
 mod relay;
+mod server_settings;
 mod startup;
 
 use std::net::SocketAddr;
@@ -22,6 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
 pub use cancel::CancelRegistry;
+pub use login_slots::{LoginSlot, LoginSlots};
 pub use relay::End;
 
 use crate::config::{GatewayConfig, PolicyConfig};
@@ -43,11 +46,13 @@ pub struct Shared {
     pub limits: Limits,
     /// Becomes true when the gateway starts shutting down.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// How long a client has to log in (PostgreSQL's authentication_timeout).
+    pub startup_timeout: std::time::Duration,
 }
 
 /// Serve one accepted client connection to its end. Never panics on input;
 /// every failure is logged at the level its cause deserves.
-pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, slot: LoginSlot) {
     let id = format!("{:016x}", rand::random::<u64>());
     let span = tracing::info_span!("session", session.id = %id, client.addr = %peer, subject = tracing::field::Empty);
     async move {
@@ -55,15 +60,37 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         let _ = tcp.set_nodelay(true);
         shared.metrics.connections_total.inc();
         shared.metrics.connections_active.inc();
-        serve_inner(tcp, peer, &shared, &id).await;
+        serve_inner(tcp, peer, &shared, &id, slot).await;
         shared.metrics.connections_active.dec();
     }
     .instrument(span)
     .await
 }
 
-async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared, session_id: &str) {
-    let negotiated = match startup::negotiate(tcp, shared.tls.as_ref()).await {
+async fn serve_inner(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    session_id: &str,
+    slot: LoginSlot,
+) {
+    let login_deadline = tokio::time::Instant::now() + shared.startup_timeout;
+    let negotiated =
+        match tokio::time::timeout_at(login_deadline, startup::negotiate(tcp, shared.tls.as_ref()))
+            .await
+        {
+            Ok(n) => n,
+            Err(_) => {
+                debug!("no startup packet before the startup timeout");
+                shared
+                    .metrics
+                    .startup_aborted
+                    .with_label_values(&["timeout"])
+                    .inc();
+                return;
+            }
+        };
+    let negotiated = match negotiated {
         Ok(n) => n,
         Err(e) => {
             // Peer-caused: not our fault, so not a warning.
@@ -113,9 +140,23 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared, session_
         // We speak 3.0 and none of the requested protocol options.
         codec::put_negotiate_protocol_version(0, startup.declined_options.clone(), &mut greeting);
     }
-    let identity = match authenticate(&mut stream, peer, policy, shared.limits).await {
-        Ok(id) => id,
-        Err(err) => {
+    let authenticated = tokio::time::timeout_at(
+        login_deadline,
+        authenticate(&mut stream, peer, policy, shared.limits),
+    )
+    .await;
+    let identity = match authenticated {
+        Ok(Ok(id)) => id,
+        Err(_) => {
+            debug!("client did not log in before the startup timeout");
+            shared
+                .metrics
+                .startup_aborted
+                .with_label_values(&["timeout"])
+                .inc();
+            return refuse(&mut stream, PgError::startup_timeout()).await;
+        }
+        Ok(Err(err)) => {
             info!(reason = %err.message, "client authentication failed");
             shared
                 .metrics
@@ -126,6 +167,8 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared, session_
         }
     };
     tracing::Span::current().record("subject", identity.subject.as_str());
+    // Logged in: no longer counted against its source's pre-login cap.
+    drop(slot);
 
     let policy_limits = policy.spec.limits.clone().unwrap_or_default();
     let statement_timeout = policy_limits.statement_timeout.map(|d| d.as_std());
@@ -145,6 +188,22 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared, session_
                 .with_label_values(&[e.kind()])
                 .inc();
             return refuse(&mut stream, e.to_client_error()).await;
+        }
+    };
+    let server_settings = match server_settings::ServerSettings::at_login(
+        up.parameter_status
+            .iter()
+            .filter_map(|ps| codec::parameter_status(&ps[5..]).ok()),
+    ) {
+        Ok(s) => s,
+        Err(err) => {
+            warn!(reason = %err.message, "upstream server settings refused");
+            shared
+                .metrics
+                .upstream_errors
+                .with_label_values(&["server_settings"])
+                .inc();
+            return refuse(&mut stream, err).await;
         }
     };
     if let Some(masking) = &policy.masking {
@@ -227,6 +286,7 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared, session_
         interrupt,
         log: log.as_ref(),
         limits: shared.limits,
+        server_settings,
     };
     let end = relay
         .run(
@@ -249,6 +309,10 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared, session_
         }
         End::ClientIo(e) => info!(error = %e, "session ended: client connection failed"),
         End::UpstreamFailed(why) => warn!(error = %why, "session ended: upstream failed"),
+        End::ServerSettingChanged(e) => {
+            shared.metrics.server_setting_changes.inc();
+            warn!(error = %e.message, "session ended: a server setting changed behind the gateway")
+        }
         End::RecordingFailed => {
             tracing::error!("session ended: its recording could not be written")
         }
@@ -264,6 +328,7 @@ async fn serve_inner(tcp: TcpStream, peer: SocketAddr, shared: &Shared, session_
             End::Shutdown => "gateway shutdown",
             End::CredentialExpired => "credential expired",
             End::RecordingFailed => "recording failed",
+            End::ServerSettingChanged(_) => "server setting changed behind the gateway",
         };
         if let Some(ack) = log.end(reason) {
             let _ = ack.await;

@@ -58,6 +58,9 @@ pub enum End {
     /// A durable record could not be written: the session stops rather than
     /// run or answer unrecorded.
     RecordingFailed,
+    /// The server changed a setting the gateway relies on: the client gets
+    /// this FATAL.
+    ServerSettingChanged(PgError),
 }
 
 /// A refusal waiting for its sentinel's error to come back.
@@ -97,6 +100,8 @@ pub struct Relay<'a> {
     /// The session's recording, when the policy records.
     pub log: Option<&'a SessionLog>,
     pub limits: Limits,
+    /// The login values of the settings the gateway relies on.
+    pub server_settings: super::server_settings::ServerSettings,
 }
 
 /// A cancel the proxy sent and the server may not have acted on yet.
@@ -220,6 +225,7 @@ impl Relay<'_> {
                     self.log,
                 ),
                 acks: Vec::new(),
+                settings: self.server_settings,
             }
             .run(&mut ur, upstream_frames, &mut cw);
             let guard = guard_timeout(&clock, self.statement_timeout, &self.cancel, &cancels);
@@ -236,7 +242,7 @@ impl Relay<'_> {
         // Both halves are dropped; tell each side what it needs to know.
         let mut out = BytesMut::new();
         match &end {
-            End::ClientViolation(err) => {
+            End::ClientViolation(err) | End::ServerSettingChanged(err) => {
                 codec::put_error(err, &mut out);
                 let _ = cw.write_all(&out).await;
                 let _ = cw.flush().await;
@@ -1131,6 +1137,19 @@ struct Backend<'a> {
     watcher: Watcher<'a>,
     /// Durable result records to wait for before the client sees more.
     acks: Vec<Ack>,
+    settings: super::server_settings::ServerSettings,
+}
+
+/// Why the server half stops.
+enum BackendStop {
+    Failed(String),
+    Setting(PgError),
+}
+
+impl From<String> for BackendStop {
+    fn from(why: String) -> Self {
+        BackendStop::Failed(why)
+    }
 }
 
 impl Backend<'_> {
@@ -1153,9 +1172,17 @@ impl Backend<'_> {
                     }
                 };
                 let bytes = &frames.buffered()[..frame.wire_len];
-                if let Err(why) = self.on_message(frame.ty, bytes, &mut out) {
-                    self.metrics.protocol_errors_upstream.inc();
-                    return End::UpstreamFailed(why);
+                match self.on_message(frame.ty, bytes, &mut out) {
+                    Ok(()) => {}
+                    Err(BackendStop::Failed(why)) => {
+                        self.metrics.protocol_errors_upstream.inc();
+                        return End::UpstreamFailed(why);
+                    }
+                    Err(BackendStop::Setting(err)) => {
+                        // What came before the change still reaches the client.
+                        let _ = write(w, &mut out).await;
+                        return End::ServerSettingChanged(err);
+                    }
                 }
                 frames.consume(frame.wire_len);
             }
@@ -1195,8 +1222,14 @@ impl Backend<'_> {
         }
     }
 
-    fn on_message(&mut self, ty: u8, bytes: &[u8], out: &mut BytesMut) -> Result<(), String> {
+    fn on_message(&mut self, ty: u8, bytes: &[u8], out: &mut BytesMut) -> Result<(), BackendStop> {
         let body = &bytes[5..];
+        if ty == b'S' {
+            let (name, value) = codec::parameter_status(body).map_err(|e| e.to_string())?;
+            self.settings
+                .on_change(name, value)
+                .map_err(BackendStop::Setting)?;
+        }
         // Masking bookkeeping sees every message, before a limit may drop one.
         let disposition = match &mut self.mask {
             Some(m) => m.on_message(ty, body)?,

@@ -238,6 +238,10 @@ pub fn filter_params(minor: u16, params: Vec<(String, String)>) -> Result<Client
     }
     out.upstream_params
         .push(("client_encoding".into(), "UTF8".into()));
+    // A database or role default of `off` would make the server read
+    // backslashes in '...' differently from the analyser.
+    out.upstream_params
+        .push(("standard_conforming_strings".into(), "on".into()));
     // Unqualified names are judged against this schema; pin it so the server
     // resolves them the same way (changing it later is built-in denied).
     out.upstream_params.push((
@@ -284,6 +288,7 @@ mod tests {
                 "extra_float_digits",
                 "application_name",
                 "client_encoding",
+                "standard_conforming_strings",
                 "search_path"
             ]
         );

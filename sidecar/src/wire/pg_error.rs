@@ -206,6 +206,29 @@ impl PgError {
         Self::new(Severity::Error, SqlState::QueryCanceled, message)
     }
 
+    /// The client did not log in in time (PostgreSQL's authentication_timeout).
+    pub fn startup_timeout() -> Self {
+        Self::new(
+            Severity::Fatal,
+            SqlState::ProtocolViolation,
+            "canceling authentication due to timeout",
+        )
+    }
+
+    /// Too many connections from one address have not logged in yet.
+    pub fn too_many_logins_from_source() -> Self {
+        Self::new(
+            Severity::Fatal,
+            SqlState::TooManyConnections,
+            "too many connections from this address that have not logged in yet",
+        )
+    }
+
+    /// The server changed a setting the gateway's judgement relies on.
+    pub fn server_setting_changed(message: impl Into<String>) -> Self {
+        Self::new(Severity::Fatal, SqlState::InsufficientPrivilege, message)
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(Severity::Fatal, SqlState::InternalError, message)
     }
