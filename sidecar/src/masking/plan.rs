@@ -104,7 +104,7 @@ pub fn statement_mask(
         reads |= !risky.is_empty();
         let source = computes_from_masked(rules, map, &s.columns, &risky);
         let returned = computes_from_masked(rules, map, &s.returning, &risky);
-        let from_code = matches!(s.effect, Some(Effect::Execute(_) | Effect::Fetch));
+        let from_code = matches!(s.effect, Some(Effect::Execute(_) | Effect::Fetch(_)));
         tainted |= source || returned || from_code;
 
         for facts in [&s.columns, &s.returning] {

@@ -77,8 +77,9 @@ pub enum Effect {
     DefinesFunction(String),
     /// CREATE OPERATOR of this name.
     DefinesOperator(String),
-    /// FETCH or MOVE from a cursor: rows of a query judged at DECLARE.
-    Fetch,
+    /// FETCH or MOVE from a cursor or portal of this name: rows of a query
+    /// judged at DECLARE, or of a protocol portal (the session checks it).
+    Fetch(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -178,6 +179,9 @@ pub enum AnalyzeError {
     Parse(String),
     #[error("pgwarden does not understand {0}")]
     NotUnderstood(String),
+    /// Over the analysis limits (`budget`): refused before parsing.
+    #[error("statement too large to analyse: {0}")]
+    TooLarge(String),
 }
 
 /// Session facts that change what a statement means.
@@ -189,6 +193,7 @@ pub struct Settings {
 
 /// Analyse a query string (possibly several statements).
 pub fn analyze(sql: &str, settings: Settings) -> Result<Vec<Statement>, AnalyzeError> {
+    super::budget::check(sql).map_err(AnalyzeError::TooLarge)?;
     let parsed = pg_query::parse(sql, 0).map_err(|e| AnalyzeError::Parse(e.to_string()))?;
     let tree = serde_json::to_value(&parsed.protobuf)
         .map_err(|e| AnalyzeError::Parse(format!("parse tree: {e}")))?;
@@ -844,7 +849,7 @@ impl Walker {
                 self.set_top(Select);
                 self.always(Select);
                 if kind == "FetchStmt" {
-                    self.effect = Some(Effect::Fetch);
+                    self.effect = Some(Effect::Fetch(str_field(b, "portalname").to_owned()));
                 }
                 Ok(())
             }

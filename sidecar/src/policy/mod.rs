@@ -7,6 +7,7 @@
 //! pgwarden, so `EXECUTE name` is judged by what `name` really is).
 
 pub mod analyze;
+pub mod budget;
 mod cache;
 pub mod catalog;
 pub mod decide;
@@ -14,7 +15,7 @@ pub mod normalize;
 pub mod rules;
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use pgwarden_api::{Action, DatabaseAccessPolicySpec};
@@ -64,21 +65,42 @@ impl Judgement {
 }
 
 /// Prepared statements this session created through pgwarden (SQL PREPARE
-/// and named protocol-level Parse share one namespace in PostgreSQL).
+/// and named protocol-level Parse share one namespace in PostgreSQL), and how
+/// often SQL `EXECUTE` may run each.
 #[derive(Debug, Default)]
 pub struct SessionState {
-    prepared: HashSet<String>,
+    prepared: HashMap<String, Runs>,
+}
+
+/// How often SQL `EXECUTE` may run a prepared statement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runs {
+    /// Its text was allowed: as often as the client likes.
+    Any,
+    /// Its text needed approval and a reviewer approved the PREPARE: one
+    /// execution is released, as for any other approved statement.
+    Once,
+    /// That one execution has run.
+    Spent,
 }
 
 impl SessionState {
+    /// A named statement the client prepared with the protocol's Parse.
     pub fn prepared(&mut self, name: &str) {
         if !name.is_empty() {
-            self.prepared.insert(name.to_owned());
+            self.prepared.insert(name.to_owned(), Runs::Any);
         }
     }
 
+    /// Closed, deallocated, or in an unknown state after a change the
+    /// server refused: SQL `EXECUTE` of it is refused until it is prepared
+    /// again.
     pub fn closed(&mut self, name: &str) {
         self.prepared.remove(name);
+    }
+
+    pub fn closed_all(&mut self) {
+        self.prepared.clear();
     }
 }
 
@@ -173,8 +195,50 @@ impl Gate {
         j
     }
 
+    /// What `analyze` needs besides the text (to analyse off the event loop).
+    pub fn settings(&self) -> Settings {
+        self.settings
+    }
+
+    /// A judgement from an analysis made elsewhere (a large text analysed
+    /// on a blocking thread), cached as `evaluate` would.
+    pub fn judgement_from(&self, analysis: Result<Vec<Statement>, AnalyzeError>) -> Arc<Judgement> {
+        Arc::new(self.judgement_of(analysis))
+    }
+
+    /// `judge_with` for a judgement already made by `judgement_from`.
+    pub fn judge_judged(
+        &self,
+        j: Arc<Judgement>,
+        session: &mut SessionState,
+    ) -> (Verdict, Arc<Judgement>) {
+        let v = self.verdict(&j, session);
+        self.learn_definitions(&j);
+        (v, j)
+    }
+
+    /// Names a text defines as user code are learnt whatever its verdict:
+    /// knowing one too many only makes later verdicts stricter.
+    fn learn_definitions(&self, j: &Judgement) {
+        let (mut functions, mut operators) = (Vec::new(), Vec::new());
+        for s in &j.statements {
+            match &s.effect {
+                Some(Effect::DefinesFunction(n)) => functions.push(n.clone()),
+                Some(Effect::DefinesOperator(n)) => operators.push(n.clone()),
+                _ => {}
+            }
+        }
+        if !functions.is_empty() || !operators.is_empty() {
+            self.learn_user_code(functions, operators);
+        }
+    }
+
     fn judge_text(&self, sql: &str) -> Judgement {
-        match analyze::analyze(sql, self.settings) {
+        self.judgement_of(analyze::analyze(sql, self.settings))
+    }
+
+    fn judgement_of(&self, analysis: Result<Vec<Statement>, AnalyzeError>) -> Judgement {
+        match analysis {
             Ok(statements) => {
                 let outcome = Ok(self.policy.decide(&statements));
                 Judgement {
@@ -192,16 +256,20 @@ impl Gate {
     }
 
     /// The verdict for a query text in this session; applies the text's
-    /// effects on the session's prepared statements when it is allowed.
+    /// effects on the session's prepared statements when it is allowed (as
+    /// the relay does when it forwards the text).
     pub fn judge(&self, sql: &str, session: &mut SessionState) -> Verdict {
-        self.judge_with(sql, session).0
+        let (v, j) = self.judge_with(sql, session);
+        if v == Verdict::Allow {
+            self.apply(&j, session, false);
+        }
+        v
     }
 
     /// `judge`, with the judgement behind the verdict (masking reads it).
     pub fn judge_with(&self, sql: &str, session: &mut SessionState) -> (Verdict, Arc<Judgement>) {
         let j = self.evaluate(sql);
-        let v = self.verdict(&j, session);
-        (v, j)
+        self.judge_judged(j, session)
     }
 
     /// Whether a judged text calls functions or operators that are not
@@ -235,6 +303,9 @@ impl Gate {
             Action::Deny if matches!(j.outcome, Err(AnalyzeError::Parse(_))) => {
                 return Verdict::Refuse(PgError::syntax_error(j.reason()))
             }
+            Action::Deny if matches!(j.outcome, Err(AnalyzeError::TooLarge(_))) => {
+                return Verdict::Refuse(PgError::limit_exceeded(j.reason()))
+            }
             Action::Deny => return Verdict::Refuse(PgError::denied(j.reason())),
         }
         // Refined even when a human must approve: a text the session state
@@ -254,9 +325,10 @@ impl Gate {
     ///   code when the database has user code of that name;
     /// - attribute notation (`o.f`) naming a user function is a call of it;
     /// - EXECUTE runs only names this session prepared through pgwarden,
-    ///   simulating the text's statements in order (`PREPARE p ...; EXECUTE p`).
+    ///   simulating the text's statements in order (`PREPARE p ...; EXECUTE p`),
+    ///   and an approved PREPARE only once.
     ///
-    /// On success the text's effects are applied to the session and the gate.
+    /// Nothing is changed: `apply` does that when the text is sent upstream.
     pub fn refine(
         &self,
         j: &Judgement,
@@ -301,32 +373,66 @@ impl Gate {
             }
         }
         let mut prepared = session.prepared.clone();
-        let (mut functions, mut operators) = (Vec::new(), Vec::new());
         for s in &j.statements {
             match &s.effect {
                 Some(Effect::Prepare(n)) => {
-                    prepared.insert(n.clone());
+                    prepared.insert(n.clone(), Runs::Any);
                 }
                 Some(Effect::Deallocate(Some(n))) => {
                     prepared.remove(n);
                 }
                 Some(Effect::Deallocate(None)) => prepared.clear(),
-                Some(Effect::Execute(n)) if !prepared.contains(n) => {
-                    return Err((
-                        Action::Deny,
-                        format!(
-                            "denied: EXECUTE of \"{n}\", which was not prepared through pgwarden in this session"
-                        ),
-                    ));
-                }
-                Some(Effect::DefinesFunction(n)) => functions.push(n.clone()),
-                Some(Effect::DefinesOperator(n)) => operators.push(n.clone()),
+                Some(Effect::Execute(n)) => match prepared.get(n) {
+                    Some(Runs::Any) => {}
+                    Some(Runs::Once) => {
+                        prepared.insert(n.clone(), Runs::Spent);
+                    }
+                    Some(Runs::Spent) => {
+                        return Err((
+                            Action::Deny,
+                            format!(
+                                "denied: the approval of PREPARE \"{n}\" released one execution, which has run; DEALLOCATE {n} and PREPARE it again to ask for another"
+                            ),
+                        ));
+                    }
+                    None => {
+                        return Err((
+                            Action::Deny,
+                            format!(
+                                "denied: EXECUTE of \"{n}\", which was not prepared through pgwarden in this session"
+                            ),
+                        ));
+                    }
+                },
                 _ => {}
             }
         }
-        session.prepared = prepared;
-        self.learn_user_code(functions, operators);
         Ok(())
+    }
+
+    /// Apply a text's effects once it goes upstream: the names it prepares
+    /// (once only when `approved`: a reviewer released it), the executions
+    /// it spends. A change the server then refuses
+    /// is undone by the session (`SessionState::closed`).
+    pub fn apply(&self, j: &Judgement, session: &mut SessionState, approved: bool) {
+        for s in &j.statements {
+            match &s.effect {
+                Some(Effect::Prepare(n)) => {
+                    let runs = if approved { Runs::Once } else { Runs::Any };
+                    session.prepared.insert(n.clone(), runs);
+                }
+                Some(Effect::Deallocate(Some(n))) => session.closed(n),
+                Some(Effect::Deallocate(None)) => session.closed_all(),
+                Some(Effect::Execute(n)) => {
+                    if let Some(r) = session.prepared.get_mut(n) {
+                        if *r == Runs::Once {
+                            *r = Runs::Spent;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 
     fn refuse_user_code(

@@ -114,17 +114,17 @@ pub fn numeric_key(sql: &str) -> Option<String> {
     Some(out)
 }
 
-fn is_ident_start(c: u8) -> bool {
+pub(super) fn is_ident_start(c: u8) -> bool {
     c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
 }
 
-fn is_ident_char(c: u8) -> bool {
+pub(super) fn is_ident_char(c: u8) -> bool {
     is_ident_start(c) || c.is_ascii_digit() || c == b'$'
 }
 
 /// Past the closing quote; `''` (or `""`) is an escaped quote, and in
 /// E-strings a backslash escapes the next byte.
-fn skip_quoted(b: &[u8], mut i: usize, q: u8, escapes: bool) -> Option<usize> {
+pub(super) fn skip_quoted(b: &[u8], mut i: usize, q: u8, escapes: bool) -> Option<usize> {
     i += 1;
     while i < b.len() {
         if escapes && b[i] == b'\\' {
@@ -144,7 +144,7 @@ fn skip_quoted(b: &[u8], mut i: usize, q: u8, escapes: bool) -> Option<usize> {
 }
 
 /// `$tag$ ... $tag$` (tag empty or an identifier without `$`).
-fn skip_dollar_quoted(sql: &str, i: usize) -> Option<usize> {
+pub(super) fn skip_dollar_quoted(sql: &str, i: usize) -> Option<usize> {
     let b = sql.as_bytes();
     let mut j = i + 1;
     if b.get(j).is_some_and(|&c| is_ident_start(c)) {
@@ -163,7 +163,7 @@ fn skip_dollar_quoted(sql: &str, i: usize) -> Option<usize> {
 }
 
 /// Nested `/* ... */`.
-fn skip_block_comment(b: &[u8], mut i: usize) -> Option<usize> {
+pub(super) fn skip_block_comment(b: &[u8], mut i: usize) -> Option<usize> {
     let mut depth = 0usize;
     while i < b.len() {
         if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {

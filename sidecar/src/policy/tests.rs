@@ -587,3 +587,34 @@ fn relation_names_parse_like_regclass_input() {
         assert_eq!(p(bad), None, "{bad}");
     }
 }
+
+/// An approved PREPARE releases one execution, like any approved statement;
+/// effects apply only when a text is forwarded.
+#[test]
+fn an_approved_prepare_releases_one_execution() {
+    let g = design_gate();
+    let mut s = SessionState::default();
+    let (v, j) = g.judge_with("PREPARE d AS DELETE FROM orders", &mut s);
+    assert!(matches!(v, Verdict::RequireApproval(_)), "{v:?}");
+    // Held, not forwarded: nothing to execute yet.
+    assert!(matches!(g.judge("EXECUTE d", &mut s), Verdict::Refuse(_)));
+    // The reviewer approved: the PREPARE is forwarded.
+    g.apply(&j, &mut s, true);
+    assert_eq!(g.judge("EXECUTE d", &mut s), Verdict::Allow);
+    let Verdict::Refuse(e) = g.judge("EXECUTE d", &mut s) else {
+        panic!("a second execution must be refused");
+    };
+    assert!(e.message.contains("one execution"), "{}", e.message);
+    // Twice in one text is refused as a whole.
+    g.apply(&j, &mut s, true);
+    assert!(matches!(
+        g.judge("EXECUTE d; EXECUTE d", &mut s),
+        Verdict::Refuse(_)
+    ));
+    // A denied text changes nothing.
+    assert!(matches!(
+        g.judge("PREPARE e AS SELECT * FROM secrets; EXECUTE d", &mut s),
+        Verdict::Refuse(_)
+    ));
+    assert_eq!(g.judge("EXECUTE d", &mut s), Verdict::Allow);
+}

@@ -56,8 +56,14 @@ impl HeldPortal {
 }
 
 pub enum HoldKind {
-    Query { ctx: MaskCtx },
-    Execute { portal: String },
+    /// A simple Query; its judgement's effects apply once it is released.
+    Query {
+        ctx: MaskCtx,
+        judgement: Arc<crate::policy::Judgement>,
+    },
+    Execute {
+        portal: String,
+    },
 }
 
 /// One held client message.

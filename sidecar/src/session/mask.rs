@@ -123,6 +123,10 @@ impl FrontMask {
         self.statements.remove(statement);
     }
 
+    pub fn closed_all(&mut self) {
+        self.statements.clear();
+    }
+
     /// A Bind; true when the proxy must follow it with a Describe of the
     /// portal (`put_describe_portal`), already accounted for here.
     pub fn bind(&mut self, portal: &str, statement: &str) -> bool {

@@ -9,6 +9,7 @@ mod cancel;
 mod limits;
 mod login_slots;
 mod mask;
+mod names;
 mod outcome;
 mod relay;
 mod server_settings;

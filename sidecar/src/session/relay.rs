@@ -25,11 +25,13 @@ use std::time::{Duration, Instant};
 use super::approve::{self, Hold, HoldKind, Need};
 use super::limits::{RowAction, RowLimiter, StatementClock};
 use super::mask::{self, BackMask, Disposition, FrontMask};
+use super::names::{Failed, NameLedger, RequestOutcome};
 use super::outcome::{Described, Watch, WatchKind, Watcher};
 use crate::approval::{messages, Approvals};
 use crate::masking::{plan, Masking};
 use crate::observe::Metrics;
-use crate::policy::{Gate, SessionState, Verdict};
+use crate::policy::analyze::Effect;
+use crate::policy::{Gate, Judgement, SessionState, Verdict};
 use crate::recording::{Ack, SessionLog, StatementFacts};
 use crate::upstream::{self, BackendKey, UpstreamTarget};
 use crate::wire::codec::{self, TxStatus};
@@ -167,6 +169,8 @@ impl Relay<'_> {
         let (notice_tx, notice_rx) = mpsc::unbounded_channel();
         let (watch_tx, watch_rx) = mpsc::unbounded_channel();
         let (describe_tx, describe_rx) = mpsc::unbounded_channel();
+        let (outcome_tx, outcome_rx) = mpsc::unbounded_channel();
+        let (done_tx, done_rx) = watch::channel(0u64);
         let described = Arc::new(Described::default());
         let clock = StatementClock::default();
         let cancels = Arc::new(CancelInFlight::default());
@@ -203,6 +207,10 @@ impl Relay<'_> {
                 acks: Vec::new(),
                 describes: describe_tx,
                 described: described.clone(),
+                preanalyzed: None,
+                ledger: NameLedger::default(),
+                outcomes: outcome_rx,
+                done: done_rx,
             }
             .run(&mut cr, client_frames, &mut uw);
             let back = Backend {
@@ -226,6 +234,9 @@ impl Relay<'_> {
                 ),
                 acks: Vec::new(),
                 settings: self.server_settings,
+                outcomes: outcome_tx,
+                done: done_tx,
+                answered: RequestOutcome::default(),
             }
             .run(&mut ur, upstream_frames, &mut cw);
             let guard = guard_timeout(&clock, self.statement_timeout, &self.cancel, &cancels);
@@ -372,6 +383,41 @@ struct Frontend<'a> {
     /// their ParameterDescription; and what it learnt.
     describes: mpsc::UnboundedSender<(u64, String)>,
     described: Arc<Described>,
+    /// A large text analysed off the event loop, for the message after it.
+    preanalyzed: Option<(String, Arc<Judgement>)>,
+    /// Statement-name changes the server has not confirmed yet.
+    ledger: NameLedger,
+    /// What the server answered to each request, from the upstream half.
+    outcomes: mpsc::UnboundedReceiver<RequestOutcome>,
+    /// Requests the server has answered completely.
+    done: watch::Receiver<u64>,
+}
+
+/// Texts above this size are analysed on a blocking thread.
+const OFFLOAD_ABOVE: usize = 16 * 1024;
+
+/// Analyses of large texts at once, gateway-wide: each may take tens of MiB
+/// at the budget's cap, so memory stays bounded however many clients send
+/// them.
+static LARGE_ANALYSES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+async fn analyze_off_loop(gate: &Gate, text: &str) -> Arc<crate::policy::Judgement> {
+    let settings = gate.settings();
+    let owned = text.to_owned();
+    let analysis = match LARGE_ANALYSES.acquire().await {
+        Ok(_permit) => {
+            tokio::task::spawn_blocking(move || crate::policy::analyze::analyze(&owned, settings))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(crate::policy::analyze::AnalyzeError::NotUnderstood(
+                        format!("the statement (its analysis failed: {e})"),
+                    ))
+                })
+        }
+        // Never closed; judged on the spot if it were.
+        Err(_) => crate::policy::analyze::analyze(text, settings),
+    };
+    gate.judgement_from(analysis)
 }
 
 impl Frontend<'_> {
@@ -382,6 +428,9 @@ impl Frontend<'_> {
     {
         let mut out = BytesMut::new();
         loop {
+            // What the server has answered since (a cheap empty check when
+            // nothing is outstanding).
+            self.poll_outcomes();
             // Handle every whole message buffered, then write once.
             loop {
                 let frame = match frames.cut() {
@@ -392,6 +441,19 @@ impl Frontend<'_> {
                         return End::ClientViolation(PgError::protocol_violation(e.to_string()));
                     }
                 };
+                if matches!(frame.ty, b'Q' | b'P') && frame.wire_len > OFFLOAD_ABOVE {
+                    // A large text is parsed on a blocking thread: one heavy
+                    // statement must not stall every other session.
+                    let body = &frames.buffered()[5..frame.wire_len];
+                    let text = match frame.ty {
+                        b'Q' => codec::query_text(body).ok(),
+                        _ => codec::parse(body).ok().map(|p| p.query),
+                    };
+                    if let Some(text) = text.map(str::to_owned) {
+                        let j = analyze_off_loop(self.gate, &text).await;
+                        self.preanalyzed = Some((text, j));
+                    }
+                }
                 let bytes = &frames.buffered()[..frame.wire_len];
                 if matches!(frame.ty, b'Q' | b'P' | b'B' | b'E' | b'F')
                     && self.expires.is_some_and(|d| Instant::now() >= d)
@@ -399,6 +461,21 @@ impl Frontend<'_> {
                     return End::CredentialExpired;
                 }
                 match self.on_message(frame.ty, bytes, &mut out) {
+                    Ok(Flow::Wait(request)) => {
+                        // Send what is buffered (it may hold that request's
+                        // Sync), then wait for the server's answer to it and
+                        // handle this message again.
+                        if let Err(e) = write(w, &mut out).await {
+                            return End::UpstreamFailed(format!(
+                                "writing to the upstream server failed: {e}"
+                            ));
+                        }
+                        if self.done.wait_for(|d| *d > request).await.is_err() {
+                            return End::UpstreamClosed;
+                        }
+                        self.poll_outcomes();
+                        continue;
+                    }
                     Ok(Flow::Continue) => {
                         if matches!(frame.ty, b'Q' | b'S' | b'F') {
                             self.request_sent();
@@ -459,19 +536,23 @@ impl Frontend<'_> {
             b'Q' => {
                 let sql = codec::query_text(body).map_err(|e| violation("Query", e))?;
                 self.metrics.statements_simple.inc();
-                let (judged, rule) = self.judge(sql);
+                let (judged, rule, j) = match self.judge(sql) {
+                    Judging::Done(judged, rule, j) => (judged, rule, j),
+                    Judging::Wait(request) => return Ok(Flow::Wait(request)),
+                };
                 match judged {
                     Judged::Allow(ctx) => {
                         if let Some(m) = &mut self.mask {
                             m.query(ctx);
                         }
+                        self.forwarded(&j, false);
                         self.record_allowed(sql, Vec::new(), rule, WatchKind::Query, None);
                         out.extend_from_slice(bytes)
                     }
                     Judged::Hold(reason, ctx) => {
                         let sensitive = ctx.is_some();
                         return Ok(Flow::Hold(Hold {
-                            kind: HoldKind::Query { ctx },
+                            kind: HoldKind::Query { ctx, judgement: j },
                             bytes: bytes.to_vec(),
                             need: Arc::new(Need {
                                 sql: sql.to_owned(),
@@ -497,7 +578,13 @@ impl Frontend<'_> {
             }
             b'P' => {
                 let parse = codec::parse(body).map_err(|e| violation("Parse", e))?;
-                let (judged, rule) = self.judge(parse.query);
+                let (judged, rule) = match self.judge(parse.query) {
+                    Judging::Done(judged, rule, j) => (protocol_text(judged, &j), rule),
+                    Judging::Wait(request) => return Ok(Flow::Wait(request)),
+                };
+                // Whatever the verdict, the server is asked to (re)define
+                // the name: the answer says whether it did.
+                self.ledger.parse_sent(parse.statement);
                 match judged {
                     Judged::Allow(ctx) => {
                         // Named statements share PREPARE's namespace: a later
@@ -555,10 +642,23 @@ impl Frontend<'_> {
             b'B' if self.mask.is_some()
                 || self.log.is_some()
                 || !self.statements.is_empty()
-                || !self.portals.is_empty() =>
+                || !self.portals.is_empty()
+                || !self.ledger.is_quiet() =>
             {
                 let (portal, statement) =
                     codec::bind_names(body).map_err(|e| violation("Bind", e))?;
+                if let Some(request) = self.ledger.wait_for(statement) {
+                    return Ok(Flow::Wait(request));
+                }
+                if self.ledger.is_unknown(statement) {
+                    self.portals.remove(portal);
+                    let err = PgError::denied(format!(
+                        "prepared statement \"{statement}\" is in an unknown state: the server refused its last Parse or Close; Close it and Parse it again"
+                    ));
+                    let name = format!("pgwarden_held_{}", self.nonce);
+                    self.refuse_parse(&name, err, out);
+                    return Ok(Flow::Continue);
+                }
                 let need = match self.statements.get(statement) {
                     Some(need) => Some(need.clone()),
                     // Prepared by SQL PREPARE: its text was recorded then.
@@ -682,8 +782,10 @@ impl Frontend<'_> {
                 let (kind, name) = codec::close(body).map_err(|e| violation("Close", e))?;
                 if kind == b'P' {
                     self.portals.remove(name);
+                    self.ledger.close_portal_sent();
                 }
                 if kind == b'S' {
+                    self.ledger.close_sent(name);
                     self.session.closed(name);
                     self.statements.remove(name);
                     self.described.forget(name);
@@ -707,9 +809,41 @@ impl Frontend<'_> {
     }
 
     /// Judge a query text and, under a masking policy, decide how its
-    /// results are masked (or refuse what masking cannot make safe).
-    fn judge(&mut self, sql: &str) -> (Judged, Option<String>) {
-        let (verdict, j) = self.gate.judge_with(sql, &mut self.session);
+    /// results are masked (or refuse what masking cannot make safe). Waits
+    /// first when it executes a name whose last change is not yet confirmed.
+    fn judge(&mut self, sql: &str) -> Judging {
+        let j = match self.preanalyzed.take() {
+            Some((text, j)) if text == sql => j,
+            _ => self.gate.evaluate(sql),
+        };
+        if matches!(
+            j.outcome,
+            Err(crate::policy::analyze::AnalyzeError::TooLarge(_))
+        ) {
+            self.metrics.statements_too_large.inc();
+        }
+        for s in &j.statements {
+            match &s.effect {
+                Some(Effect::Execute(n)) => {
+                    if let Some(request) = self.ledger.wait_for(n) {
+                        return Judging::Wait(request);
+                    }
+                }
+                // Protocol portals and SQL cursors share one namespace: a
+                // FETCH of a portal bound to a held statement would run it
+                // around the hold.
+                Some(Effect::Fetch(n))
+                    if self.portals.get(n).is_some_and(|p| p.need.reason.is_some()) =>
+                {
+                    let err = PgError::denied(format!(
+                        "denied: FETCH or MOVE on portal \"{n}\" would run a statement that needs approval; Execute the portal to ask for it"
+                    ));
+                    return Judging::Done(Judged::Refuse(err), None, j);
+                }
+                _ => {}
+            }
+        }
+        let (verdict, j) = self.gate.judge_judged(j, &mut self.session);
         // The deciding rule, for the recording only.
         let rule = self
             .log
@@ -717,7 +851,7 @@ impl Frontend<'_> {
             .and_then(|d| d.rule_name())
             .map(str::to_owned);
         let hold = match verdict {
-            Verdict::Refuse(err) => return (Judged::Refuse(err), rule),
+            Verdict::Refuse(err) => return Judging::Done(Judged::Refuse(err), rule, j),
             Verdict::Allow => None,
             Verdict::RequireApproval(reason) => Some(reason),
         };
@@ -727,10 +861,8 @@ impl Frontend<'_> {
                 Ok(ctx) => ctx,
                 // Refused outright: never put in front of a reviewer.
                 Err(r) => {
-                    return (
-                        Judged::Refuse(PgError::denied(format!("masking: {}", r.0))),
-                        rule,
-                    )
+                    let err = PgError::denied(format!("masking: {}", r.0));
+                    return Judging::Done(Judged::Refuse(err), rule, j);
                 }
             },
         };
@@ -739,7 +871,50 @@ impl Frontend<'_> {
             Some(reason) if self.approvals.is_none() => Judged::Refuse(messages::no_store(&reason)),
             Some(reason) => Judged::Hold(reason, ctx),
         };
-        (judged, rule)
+        Judging::Done(judged, rule, j)
+    }
+
+    /// A judged simple Query goes upstream: its effects on the session's
+    /// names apply now, each to be confirmed by the server.
+    fn forwarded(&mut self, j: &Judgement, approved: bool) {
+        self.gate.apply(j, &mut self.session, approved);
+        for (i, s) in j.statements.iter().enumerate() {
+            let index = u32::try_from(i).unwrap_or(u32::MAX);
+            match &s.effect {
+                Some(Effect::Prepare(n)) | Some(Effect::Deallocate(Some(n))) => {
+                    self.ledger.command_sent(index, Some(n))
+                }
+                Some(Effect::Deallocate(None)) => self.ledger.command_sent(index, None),
+                _ => {}
+            }
+        }
+    }
+
+    /// Take in what the server answered: names whose change it refused are
+    /// forgotten (and refused until prepared or closed again).
+    fn poll_outcomes(&mut self) {
+        while let Ok(o) = self.outcomes.try_recv() {
+            for failed in self.ledger.resolve(o) {
+                match failed {
+                    Failed::Name(n) => {
+                        tracing::debug!(statement = %n, "the server refused a change to a statement name");
+                        self.session.closed(&n);
+                        self.statements.remove(&n);
+                        self.described.forget(&n);
+                        if let Some(m) = &mut self.mask {
+                            m.closed_statement(&n);
+                        }
+                    }
+                    Failed::All => {
+                        self.session.closed_all();
+                        self.statements.clear();
+                        if let Some(m) = &mut self.mask {
+                            m.closed_all();
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Record a statement that goes upstream, and watch for its answer.
@@ -804,6 +979,7 @@ impl Frontend<'_> {
     }
 
     fn request_sent(&mut self) {
+        self.ledger.request_sent();
         self.requests_sent += 1;
         self.clock.request_sent();
     }
@@ -942,10 +1118,11 @@ impl Frontend<'_> {
         let id = crate::approval::request::id(req).to_owned();
         tracing::info!(request = %id, "approved statement released");
         let kind = match &hold.kind {
-            HoldKind::Query { ctx } => {
+            HoldKind::Query { ctx, judgement } => {
                 if let Some(m) = &mut self.mask {
                     m.query(ctx.clone());
                 }
+                self.forwarded(judgement, true);
                 WatchKind::Query
             }
             HoldKind::Execute { portal } => {
@@ -1058,9 +1235,34 @@ impl Frontend<'_> {
 
 enum Flow {
     Continue,
+    /// The message uses a name changed by this earlier request: wait for
+    /// the server's answer to it, then handle the message again.
+    Wait(u64),
     Terminate,
     /// The statement needs approval: `Frontend::hold` takes it from here.
     Hold(Hold),
+}
+
+/// The outcome of judging a text, or the request to wait for first.
+enum Judging {
+    Done(Judged, Option<String>, Arc<Judgement>),
+    Wait(u64),
+}
+
+/// Text sent with the protocol's Parse must not itself prepare or execute
+/// SQL-level prepared statements: their effect would come at Execute, where
+/// the proxy could not tie the server's answer to it.
+fn protocol_text(judged: Judged, j: &Judgement) -> Judged {
+    let nested = j
+        .statements
+        .iter()
+        .any(|s| matches!(s.effect, Some(Effect::Prepare(_) | Effect::Execute(_))));
+    if nested && !matches!(judged, Judged::Refuse(_)) {
+        return Judged::Refuse(PgError::denied(
+            "denied: PREPARE and EXECUTE must be sent as a simple Query through pgwarden (use the protocol's own Parse and Bind instead)",
+        ));
+    }
+    judged
 }
 
 /// A judged statement text.
@@ -1138,6 +1340,12 @@ struct Backend<'a> {
     /// Durable result records to wait for before the client sees more.
     acks: Vec<Ack>,
     settings: super::server_settings::ServerSettings,
+    /// What the server answered to each request, for the client half's
+    /// ledger of statement names.
+    outcomes: mpsc::UnboundedSender<RequestOutcome>,
+    done: watch::Sender<u64>,
+    /// The request being answered.
+    answered: RequestOutcome,
 }
 
 /// Why the server half stops.
@@ -1224,6 +1432,25 @@ impl Backend<'_> {
 
     fn on_message(&mut self, ty: u8, bytes: &[u8], out: &mut BytesMut) -> Result<(), BackendStop> {
         let body = &bytes[5..];
+        match ty {
+            b'1' => self.answered.parses += 1,
+            b'3' => self.answered.closes += 1,
+            b'C' => self.answered.commands += 1,
+            b'Z' => {
+                let next = self.answered.request + 1;
+                let o = std::mem::replace(
+                    &mut self.answered,
+                    RequestOutcome {
+                        request: next,
+                        ..RequestOutcome::default()
+                    },
+                );
+                // The client half may be gone; nothing to tell then.
+                let _ = self.outcomes.send(o);
+                self.done.send_replace(next);
+            }
+            _ => {}
+        }
         if ty == b'S' {
             let (name, value) = codec::parameter_status(body).map_err(|e| e.to_string())?;
             self.settings

@@ -327,6 +327,8 @@ mod tests {
         let s = filter_params(2, p(&[("_pq_.test", "1"), ("user", "u")])).unwrap();
         assert_eq!(s.declined_options, vec!["_pq_.test".to_string()]);
         assert_eq!(s.requested_minor, 2);
-        assert_eq!(s.upstream_params.len(), 2);
+        // Only what pgwarden pins itself.
+        assert!(!s.upstream_params.iter().any(|(k, _)| k.starts_with("_pq_")));
+        assert_eq!(s.upstream_params.len(), 3);
     }
 }
