@@ -8,6 +8,7 @@ mod approval;
 mod duration;
 mod policy;
 mod schema;
+mod snapshot;
 mod validate;
 
 pub use approval::{
@@ -22,6 +23,7 @@ pub use policy::{
     PostgresRecordingStore, PredicateUse, RecordingSettings, RecordingStore, Rule, StatementClass,
     TlsMode, DEFAULT_PORT,
 };
+pub use snapshot::{ConfigSnapshot, SecretBytes, SecretString, SnapshotCredential, SnapshotPolicy};
 pub use validate::FieldError;
 
 use kube::CustomResourceExt;

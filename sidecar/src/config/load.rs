@@ -5,26 +5,25 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret as K8sSecret;
-use pgwarden_api::{DatabaseAccessPolicy, DatabaseAccessPolicySpec};
+use pgwarden_api::{
+    ConfigSnapshot, DatabaseAccessPolicy, DatabaseAccessPolicySpec, SecretBytes, SecretString,
+    SnapshotCredential, SnapshotPolicy,
+};
 use serde::Deserialize;
 
-use super::{GatewayConfig, PolicyConfig, Secret};
-use crate::approval::Approvals;
-use crate::identity::{Authenticator, IdentityOptions};
-use crate::masking::{HashKey, MaskRules, Masking};
-use crate::policy::Gate;
-use crate::recording::{ship, Recorder, Recording};
-use crate::upstream::{tls::UpstreamTls, Credential, UpstreamTarget};
+use super::GatewayConfig;
+use crate::identity::IdentityOptions;
+use crate::recording::Recorder;
 
 const POLICY_API_VERSION: &str = "pgwarden.io/v1alpha1";
 
 /// One precise problem in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
-    pub file: PathBuf,
+    /// The file the object came from; None for a snapshot from the operator.
+    pub file: Option<PathBuf>,
     /// `Kind namespace/name`, when the problem belongs to an object.
     pub object: Option<String>,
     /// Field path such as `spec.rules[0].action`.
@@ -34,9 +33,13 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
+        let mut sep = "";
+        if let Some(file) = &self.file {
+            write!(f, "{}", file.display())?;
+            sep = ": ";
+        }
         if let Some(o) = &self.object {
-            write!(f, ": {o}")?;
+            write!(f, "{sep}{o}")?;
         }
         if let Some(p) = &self.path {
             write!(f, ": {p}")?;
@@ -113,7 +116,7 @@ pub struct LoadOptions {
 }
 
 impl LoadOptions {
-    fn recorder(&self) -> Result<Recorder, String> {
+    pub(super) fn recorder(&self) -> Result<Recorder, String> {
         let Some(dir) = &self.state_dir else {
             return Err("recording needs a state directory (--state-dir)".into());
         };
@@ -137,13 +140,23 @@ impl Default for LoadOptions {
 
 /// Load and validate. Returns every error found, not just the first.
 pub fn load_files(files: &[PathBuf], opts: &LoadOptions) -> Result<GatewayConfig, ConfigErrors> {
+    let snapshot = snapshot_files(files, opts.masking_key.as_deref(), 0)?;
+    super::build::build(&snapshot, opts)
+}
+
+/// Parse the files and resolve what their policies reference (Secrets, CA
+/// files, relative key files) into the snapshot the operator would send.
+pub fn snapshot_files(
+    files: &[PathBuf],
+    masking_key: Option<&[u8]>,
+    version: u64,
+) -> Result<ConfigSnapshot, ConfigErrors> {
     let mut errors = Vec::new();
     let mut policies = Vec::new();
     let mut secrets: BTreeMap<String, Located<K8sSecret>> = BTreeMap::new();
-
     if files.is_empty() {
         errors.push(ConfigError {
-            file: PathBuf::from("<command line>"),
+            file: Some(PathBuf::from("<command line>")),
             object: None,
             path: None,
             message: "no configuration file given (use -f FILE)".into(),
@@ -152,38 +165,26 @@ pub fn load_files(files: &[PathBuf], opts: &LoadOptions) -> Result<GatewayConfig
     for file in files {
         read_file(file, &mut policies, &mut secrets, &mut errors);
     }
-
-    let mut resolved: Vec<Arc<PolicyConfig>> = Vec::new();
+    let mut snapshot = ConfigSnapshot {
+        version,
+        policies: Vec::new(),
+        masking_key: masking_key.map(|k| SecretBytes(k.to_vec())),
+    };
     for p in policies {
-        if let Some(cfg) = resolve_policy(p, &secrets, opts, &mut errors) {
-            if let Some(other) = resolved
-                .iter()
-                .find(|o| o.upstream.database == cfg.upstream.database)
-            {
-                errors.push(ConfigError {
-                    file: PathBuf::from("<all files>"),
-                    object: Some(format!("DatabaseAccessPolicy {}", cfg.id)),
-                    path: Some("spec.database.name".into()),
-                    message: format!(
-                        "database {:?} is already served by policy {}; a standalone gateway picks the policy by database name",
-                        cfg.upstream.database, other.id
-                    ),
-                });
-                continue;
-            }
-            resolved.push(Arc::new(cfg));
+        if let Some(sp) = snapshot_policy(p, &secrets, &mut errors) {
+            snapshot.policies.push(sp);
         }
     }
-    if errors.is_empty() && resolved.is_empty() {
+    if errors.is_empty() && snapshot.policies.is_empty() {
         errors.push(ConfigError {
-            file: files.first().cloned().unwrap_or_default(),
+            file: files.first().cloned(),
             object: None,
             path: None,
             message: "no DatabaseAccessPolicy found: with no policy there is no traffic".into(),
         });
     }
     if errors.is_empty() {
-        Ok(GatewayConfig { policies: resolved })
+        Ok(snapshot)
     } else {
         Err(ConfigErrors(errors))
     }
@@ -196,7 +197,7 @@ fn read_file(
     errors: &mut Vec<ConfigError>,
 ) {
     let err = |object: Option<String>, path: Option<String>, message: String| ConfigError {
-        file: file.to_path_buf(),
+        file: Some(file.to_path_buf()),
         object,
         path,
         message,
@@ -275,7 +276,7 @@ fn read_file(
 /// Schema-level and semantic checks.
 fn validate_policy(p: &Located<DatabaseAccessPolicy>, errors: &mut Vec<ConfigError>) {
     let err = |path: &str, message: String| ConfigError {
-        file: p.file.clone(),
+        file: Some(p.file.clone()),
         object: Some(p.object.clone()),
         path: Some(path.to_owned()),
         message,
@@ -301,7 +302,7 @@ pub fn load_policies(
     }
     if errors.is_empty() && policies.is_empty() {
         errors.push(ConfigError {
-            file: files.first().cloned().unwrap_or_default(),
+            file: files.first().cloned(),
             object: None,
             path: None,
             message: "no DatabaseAccessPolicy found".into(),
@@ -325,28 +326,30 @@ pub fn load_policies(
         .collect())
 }
 
-fn resolve_policy(
+/// One policy with its references resolved from the files.
+fn snapshot_policy(
     p: Located<DatabaseAccessPolicy>,
     secrets: &BTreeMap<String, Located<K8sSecret>>,
-    opts: &LoadOptions,
     errors: &mut Vec<ConfigError>,
-) -> Option<PolicyConfig> {
+) -> Option<SnapshotPolicy> {
     let before = errors.len();
     let err = |path: &str, message: String| ConfigError {
-        file: p.file.clone(),
+        file: Some(p.file.clone()),
         object: Some(p.object.clone()),
         path: Some(path.to_owned()),
         message,
     };
-    let policy = &p.value;
     validate_policy(&p, errors);
+    let policy = p.value;
     let ns = policy
         .metadata
         .namespace
         .clone()
         .unwrap_or_else(|| "default".into());
     let name = policy.metadata.name.clone().unwrap_or_default();
-    let db = &policy.spec.database;
+    let mut spec = policy.spec;
+    let db = &spec.database;
+    let policy_dir = p.file.parent().unwrap_or(Path::new("."));
 
     let secret_key = format!("{ns}/{}", db.credentials_secret);
     let secret = secrets.get(&secret_key);
@@ -368,9 +371,9 @@ fn resolve_policy(
         })
     };
     let credential = match (get("username"), get("password")) {
-        (Ok(u), Ok(pw)) => Some(Credential {
+        (Ok(u), Ok(pw)) => Some(SnapshotCredential {
             username: u,
-            password: Secret::new(pw),
+            password: SecretString(pw),
         }),
         (u, pw) => {
             for m in [u.err(), pw.err()].into_iter().flatten() {
@@ -381,180 +384,81 @@ fn resolve_policy(
             None
         }
     };
-
-    let tls = match &db.tls {
-        None => Ok(UpstreamTls::Disable),
-        Some(t) => {
-            let ca = match (&t.ca_secret, &t.ca_file) {
-                (Some(name), _) => {
-                    let key = format!("{ns}/{name}");
-                    match secrets
-                        .get(&key)
-                        .and_then(|s| secret_value(&s.value, "ca.crt"))
-                    {
-                        Some(pem) => Some(pem.into_bytes()),
-                        None => {
-                            errors.push(err(
-                                "spec.database.tls.caSecret",
-                                format!(
-                                    "Secret {key} with key \"ca.crt\" not found in the given files"
-                                ),
-                            ));
-                            None
-                        }
-                    }
-                }
-                (None, Some(path)) => {
-                    // Relative to the policy file, so a checked-in example works
-                    // from any working directory.
-                    let full = p.file.parent().unwrap_or(Path::new(".")).join(path);
-                    match std::fs::read(&full) {
-                        Ok(b) => Some(b),
-                        Err(e) => {
-                            errors.push(err(
-                                "spec.database.tls.caFile",
-                                format!("cannot read {}: {e}", full.display()),
-                            ));
-                            None
-                        }
-                    }
-                }
-                (None, None) => None,
-            };
-            UpstreamTls::from_mode(t.mode, ca.as_deref())
+    let ca_pem = match db.tls.as_ref().map(|t| (&t.ca_secret, &t.ca_file)) {
+        Some((Some(ca), _)) => {
+            let key = format!("{ns}/{ca}");
+            let pem = secrets
+                .get(&key)
+                .and_then(|s| secret_value(&s.value, "ca.crt"));
+            if pem.is_none() {
+                errors.push(err(
+                    "spec.database.tls.caSecret",
+                    format!("Secret {key} with key \"ca.crt\" not found in the given files"),
+                ));
+            }
+            pem
         }
-    };
-    let tls = match tls {
-        Ok(t) => Some(t),
-        Err(m) => {
-            errors.push(err("spec.database.tls", m));
-            None
-        }
-    };
-    // Before the emptiness check below: validate() already reported a policy
-    // with no identity, so only report what it could not know.
-    let authenticator = if errors.len() == before {
-        let dir = p.file.parent().unwrap_or(Path::new("."));
-        match Authenticator::from_spec(&policy.spec, dir, &opts.identity) {
-            Ok(a) => Some(a),
-            Err((path, message)) => {
-                errors.push(err(path, message));
-                None
+        // Relative to the policy file, so a checked-in example works from
+        // any working directory.
+        Some((None, Some(path))) => {
+            let full = policy_dir.join(path);
+            match std::fs::read_to_string(&full) {
+                Ok(pem) => Some(pem),
+                Err(e) => {
+                    errors.push(err(
+                        "spec.database.tls.caFile",
+                        format!("cannot read {}: {e}", full.display()),
+                    ));
+                    None
+                }
             }
         }
-    } else {
-        None
+        _ => None,
     };
-    let rules = MaskRules::new(&policy.spec.masking);
-    if rules.uses_hash() && opts.masking_key.is_none() {
-        let i = policy
-            .spec
-            .masking
-            .iter()
-            .position(|m| m.strategy == pgwarden_api::MaskStrategy::Hash)
-            .unwrap_or(0);
-        errors.push(err(
-            &format!("spec.masking[{i}].strategy"),
-            "strategy Hash needs a key: pass --masking-key-file (in a cluster the operator provides it); it never comes from a client".into(),
-        ));
+    let recording_dsn = match spec
+        .recording
+        .as_ref()
+        .and_then(|r| r.store.as_ref())
+        .and_then(|s| s.postgres.as_ref())
+    {
+        None => None,
+        Some(pg) => {
+            let key = format!("{ns}/{}", pg.dsn_secret);
+            let dsn = secrets
+                .get(&key)
+                .ok_or_else(|| {
+                    format!("Secret {key} not found in the given files (it needs key dsn)")
+                })
+                .and_then(|s| {
+                    secret_value(&s.value, "dsn")
+                        .ok_or_else(|| format!("Secret {key} has no key \"dsn\""))
+                });
+            match dsn {
+                Ok(d) => Some(SecretString(d)),
+                Err(m) => {
+                    errors.push(err("spec.recording.store.postgres.dsnSecret", m));
+                    None
+                }
+            }
+        }
+    };
+    // A relative jwksFile is relative to the policy file too.
+    if let Some(oidc) = spec.identity.oidc.as_mut() {
+        if let Some(f) = oidc.jwks_file.as_mut() {
+            *f = policy_dir.join(&*f).to_string_lossy().into_owned();
+        }
     }
     if errors.len() != before {
         return None;
     }
-    let (Some(credential), Some(tls), Some(authenticator)) = (credential, tls, authenticator)
-    else {
-        return None;
-    };
-    let upstream = Arc::new(UpstreamTarget {
-        host: db.host.clone(),
-        port: db.port,
-        database: db.name.clone(),
-        credential,
-        tls,
-    });
-    let masking = (!rules.is_empty()).then(|| {
-        Arc::new(Masking::new(
-            rules,
-            opts.masking_key.as_deref().map(HashKey::new),
-            upstream.clone(),
-        ))
-    });
-    let approvals = match &opts.state_dir {
-        None => None,
-        Some(dir) => {
-            let pod = match (&opts.identity.pod_namespace, &opts.identity.pod_name) {
-                (Some(ns), Some(n)) => Some(format!("{ns}/{n}")),
-                _ => None,
-            };
-            match Approvals::open_dir(
-                dir,
-                policy.spec.approval.as_ref(),
-                &name,
-                &ns,
-                &db.name,
-                pod,
-                opts.identity.service_account.clone(),
-            ) {
-                Ok(a) => Some(Arc::new(a)),
-                Err(e) => {
-                    errors.push(err("spec.approval", format!("approval store: {e}")));
-                    return None;
-                }
-            }
-        }
-    };
-    let recording = match &policy.spec.recording {
-        None => None,
-        Some(settings) => {
-            let store = match settings.store.as_ref().and_then(|s| s.postgres.as_ref()) {
-                None => None,
-                Some(pg) => {
-                    let path = "spec.recording.store.postgres.dsnSecret";
-                    let key = format!("{ns}/{}", pg.dsn_secret);
-                    let dsn = secrets
-                        .get(&key)
-                        .ok_or_else(|| {
-                            format!("Secret {key} not found in the given files (it needs key dsn)")
-                        })
-                        .and_then(|s| {
-                            secret_value(&s.value, "dsn")
-                                .ok_or_else(|| format!("Secret {key} has no key \"dsn\""))
-                        })
-                        .and_then(|dsn| {
-                            ship::parse_dsn(&dsn).map_err(|e| format!("Secret {key}: dsn: {e}"))
-                        });
-                    match dsn {
-                        Ok(target) => Some((
-                            Arc::new(target),
-                            pg.table
-                                .clone()
-                                .unwrap_or_else(|| ship::DEFAULT_TABLE.into()),
-                        )),
-                        Err(m) => {
-                            errors.push(err(path, m));
-                            return None;
-                        }
-                    }
-                }
-            };
-            match opts.recorder() {
-                Ok(r) => Some(Arc::new(Recording::new(r, settings, &policy.spec, store))),
-                Err(e) => {
-                    errors.push(err("spec.recording", format!("cannot record: {e}")));
-                    return None;
-                }
-            }
-        }
-    };
-    Some(PolicyConfig {
-        id: format!("{ns}/{name}"),
-        approvals,
-        recording,
-        upstream,
-        gate: Gate::new(&policy.spec, opts.cache_entries),
-        authenticator,
-        masking,
-        spec: policy.spec.clone(),
+    Some(SnapshotPolicy {
+        namespace: ns,
+        name,
+        spec,
+        credential: credential?,
+        ca_pem,
+        recording_dsn,
+        source: Some(p.file.to_string_lossy().into_owned()),
     })
 }
 

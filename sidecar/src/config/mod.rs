@@ -4,6 +4,7 @@
 //! `load` turns the YAML a cluster admin applies into this, or into errors that
 //! name the file, the object and the field.
 
+mod build;
 mod load;
 
 use std::fmt;
@@ -11,7 +12,8 @@ use std::sync::Arc;
 
 use pgwarden_api::DatabaseAccessPolicySpec;
 
-pub use load::{load_files, load_policies, ConfigError, ConfigErrors, LoadOptions};
+pub use build::build;
+pub use load::{load_files, load_policies, snapshot_files, ConfigError, ConfigErrors, LoadOptions};
 
 use crate::approval::Approvals;
 use crate::identity::Authenticator;
@@ -25,6 +27,8 @@ use crate::upstream::UpstreamTarget;
 #[derive(Debug)]
 pub struct GatewayConfig {
     pub policies: Vec<Arc<PolicyConfig>>,
+    /// The snapshot's version.
+    pub version: u64,
 }
 
 impl GatewayConfig {
