@@ -19,7 +19,7 @@ fn main() -> std::process::ExitCode {
     match pgwarden_sidecar::cli::main_with(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("pgwarden: {e:#}");
+            pgwarden_sidecar::cli::output::errln(&format!("pgwarden: {e:#}"));
             std::process::ExitCode::FAILURE
         }
     }

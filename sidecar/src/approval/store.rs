@@ -44,6 +44,9 @@ pub fn valid_id(id: &str) -> bool {
 pub enum StoreError {
     #[error("no approval request {0}")]
     NotFound(String),
+    /// The state directory has no store: not a gateway's state directory.
+    #[error("no approval store at {}: is this the gateway's --state-dir? (a gateway creates it at start)", .0.display())]
+    Missing(PathBuf),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: not a valid approval request: {source}")]
@@ -71,6 +74,23 @@ impl DirStore {
             .map_err(io_err(&dir))?;
         // Absolute, so the approve command printed to a client works from
         // any directory.
+        let state_dir = fs::canonicalize(state_dir).map_err(io_err(state_dir))?;
+        Ok(DirStore {
+            dir: state_dir.join("approvals"),
+            state_dir,
+        })
+    }
+
+    /// Open the store of an existing state directory, creating nothing (the
+    /// reviewer's CLI: a mistyped path must not become a new, empty store).
+    pub fn open_existing(state_dir: &Path) -> Result<Self, StoreError> {
+        let dir = state_dir.join("approvals");
+        match fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(StoreError::Missing(dir)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::Missing(dir)),
+            Err(e) => return Err(io_err(&dir)(e)),
+        }
         let state_dir = fs::canonicalize(state_dir).map_err(io_err(state_dir))?;
         Ok(DirStore {
             dir: state_dir.join("approvals"),
@@ -328,6 +348,28 @@ mod tests {
             store.get("../../etc/passwd"),
             Err(StoreError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn the_cli_opens_only_an_existing_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        assert!(matches!(
+            DirStore::open_existing(&missing),
+            Err(StoreError::Missing(_))
+        ));
+        assert!(!missing.exists(), "opening created the state dir");
+        assert!(matches!(
+            DirStore::open_existing(dir.path()),
+            Err(StoreError::Missing(_))
+        ));
+        assert!(!dir.path().join("approvals").exists());
+        DirStore::open(dir.path())
+            .unwrap()
+            .create(|| new("p-000004"))
+            .unwrap();
+        let store = DirStore::open_existing(dir.path()).unwrap();
+        assert_eq!(store.list().unwrap().len(), 1);
     }
 
     #[test]

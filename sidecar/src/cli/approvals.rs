@@ -2,13 +2,16 @@
 //! standalone mode. The decider is the OS user running the command.
 //!
 //! Exit codes: 0 done, 1 refused (unknown id, already decided, expired,
-//! self-approval), 2 usage or store errors.
+//! self-approval), 2 usage or store errors (a state directory that does not
+//! exist or holds no store: nothing is ever created here).
 
+use std::fmt::Write as _;
 use std::process::ExitCode;
 
 use k8s_openapi::jiff::Timestamp;
 use pgwarden_api::{ApprovalRequest, DecisionAction};
 
+use super::output::{errln, out, outln};
 use super::{ApprovalsArgs, ApprovalsCommand, OutputFormat};
 use crate::approval::request::{self, DecideError};
 use crate::approval::store::{DirStore, StoreError};
@@ -17,7 +20,12 @@ const EXIT_REFUSED: u8 = 1;
 const EXIT_ERROR: u8 = 2;
 
 pub fn approvals(args: ApprovalsArgs) -> anyhow::Result<ExitCode> {
-    let store = match DirStore::open(&args.state_dir) {
+    // Never created here (approve and deny included): a wrong path is an
+    // error naming it, not an empty list.
+    if let Err(e) = super::existing_state_dir(&args.state_dir) {
+        return Ok(fail(EXIT_ERROR, &e));
+    }
+    let store = match DirStore::open_existing(&args.state_dir) {
         Ok(s) => s,
         Err(e) => return Ok(fail(EXIT_ERROR, &e.to_string())),
     };
@@ -25,24 +33,24 @@ pub fn approvals(args: ApprovalsArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         ApprovalsCommand::List => match store.list() {
             Ok(all) => {
-                match args.output {
-                    OutputFormat::Json => print_json(
+                out(&match args.output {
+                    OutputFormat::Json => json(
                         &all.iter()
                             .map(|r| request::view(r, now))
                             .collect::<Vec<_>>(),
-                    ),
-                    OutputFormat::Text => print_table(&all, now),
-                }
+                    )?,
+                    OutputFormat::Text => table(&all, now),
+                })?;
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => Ok(fail(EXIT_ERROR, &e.to_string())),
         },
         ApprovalsCommand::Show { id } => match store.get(&id) {
             Ok(r) => {
-                match args.output {
-                    OutputFormat::Json => print_json(&request::view(&r, now)),
-                    OutputFormat::Text => print_one(&r, now),
-                }
+                out(&match args.output {
+                    OutputFormat::Json => json(&request::view(&r, now))?,
+                    OutputFormat::Text => one(&r, now),
+                })?;
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => Ok(store_failure(e)),
@@ -73,7 +81,7 @@ fn decide(
                 DecisionAction::Approve => "approved",
                 DecisionAction::Deny => "denied",
             };
-            println!("{verb} {id} (decided by {by})");
+            outln(&format!("{verb} {id} (decided by {by})"))?;
             Ok(ExitCode::SUCCESS)
         }
         Ok(Err(e)) => Ok(fail(EXIT_REFUSED, &e.to_string())),
@@ -89,21 +97,18 @@ fn store_failure(e: StoreError) -> ExitCode {
 }
 
 fn fail(code: u8, message: &str) -> ExitCode {
-    eprintln!("pgwarden approvals: {message}");
+    errln(&format!("pgwarden approvals: {message}"));
     ExitCode::from(code)
 }
 
-fn print_json(v: &impl serde::Serialize) {
-    match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
-        Err(e) => eprintln!("pgwarden approvals: {e}"),
-    }
+fn json(v: &impl serde::Serialize) -> anyhow::Result<String> {
+    Ok(serde_json::to_string_pretty(v)? + "\n")
 }
 
 /// One line per request, statement last (it is the long part).
-fn print_table(all: &[ApprovalRequest], now: Timestamp) {
-    println!(
-        "{:<32} {:<9} {:<24} {:<21} STATEMENT",
+fn table(all: &[ApprovalRequest], now: Timestamp) -> String {
+    let mut t = format!(
+        "{:<32} {:<9} {:<24} {:<21} STATEMENT\n",
         "ID", "PHASE", "REQUESTER", "EXPIRES"
     );
     for r in all {
@@ -118,7 +123,8 @@ fn print_table(all: &[ApprovalRequest], now: Timestamp) {
         } else {
             statement
         };
-        println!(
+        let _ = writeln!(
+            t,
             "{:<32} {:<9} {:<24} {:<21} {statement}",
             request::id(r),
             format!("{:?}", request::phase(r, now)),
@@ -126,27 +132,30 @@ fn print_table(all: &[ApprovalRequest], now: Timestamp) {
             r.spec.expires_at,
         );
     }
+    t
 }
 
-fn print_one(r: &ApprovalRequest, now: Timestamp) {
+fn one(r: &ApprovalRequest, now: Timestamp) -> String {
     let v = request::view(r, now);
-    println!("id:          {}", v.id);
-    println!("phase:       {:?}", v.phase);
-    println!("policy:      {}/{}", v.namespace, v.policy);
-    println!("database:    {}", v.database);
-    println!("requester:   {}", v.requester.subject);
+    let mut t = String::new();
+    let _ = writeln!(t, "id:          {}", v.id);
+    let _ = writeln!(t, "phase:       {:?}", v.phase);
+    let _ = writeln!(t, "policy:      {}/{}", v.namespace, v.policy);
+    let _ = writeln!(t, "database:    {}", v.database);
+    let _ = writeln!(t, "requester:   {}", v.requester.subject);
     if let Some(p) = &v.requester.pod {
-        println!("pod:         {p}");
+        let _ = writeln!(t, "pod:         {p}");
     }
-    println!("reason:      {}", v.reason);
-    println!("created:     {}", v.created_at.as_deref().unwrap_or("?"));
-    println!("expires:     {}", v.expires_at);
-    println!("statement:   {}", v.statement);
+    let _ = writeln!(t, "reason:      {}", v.reason);
+    let _ = writeln!(t, "created:     {}", v.created_at.as_deref().unwrap_or("?"));
+    let _ = writeln!(t, "expires:     {}", v.expires_at);
+    let _ = writeln!(t, "statement:   {}", v.statement);
     for (i, p) in v.parameters.iter().enumerate() {
-        println!("  ${}:        {}", i + 1, p.as_deref().unwrap_or("NULL"));
+        let _ = writeln!(t, "  ${}:        {}", i + 1, p.as_deref().unwrap_or("NULL"));
     }
     if let Some(d) = v.decision {
-        println!(
+        let _ = writeln!(
+            t,
             "decision:    {:?} by {} at {}: {}",
             d.action,
             d.decided_by.as_deref().unwrap_or("?"),
@@ -155,8 +164,9 @@ fn print_one(r: &ApprovalRequest, now: Timestamp) {
         );
     }
     if let Some(res) = v.result {
-        println!("result:      {res}");
+        let _ = writeln!(t, "result:      {res}");
     }
+    t
 }
 
 /// The OS user running this command: the real uid's name from

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use pgwarden_api::Action;
 use serde_json::json;
 
+use super::output::errln;
 use super::{CheckArgs, OutputFormat};
 use crate::config;
 use crate::policy::analyze::{Access, Target};
@@ -63,7 +64,7 @@ pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let policies = match config::load_policies(&args.files) {
         Ok(p) => p,
         Err(errors) => {
-            eprint!("pgwarden: {errors}");
+            errln(&format!("pgwarden: {}", errors.to_string().trim_end()));
             return Ok(ExitCode::from(EXIT_USAGE));
         }
     };
@@ -71,10 +72,10 @@ pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         (None, 1) => &policies[0],
         (None, _) => {
             let names: Vec<_> = policies.iter().map(|(id, _)| id.as_str()).collect();
-            eprintln!(
+            errln(&format!(
                 "pgwarden: several policies loaded ({}); choose one with --policy",
                 names.join(", ")
-            );
+            ));
             return Ok(ExitCode::from(EXIT_USAGE));
         }
         (Some(want), _) => match policies
@@ -83,7 +84,7 @@ pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         {
             Some(p) => p,
             None => {
-                eprintln!("pgwarden: no policy named {want}");
+                errln(&format!("pgwarden: no policy named {want}"));
                 return Ok(ExitCode::from(EXIT_USAGE));
             }
         },
@@ -155,7 +156,7 @@ pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         }
     };
     // A closed pipe (`| head`) is not an error worth a panic.
-    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+    super::output::out(&text)?;
     Ok(match action {
         Action::Allow => ExitCode::SUCCESS,
         Action::Deny => ExitCode::from(EXIT_DENY),

@@ -2,13 +2,34 @@
 
 mod approvals;
 mod check;
+pub mod output;
 mod run;
 mod sessions;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
+
+/// `--state-dir` when neither the flag nor [`STATE_DIR_ENV`] is given.
+pub const DEFAULT_STATE_DIR: &str = "./pgwarden-state";
+/// The environment variable `--state-dir` falls back to (`run`,
+/// `approvals`, `sessions`).
+pub const STATE_DIR_ENV: &str = "PGWARDEN_STATE_DIR";
+
+/// The reviewer's commands read a gateway's state directory and never create
+/// one: a wrong path must be an error naming it, not an empty answer.
+pub(crate) fn existing_state_dir(dir: &Path) -> Result<(), String> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(format!("state directory {}: not a directory", dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!(
+            "no state directory at {}: pass the gateway's --state-dir DIR (or set {STATE_DIR_ENV}); this command never creates one",
+            dir.display()
+        )),
+        Err(e) => Err(format!("state directory {}: {e}", dir.display())),
+    }
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,8 +60,8 @@ pub enum Command {
 pub struct SessionsArgs {
     #[command(subcommand)]
     pub command: SessionsCommand,
-    /// The gateway's --state-dir.
-    #[arg(long, global = true, default_value = "./pgwarden-state")]
+    /// The gateway's --state-dir (never created here: a missing one is an error).
+    #[arg(long, global = true, env = STATE_DIR_ENV, default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// Read the audit PostgreSQL instead (a role that can SELECT the table).
     #[arg(long, global = true, env = "PGWARDEN_STORE_DSN")]
@@ -66,8 +87,8 @@ pub enum SessionsCommand {
 pub struct ApprovalsArgs {
     #[command(subcommand)]
     pub command: ApprovalsCommand,
-    /// The gateway's --state-dir.
-    #[arg(long, global = true, default_value = "./pgwarden-state")]
+    /// The gateway's --state-dir (never created here: a missing one is an error).
+    #[arg(long, global = true, env = STATE_DIR_ENV, default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// Why (approve and deny); the requester reads it.
     #[arg(long, global = true)]
@@ -128,7 +149,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "127.0.0.1:6432")]
     pub listen: SocketAddr,
     /// Where approvals and recordings are kept (created if missing).
-    #[arg(long, default_value = "./pgwarden-state")]
+    #[arg(long, env = STATE_DIR_ENV, default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// Serve /metrics, /healthz and /readyz here.
     #[arg(long)]
