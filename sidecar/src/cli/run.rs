@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
+use super::output::errln;
 use super::RunArgs;
 use crate::config;
 use crate::identity::IdentityOptions;
@@ -26,15 +27,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(path) => match std::fs::read(path) {
             Ok(k) if k.len() >= 32 => Some(k),
             Ok(k) => {
-                eprintln!(
+                errln(&format!(
                     "pgwarden: --masking-key-file {}: the key has {} bytes; use at least 32 random bytes",
                     path.display(),
                     k.len()
-                );
+                ));
                 return Ok(ExitCode::from(EXIT_CONFIG));
             }
             Err(e) => {
-                eprintln!("pgwarden: --masking-key-file {}: {e}", path.display());
+                errln(&format!(
+                    "pgwarden: --masking-key-file {}: {e}",
+                    path.display()
+                ));
                 return Ok(ExitCode::from(EXIT_CONFIG));
             }
         },
@@ -59,15 +63,34 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = match config::load_files(&args.files, &opts) {
         Ok(c) => c,
         Err(errors) => {
-            eprint!("pgwarden: {errors}");
+            // Another gateway writing this state directory's recording log
+            // is not a configuration problem: say so, naming it.
+            let recorder_failed = matches!(opts.recorder.get(), Some(Err(_)));
+            if let Some(holder) = recorder_failed
+                .then(|| crate::recording::spool::held_by(&args.state_dir))
+                .flatten()
+            {
+                errln(&format!(
+                    "pgwarden: another gateway is writing the recording log in {} ({holder}); two writers would interleave their records and break its chain. Stop that gateway, or give this one another --state-dir",
+                    crate::recording::spool::dir(&args.state_dir).display()
+                ));
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+            errln(&format!("pgwarden: {}", errors.to_string().trim_end()));
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
+    // One log per gateway, opened by the first policy that records.
+    let log_broken = config
+        .policies
+        .iter()
+        .find_map(|p| p.recording.as_ref())
+        .is_some_and(|r| r.log_break().is_some());
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => match crate::transport::server_tls(c, k) {
             Ok(t) => Some(t),
             Err(e) => {
-                eprintln!("pgwarden: client TLS: {e}");
+                errln(&format!("pgwarden: client TLS: {e}"));
                 return Ok(ExitCode::from(EXIT_CONFIG));
             }
         },
@@ -95,6 +118,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         shutdown,
         startup_timeout: Duration::from_secs(args.startup_timeout_seconds),
     });
+    if log_broken {
+        shared.metrics.recording_log_breaks.inc();
+    }
     runtime.block_on(serve(args, shared, shutdown_tx))?;
     Ok(ExitCode::SUCCESS)
 }

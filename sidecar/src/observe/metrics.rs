@@ -21,6 +21,8 @@ pub struct Metrics {
     pub statements_too_large: IntCounter,
     /// Connections closed before login completed, by reason.
     pub startup_aborted: IntCounterVec,
+    /// Recording logs found broken at start (recording went on in a new chain).
+    pub recording_log_breaks: IntCounter,
 }
 
 impl Default for Metrics {
@@ -106,6 +108,10 @@ impl Metrics {
                 "startup_aborted_total",
                 "Client connections closed before login completed, by reason (timeout, per_source_limit)",
                 &["reason"],
+            ),
+            recording_log_breaks: counter(
+                "recording_log_breaks_total",
+                "Recording logs found broken when the gateway started; recording went on in a new chain (pgwarden sessions verify reports the break)",
             ),
             registry,
         }

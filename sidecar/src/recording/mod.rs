@@ -62,6 +62,12 @@ impl Recording {
     pub async fn flush(&self) {
         self.recorder.flush().await
     }
+
+    /// The break the gateway found in the log at start (recording went on
+    /// in a new chain), if any.
+    pub fn log_break(&self) -> Option<&spool::LogBreak> {
+        self.recorder.log_break()
+    }
 }
 
 /// First 16 hex of SHA-256 over the spec as loaded: which policy text was

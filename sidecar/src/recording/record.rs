@@ -90,7 +90,17 @@ pub enum Event {
     },
     #[serde(rename_all = "camelCase")]
     SessionEnd { reason: String, statements: u64 },
+    /// The first record of a new chain, written by a gateway that found the
+    /// log broken when it opened it (its `prev` is [`GENESIS`], its session
+    /// empty): where the old chain broke and why. The old chain stays as it
+    /// is, as evidence; `pgwarden sessions verify` reports its break and
+    /// checks the new chain on its own.
+    #[serde(rename_all = "camelCase")]
+    LogRestart { broken_at: String, reason: String },
 }
+
+/// The session of a [`Event::LogRestart`] record: it belongs to none.
+pub const NO_SESSION: &str = "";
 
 /// Cut `s` to `max` bytes (on a char boundary) with a visible marker.
 pub fn truncate(s: &str, max: usize) -> String {
@@ -154,9 +164,38 @@ pub fn open(line: &str) -> Result<(Record, String), LineError> {
     Ok((r, hash.to_owned()))
 }
 
+/// What a line that does not open claims to be: its session and seq, when
+/// its JSON still parses. Never trusted — only used to say which session a
+/// damaged line seems to belong to.
+pub fn claimed(line: &str) -> (Option<String>, Option<u64>) {
+    let body = match line.rfind(HASH_FIELD) {
+        Some(at) => format!("{}}}", &line[..at]),
+        None => line.to_owned(),
+    };
+    match serde_json::from_str::<serde_json::Value>(&body) {
+        Ok(v) => (
+            v.get("session")
+                .and_then(|s| s.as_str())
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
+            v.get("seq").and_then(|s| s.as_u64()),
+        ),
+        Err(_) => (None, None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_damaged_line_still_says_which_session_it_claims() {
+        let (line, _) = seal(&sample());
+        let edited = line.replacen("SELECT", "SELECt", 1);
+        assert!(open(&edited).is_err());
+        assert_eq!(claimed(&edited), (Some("00000000000000ab".into()), Some(1)));
+        assert_eq!(claimed("{\"seq\":3,\"sess"), (None, None));
+    }
 
     fn sample() -> Record {
         Record {

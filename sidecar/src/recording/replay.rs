@@ -117,6 +117,12 @@ pub fn transcript(records: &[Record]) -> String {
                     r.session
                 );
             }
+            Event::LogRestart { broken_at, reason } => {
+                let _ = writeln!(
+                    out,
+                    "-- {at} the log was found broken at {broken_at} ({reason}); a new chain starts here"
+                );
+            }
         }
     }
     out

@@ -21,7 +21,7 @@ use pgwarden_api::TlsMode;
 use super::record::{self, Event};
 use super::spool;
 use crate::config::Secret;
-use crate::upstream::{self, tls::UpstreamTls, Credential, UpstreamTarget};
+use crate::upstream::{self, tls::UpstreamTls, Credential, UpstreamError, UpstreamTarget};
 use crate::wire::Limits;
 
 /// Records per INSERT.
@@ -171,6 +171,7 @@ fn kind(e: &Event) -> &'static str {
         Event::Statement { .. } => "statement",
         Event::Result { .. } => "result",
         Event::SessionEnd { .. } => "sessionEnd",
+        Event::LogRestart { .. } => "logRestart",
     }
 }
 
@@ -193,16 +194,20 @@ fn read_after(dir: &Path, after: u64) -> std::io::Result<Vec<Row>> {
             continue;
         }
         let mut reader = BufReader::new(fs::File::open(path)?);
-        let mut line = String::new();
+        let mut buf = Vec::new();
         loop {
-            line.clear();
-            if reader.read_line(&mut line)? == 0 || !line.ends_with('\n') {
+            buf.clear();
+            if reader.read_until(b'\n', &mut buf)? == 0 || !buf.ends_with(b"\n") {
                 break;
             }
-            let text = line.trim_end_matches('\n');
+            // Not UTF-8 (an edited byte): lossy, so its seal fails below.
+            let line = String::from_utf8_lossy(&buf[..buf.len() - 1]);
+            let text: &str = &line;
             let Ok((r, hash)) = record::open(text) else {
-                // Damaged: `sessions verify` says where; ship nothing past it.
-                return Ok(out);
+                // Damaged: it cannot be shipped (no valid hash), and the
+                // records after it (a new chain, if the gateway restarted it)
+                // must still reach the store. `sessions verify` says where.
+                continue;
             };
             if r.seq <= after {
                 continue;
@@ -256,6 +261,26 @@ fn insert_sql(table: &str, chain: &str, rows: &[Row]) -> String {
     sql
 }
 
+/// A failed query on the audit table in words an admin can act on: a
+/// missing privilege names the role and the privilege (the gateway's writer
+/// needs INSERT only; `pgwarden sessions --store-dsn` needs SELECT).
+pub fn store_error(e: &UpstreamError, role: &str, table: &str, privilege: &str) -> String {
+    match e {
+        UpstreamError::Query { code, message } if code == "42501" => {
+            let hint = if privilege == "SELECT" {
+                format!("reading recordings needs a role that can SELECT it (GRANT SELECT ON {table} TO <auditor role>); the gateway's writer role is INSERT-only by design")
+            } else {
+                format!("the gateway ships records with INSERT only: GRANT {privilege} ON {table} TO {role}")
+            };
+            format!("role {role} lacks the {privilege} privilege on table {table} in the audit store (server: {message}); {hint}")
+        }
+        UpstreamError::Query { code, message } if code == "42P01" => format!(
+            "no table {table} in the audit store database (server: {message}); an admin creates it (pgwarden never does)"
+        ),
+        other => other.to_string(),
+    }
+}
+
 /// Ship the log under `state_dir` to the store, forever.
 pub fn spawn(state_dir: &Path, target: Arc<UpstreamTarget>, table: String, limits: Limits) {
     let dir = spool::dir(state_dir);
@@ -306,6 +331,7 @@ pub fn spawn(state_dir: &Path, target: Arc<UpstreamTarget>, table: String, limit
                     }
                 }
                 Err(e) => {
+                    let e = store_error(&e, &target.credential.username, &table, "INSERT");
                     tracing::warn!(error = %e, "recording store: insert failed; retrying");
                     if let Some(mut up) = conn.take() {
                         upstream::terminate(&mut up).await;
@@ -333,7 +359,7 @@ pub async fn fetch_lines(
         &format!("SELECT chain, line FROM {table} ORDER BY chain, seq"),
     )
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| store_error(&e, &target.credential.username, table, "SELECT"))?;
     upstream::terminate(&mut up).await;
     let mut out: Vec<(String, Vec<String>)> = Vec::new();
     for row in rows {
@@ -376,6 +402,32 @@ mod tests {
         }
         // verify-full is the default and needs a CA.
         assert!(parse_dsn("postgres://u@h/db").is_err());
+    }
+
+    #[test]
+    fn a_missing_privilege_is_named_with_the_role() {
+        let denied = UpstreamError::Query {
+            code: "42501".into(),
+            message: "permission denied for table pgwarden_records".into(),
+        };
+        let e = store_error(&denied, "writer", "pgwarden_records", "SELECT");
+        assert!(
+            e.contains("role writer lacks the SELECT privilege on table pgwarden_records")
+                && e.contains("INSERT-only")
+                && !e.contains("protocol"),
+            "{e}"
+        );
+        let e = store_error(&denied, "writer", "audit.records", "INSERT");
+        assert!(
+            e.contains("lacks the INSERT privilege")
+                && e.contains("GRANT INSERT ON audit.records TO writer"),
+            "{e}"
+        );
+        let missing = UpstreamError::Query {
+            code: "42P01".into(),
+            message: "relation \"x\" does not exist".into(),
+        };
+        assert!(store_error(&missing, "w", "x", "SELECT").contains("no table x"));
     }
 
     #[test]

@@ -5,13 +5,24 @@
 //! - `head`: the last record known to be on disk (seq and hash), replaced
 //!   atomically after an fsync, at most every `HEAD_EVERY`.
 //!
+//! - `writer.lock`: held (flock) by the one writer for its life, naming its
+//!   pid and start time: a second gateway on the same state directory would
+//!   interleave its records with the first's and break the chain, so it is
+//!   refused at start with the holder's name.
+//!
+//! A log found broken at start (a damaged record or a broken link in the
+//! newest segment, a head past the log's end or naming another hash) is
+//! kept as it is, as evidence, and recording goes on in a new chain: a new
+//! segment whose first record (`logRestart`) names the break. A broken log
+//! never keeps the gateway from serving.
+//!
 //! One writer thread owns the files and the chain: sessions send events,
 //! the writer numbers, seals and appends them. An event sent with an ack is
 //! acknowledged only after the fsync that covers it (group commit: one fsync
 //! per batch, whatever the number of sessions); the others reach the disk
 //! within `SYNC_EVERY`.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -21,7 +32,8 @@ use std::time::{Duration, Instant};
 use k8s_openapi::jiff::Timestamp;
 use tokio::sync::oneshot;
 
-use super::record::{self, Event, Record, GENESIS};
+use super::chain::Broken;
+use super::record::{self, Event, Record, GENESIS, NO_SESSION};
 
 pub const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 /// Records not asked to be durable reach the disk within this.
@@ -46,10 +58,24 @@ struct Pending {
     ack: Option<oneshot::Sender<()>>,
 }
 
+/// The writer's lock file, in the recording directory.
+pub const LOCK_FILE: &str = "writer.lock";
+
 /// Where sessions send their records. Cheap to clone.
 #[derive(Clone)]
 pub struct Recorder {
     queue: Arc<Queue>,
+    log_break: Option<Arc<LogBreak>>,
+}
+
+/// A break found in the log at start; recording went on in a new chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogBreak {
+    /// `file:line` of the broken record, or the head file.
+    pub at: String,
+    pub reason: String,
+    /// The segment the new chain starts in.
+    pub new_segment: PathBuf,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -107,6 +133,8 @@ pub enum SpoolError {
     Io { path: PathBuf, source: io::Error },
     #[error("{0}")]
     Damaged(String),
+    #[error("the recording log in {} is in use by another gateway ({holder}): two writers would interleave their records and break its chain. Stop that gateway, or give this one another --state-dir", dir.display())]
+    Locked { dir: PathBuf, holder: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
@@ -140,6 +168,12 @@ pub fn read_head(dir: &Path) -> Result<Option<(u64, String)>, SpoolError> {
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            return Err(SpoolError::Damaged(format!(
+                "{}: not a head record (not UTF-8)",
+                path.display()
+            )))
+        }
         Err(e) => return Err(io_err(&path)(e)),
     };
     let v: serde_json::Value = serde_json::from_str(&text)
@@ -167,7 +201,68 @@ fn write_head(dir: &Path, seq: u64, hash: &str) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Take the writer's lock and write this process's pid and start time into
+/// it, or say who holds it.
+fn lock(dir: &Path) -> Result<File, SpoolError> {
+    let path = dir.join(LOCK_FILE);
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            return Err(SpoolError::Locked {
+                dir: dir.to_owned(),
+                holder: holder(&path),
+            })
+        }
+        Err(TryLockError::Error(e)) => return Err(io_err(&path)(e)),
+    }
+    let me = serde_json::json!({
+        "pid": std::process::id(),
+        "started": Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    });
+    f.set_len(0)
+        .and_then(|()| f.seek(SeekFrom::Start(0)))
+        .and_then(|_| writeln!(f, "{me}"))
+        .and_then(|()| f.sync_data())
+        .map_err(io_err(&path))?;
+    Ok(f)
+}
+
+/// Who the lock file says holds it.
+fn holder(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v) if v["pid"].is_u64() => format!(
+            "pid {}, started {}",
+            v["pid"],
+            v["started"].as_str().unwrap_or("at an unknown time")
+        ),
+        _ => format!("{} names no holder yet", path.display()),
+    }
+}
+
+/// Who holds the writer's lock of the log under `state_dir`, if someone
+/// does (`pgwarden run` names them when it cannot start). Creates nothing.
+pub fn held_by(state_dir: &Path) -> Option<String> {
+    let path = dir(state_dir).join(LOCK_FILE);
+    let f = File::open(&path).ok()?;
+    match f.try_lock() {
+        Err(TryLockError::WouldBlock) => Some(holder(&path)),
+        // Free (released again when `f` closes), or not lockable here.
+        _ => None,
+    }
+}
+
 struct Writer {
+    /// Held for the writer's life (the thread never ends before the process).
+    _lock: File,
     dir: PathBuf,
     file: io::BufWriter<File>,
     size: u64,
@@ -182,8 +277,8 @@ struct Writer {
 }
 
 impl Recorder {
-    /// Open the spool (creating it), recover the chain's end, start the
-    /// writer thread.
+    /// Open the spool (creating it) under its lock, recover the chain's
+    /// end (or start a new chain after a break), start the writer thread.
     pub fn start(state_dir: &Path) -> Result<Recorder, SpoolError> {
         let dir = dir(state_dir);
         fs::DirBuilder::new()
@@ -191,20 +286,22 @@ impl Recorder {
             .mode(0o700)
             .create(&dir)
             .map_err(io_err(&dir))?;
+        // Before anything reads or repairs the log: nobody else writes it.
+        let lock = lock(&dir)?;
         super::ship::chain_id(&dir).map_err(io_err(&dir))?;
-        let (seq, last_hash) = recover(&dir)?;
-        let head = read_head(&dir)?;
-        if let Some((hseq, _)) = &head {
-            if *hseq > seq {
-                return Err(SpoolError::Damaged(format!(
-                    "the recording log in {} ends at record {seq} but its head says {hseq}: records were lost or removed. Run `pgwarden sessions verify`; to start a new log, move that directory aside",
-                    dir.display()
-                )));
-            }
-        }
-        let (file, size) = open_segment(&dir, seq + 1, false)?;
+        let recovered = recover(&dir)?;
+        let (seq, last_hash, broken) = match recovered.state {
+            Chain::Intact { seq, hash } => (seq, hash, None),
+            Chain::Broken {
+                next_seq,
+                at,
+                reason,
+            } => (next_seq - 1, GENESIS.to_owned(), Some((at, reason))),
+        };
+        let (file, size, path) = open_segment(&dir, seq + 1, broken.is_some())?;
         let mut w = Writer {
-            dir,
+            _lock: lock,
+            dir: dir.clone(),
             file: io::BufWriter::with_capacity(64 * 1024, file),
             size,
             seq,
@@ -212,9 +309,37 @@ impl Recorder {
             sessions: Default::default(),
             synced_seq: seq,
             synced_hash: last_hash,
-            head_seq: head.map(|h| h.0).unwrap_or(0),
+            head_seq: recovered.head_seq,
             last_sync: Instant::now(),
             last_head: Instant::now(),
+        };
+        let log_break = match broken {
+            None => None,
+            Some((at, reason)) => {
+                let event = Event::LogRestart {
+                    broken_at: at.clone(),
+                    reason: reason.clone(),
+                };
+                let written = w
+                    .append(NO_SESSION.to_owned(), event, Timestamp::now())
+                    .and_then(|()| w.sync(true));
+                written.map_err(io_err(&path))?;
+                tracing::warn!(
+                    broken_at = %at,
+                    reason = %reason,
+                    new_chain = %path.display(),
+                    "the recording log is broken: recording goes on in a new chain whose first record names the break; `pgwarden sessions verify --state-dir {}` reports it. To start a fresh log instead, stop pgwarden and move {} aside (e.g. mv {} {}.broken)",
+                    state_dir.display(),
+                    dir.display(),
+                    dir.display(),
+                    dir.display(),
+                );
+                Some(Arc::new(LogBreak {
+                    at,
+                    reason,
+                    new_segment: path,
+                }))
+            }
         };
         let queue = Arc::new(Queue::default());
         let q = queue.clone();
@@ -225,7 +350,12 @@ impl Recorder {
                 path: PathBuf::from("(recorder thread)"),
                 source: e,
             })?;
-        Ok(Recorder { queue })
+        Ok(Recorder { queue, log_break })
+    }
+
+    /// The break found in the log at start, if any.
+    pub fn log_break(&self) -> Option<&LogBreak> {
+        self.log_break.as_deref()
     }
 
     /// Append an event. With `durable`, the receiver completes once the
@@ -262,39 +392,111 @@ impl Recorder {
     }
 }
 
-/// The last intact record's (seq, hash); a torn last line (a crash in the
-/// middle of a write, never acknowledged) is cut off.
-fn recover(dir: &Path) -> Result<(u64, String), SpoolError> {
+/// Where the chain goes on from.
+#[derive(Debug, PartialEq, Eq)]
+enum Chain {
+    /// After its last record.
+    Intact { seq: u64, hash: String },
+    /// The log is broken: a new chain starts at `next_seq` (past every seq
+    /// the log and its head hold, so segment names keep their order).
+    Broken {
+        next_seq: u64,
+        at: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug)]
+struct Recovered {
+    state: Chain,
+    /// The seq the head names (0 without one).
+    head_seq: u64,
+}
+
+/// Check the end of the log: every line of the newest segment opens and
+/// follows the one before it, and the log reaches its head. A torn last
+/// line (a crash in the middle of a write, never acknowledged) is cut off.
+fn recover(dir: &Path) -> Result<Recovered, SpoolError> {
+    let head_path = dir.join("head");
+    let (head, head_broken) = match read_head(dir) {
+        Ok(h) => (h, None),
+        Err(SpoolError::Damaged(why)) => (None, Some(why)),
+        Err(e) => return Err(e),
+    };
+    let head_seq = head.as_ref().map(|h| h.0).unwrap_or(0);
+    let broken = |next_seq: u64, at: String, reason: String| Recovered {
+        state: Chain::Broken {
+            next_seq,
+            at,
+            reason,
+        },
+        head_seq,
+    };
     let segs = segments(dir).map_err(io_err(dir))?;
+    let mut max_seq = head_seq;
     for path in segs.iter().rev() {
         let f = File::open(path).map_err(io_err(path))?;
         let mut reader = BufReader::new(f);
         let mut last: Option<(u64, String)> = None;
+        let mut found: Option<(String, String)> = None;
         let mut good_len: u64 = 0;
-        let mut line = String::new();
+        let mut n: u64 = 0;
+        let mut buf = Vec::new();
         loop {
-            line.clear();
-            let n = reader.read_line(&mut line).map_err(io_err(path))?;
-            if n == 0 {
-                break;
+            buf.clear();
+            let read = reader.read_until(b'\n', &mut buf).map_err(io_err(path))?;
+            if read == 0 || !buf.ends_with(b"\n") {
+                break; // the end, or torn
             }
-            if !line.ends_with('\n') {
-                break; // torn
-            }
-            match record::open(line.trim_end_matches('\n')) {
-                Ok((r, h)) => {
-                    last = Some((r.seq, h));
-                    good_len += n as u64;
-                }
+            n += 1;
+            good_len += read as u64;
+            let line = String::from_utf8_lossy(&buf[..buf.len() - 1]);
+            let place = format!("{}:{n}", path.display());
+            let (r, hash) = match record::open(&line) {
+                Ok(ok) => ok,
                 Err(e) => {
-                    return Err(SpoolError::Damaged(format!(
-                        "{}: record after {} is damaged ({e}); run `pgwarden sessions verify`",
-                        path.display(),
-                        last.as_ref().map(|l| l.0).unwrap_or(0)
-                    )))
+                    max_seq = max_seq.max(record::claimed(&line).1.unwrap_or(0));
+                    if found.is_none() {
+                        found = Some((place, Broken::Edited(e.to_string()).to_string()));
+                    }
+                    continue;
+                }
+            };
+            max_seq = max_seq.max(r.seq);
+            if found.is_none() {
+                let link = match &last {
+                    Some((seq, _)) if r.seq != seq + 1 => Some(Broken::Gap {
+                        expected_seq: seq + 1,
+                        found_seq: r.seq,
+                        after: format!("record {seq}"),
+                    }),
+                    Some((_, h)) if r.prev != *h => Some(Broken::Prev { seq: r.seq }),
+                    _ => None,
+                };
+                let link = link.or_else(|| {
+                    head.as_ref()
+                        .filter(|(s, h)| *s == r.seq && *h != hash)
+                        .map(|_| Broken::HeadMismatch { seq: r.seq })
+                });
+                if let Some(b) = link {
+                    found = Some((place, b.to_string()));
                 }
             }
+            last = Some((r.seq, hash));
         }
+        // Segment names carry their first seq: a log too damaged to read
+        // still says how far it went.
+        let first = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| {
+                n.strip_prefix("seg-")?
+                    .strip_suffix(".jsonl")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0);
+        max_seq = max_seq.max((first + n).saturating_sub(1));
         let len = fs::metadata(path).map_err(io_err(path))?.len();
         if len > good_len {
             tracing::warn!(file = %path.display(), bytes = len - good_len, "cutting off a torn last record (written when the gateway stopped, never acknowledged)");
@@ -305,15 +507,60 @@ fn recover(dir: &Path) -> Result<(u64, String), SpoolError> {
             f.set_len(good_len).map_err(io_err(path))?;
             f.sync_all().map_err(io_err(path))?;
         }
-        if let Some(l) = last {
-            return Ok(l);
+        if let Some((at, reason)) = found {
+            return Ok(broken(max_seq + 1, at, reason));
         }
+        if let Some(why) = head_broken {
+            return Ok(broken(max_seq + 1, head_path.display().to_string(), why));
+        }
+        if let Some((seq, hash)) = last {
+            if head_seq > seq {
+                let why = Broken::Truncated {
+                    last: seq,
+                    head: head_seq,
+                };
+                return Ok(broken(
+                    max_seq + 1,
+                    head_path.display().to_string(),
+                    why.to_string(),
+                ));
+            }
+            return Ok(Recovered {
+                state: Chain::Intact { seq, hash },
+                head_seq,
+            });
+        }
+        // An empty segment: the chain ends in the one before.
     }
-    Ok((0, GENESIS.into()))
+    if let Some(why) = head_broken {
+        return Ok(broken(max_seq + 1, head_path.display().to_string(), why));
+    }
+    if head_seq > 0 {
+        let why = Broken::Truncated {
+            last: 0,
+            head: head_seq,
+        };
+        return Ok(broken(
+            max_seq + 1,
+            head_path.display().to_string(),
+            why.to_string(),
+        ));
+    }
+    Ok(Recovered {
+        state: Chain::Intact {
+            seq: 0,
+            hash: GENESIS.into(),
+        },
+        head_seq,
+    })
 }
 
 /// The segment to append to: the newest, unless it is full or `fresh`.
-fn open_segment(dir: &Path, next_seq: u64, fresh: bool) -> Result<(File, u64), SpoolError> {
+fn open_segment(
+    dir: &Path,
+    next_seq: u64,
+    fresh: bool,
+) -> Result<(File, u64, PathBuf), SpoolError> {
     let segs = segments(dir).map_err(io_err(dir))?;
     let path = match segs.last() {
         Some(p)
@@ -336,7 +583,7 @@ fn open_segment(dir: &Path, next_seq: u64, fresh: bool) -> Result<(File, u64), S
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))?;
-    Ok((f, size))
+    Ok((f, size, path))
 }
 
 impl Writer {
@@ -388,12 +635,13 @@ impl Writer {
     fn append(&mut self, session: String, event: Event, at: Timestamp) -> io::Result<()> {
         if self.size >= SEGMENT_BYTES {
             self.sync(false)?;
-            let (f, size) = open_segment(&self.dir, self.seq + 1, true)
+            let (f, size, _) = open_segment(&self.dir, self.seq + 1, true)
                 .map_err(|e| io::Error::other(e.to_string()))?;
             self.file = io::BufWriter::with_capacity(64 * 1024, f);
             self.size = size;
         }
-        let ends = matches!(event, Event::SessionEnd { .. });
+        // A session's last record, or one of no session.
+        let ends = matches!(event, Event::SessionEnd { .. } | Event::LogRestart { .. });
         let r = Record {
             seq: self.seq + 1,
             at: at.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
@@ -435,3 +683,6 @@ impl Writer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

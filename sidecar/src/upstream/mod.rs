@@ -91,6 +91,9 @@ pub enum UpstreamError {
     Refused { code: String, message: String },
     #[error("the upstream server broke the protocol: {0}")]
     Protocol(String),
+    /// A query of pgwarden's own (catalog, audit store) got an ErrorResponse.
+    #[error("the server refused the query: {code} {message}")]
+    Query { code: String, message: String },
     #[error("upstream I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -115,6 +118,7 @@ impl UpstreamError {
             UpstreamError::Auth(_) => "auth",
             UpstreamError::Refused { .. } => "refused",
             UpstreamError::Protocol(_) => "protocol",
+            UpstreamError::Query { .. } => "query",
             UpstreamError::Io(_) => "io",
         }
     }
@@ -358,21 +362,22 @@ pub async fn query_rows(
             }
             b'E' => {
                 let fields = codec::notice_fields(body).map_err(bad)?;
-                failed = Some(
+                let field = |want: u8| {
                     fields
                         .iter()
-                        .find(|(k, _)| *k == b'M')
+                        .find(|(k, _)| *k == want)
                         .map(|(_, v)| v.clone())
-                        .unwrap_or_default(),
-                );
+                        .unwrap_or_default()
+                };
+                // A refusal (no privilege, no such table) is the server's
+                // answer, not a protocol failure: keep its SQLSTATE.
+                failed = Some((field(b'C'), field(b'M')));
             }
             b'Z' => {
                 up.status = codec::ready_for_query(body).map_err(bad)?;
                 up.leftover = frames.into_bytes();
                 return match failed {
-                    Some(message) => Err(UpstreamError::Protocol(format!(
-                        "catalog query failed: {message}"
-                    ))),
+                    Some((code, message)) => Err(UpstreamError::Query { code, message }),
                     None => Ok(rows),
                 };
             }

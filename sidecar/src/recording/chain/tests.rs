@@ -165,3 +165,115 @@ fn a_session_verifies_on_its_own_and_a_foreign_record_is_found() {
         Err((1, Broken::SessionPrev { .. }))
     ));
 }
+
+/// A `logRestart` record at `seq` (a new chain: prev is the genesis).
+fn restart_line(seq: u64, at: &str) -> (String, String) {
+    seal(&Record {
+        seq,
+        at: "2026-12-02T10:00:00.000000Z".into(),
+        session: record::NO_SESSION.into(),
+        event: Event::LogRestart {
+            broken_at: at.into(),
+            reason: "record edited".into(),
+        },
+        prev: GENESIS.into(),
+        session_prev: String::new(),
+    })
+}
+
+/// Records `first..` of one session "d" after `prev`.
+fn chain_after(first: u64, prev: &str, n: usize) -> (Vec<String>, String) {
+    let mut prev = prev.to_owned();
+    let mut session_prev = String::new();
+    let mut lines = Vec::new();
+    for i in 0..n {
+        let event = if i == 0 {
+            start("dave")
+        } else {
+            stmt(i as u64, "SELECT 1")
+        };
+        let (line, hash) = seal(&Record {
+            seq: first + i as u64,
+            at: "2026-12-02T10:00:01.000000Z".into(),
+            session: "d".into(),
+            event,
+            prev: prev.clone(),
+            session_prev: session_prev.clone(),
+        });
+        prev = hash.clone();
+        session_prev = hash;
+        lines.push(line);
+    }
+    (lines, prev)
+}
+
+fn verify_log(lines: &[String], head: Option<(u64, String)>) -> Vec<ChainReport<usize>> {
+    let mut v = LogVerifier::new(head);
+    for (i, l) in lines.iter().enumerate() {
+        v.feed(i + 1, l);
+    }
+    v.finish(lines.len())
+}
+
+#[test]
+fn a_restarted_log_reports_the_old_break_and_checks_the_new_chain() {
+    let (mut lines, _) = log();
+    lines[3] = lines[3].replace("DELETE FROM t", "SELECT 2 FROM t");
+    let (restart, rhash) = restart_line(9, "seg-000000000001.jsonl:4");
+    let (tail, last) = chain_after(10, &rhash, 3);
+    lines.push(restart);
+    lines.extend(tail.iter().cloned());
+    let reports = verify_log(&lines, Some((12, last.clone())));
+    assert_eq!(reports.len(), 2, "{reports:#?}");
+    assert_eq!(reports[0].from, Some(1));
+    assert!(
+        matches!(reports[0].outcome, Err((4, Broken::Edited(_)))),
+        "{reports:#?}"
+    );
+    assert_eq!(reports[1].from, Some(9));
+    let s = reports[1].outcome.clone().unwrap();
+    assert_eq!((s.records, s.sessions, s.last_seq), (4, 1, 12));
+    assert_eq!(s.last_hash, last);
+
+    // The new chain is checked too: an edit there is found there.
+    let mut edited = lines.clone();
+    edited[10] = edited[10].replace("SELECT 1", "SELECT 9");
+    let reports = verify_log(&edited, Some((12, last.clone())));
+    assert!(
+        matches!(reports[1].outcome, Err((11, Broken::Edited(_)))),
+        "{reports:#?}"
+    );
+    // And its end is held against the head.
+    let reports = verify_log(&lines[..10], Some((12, last)));
+    assert!(
+        matches!(
+            reports[1].outcome,
+            Err((10, Broken::Truncated { last: 10, head: 12 }))
+        ),
+        "{reports:#?}"
+    );
+}
+
+#[test]
+fn a_restart_after_an_intact_chain_still_reports_a_break() {
+    // The old chain checks out (its cut-off tail was only visible against
+    // the head the restart replaced): the restart record's account stands.
+    let (mut lines, hashes) = log();
+    lines.truncate(6);
+    let (restart, rhash) = restart_line(9, "head");
+    lines.push(restart);
+    let reports = verify_log(&lines, Some((9, rhash)));
+    assert!(
+        matches!(
+            &reports[0].outcome,
+            Err((7, Broken::Restarted { seq: 9, at, .. })) if at == "head"
+        ),
+        "{reports:#?}"
+    );
+    assert!(reports[1].outcome.is_ok(), "{reports:#?}");
+    // A plain intact log is one intact chain.
+    let (lines, _) = log();
+    let reports = verify_log(&lines, Some((8, hashes[7].clone())));
+    assert_eq!(reports.len(), 1);
+    assert!(reports[0].outcome.is_ok());
+}
