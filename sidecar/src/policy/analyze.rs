@@ -9,8 +9,8 @@
 
 use std::fmt;
 
+use super::tree::{Map, Value};
 use pgwarden_api::StatementClass as Class;
-use serde_json::{Map, Value};
 
 use super::catalog;
 
@@ -195,16 +195,20 @@ pub struct Settings {
 pub fn analyze(sql: &str, settings: Settings) -> Result<Vec<Statement>, AnalyzeError> {
     super::budget::check(sql).map_err(AnalyzeError::TooLarge)?;
     let parsed = pg_query::parse(sql, 0).map_err(|e| AnalyzeError::Parse(e.to_string()))?;
-    let tree = serde_json::to_value(&parsed.protobuf)
-        .map_err(|e| AnalyzeError::Parse(format!("parse tree: {e}")))?;
-    let stmts = tree
-        .get("stmts")
-        .and_then(Value::as_array)
+    let tree = super::tree::to_tree(&parsed.protobuf)
+        .map_err(|e| AnalyzeError::NotUnderstood(format!("the parse tree ({e})")))?;
+    // Only the walked tree is needed from here: halve the peak.
+    drop(parsed);
+    let root = tree
+        .as_object()
         .ok_or_else(|| AnalyzeError::NotUnderstood("the parse tree's shape".into()))?;
+    // An empty text has no statements (and so no `stmts` field).
+    let stmts = list(root, "stmts");
     stmts
         .iter()
         .map(|raw| {
-            let (kind, body) = node_of(raw.get("stmt").unwrap_or(&Value::Null))
+            let stmt = raw.as_object().and_then(|r| r.get("stmt"));
+            let (kind, body) = node_of(stmt.unwrap_or(&Value::Null))
                 .ok_or_else(|| AnalyzeError::NotUnderstood("an empty statement node".into()))?;
             let mut w = Walker::new(settings);
             w.node(kind, body)?;
@@ -227,20 +231,20 @@ pub fn analyze(sql: &str, settings: Settings) -> Result<Vec<Statement>, AnalyzeE
 }
 
 /// `{"node": {"Kind": {...}}}` → ("Kind", {...}).
-fn node_of(v: &Value) -> Option<(&str, &Map<String, Value>)> {
+fn node_of(v: &Value) -> Option<(&str, &Map)> {
     let inner = v.as_object()?.get("node")?.as_object()?;
     if inner.len() != 1 {
         return None;
     }
     let (k, body) = inner.iter().next()?;
-    Some((k.as_str(), body.as_object()?))
+    Some((k, body.as_object()?))
 }
 
-fn str_field<'a>(m: &'a Map<String, Value>, key: &str) -> &'a str {
+fn str_field<'a>(m: &'a Map, key: &str) -> &'a str {
     m.get(key).and_then(Value::as_str).unwrap_or("")
 }
 
-fn list<'a>(m: &'a Map<String, Value>, key: &str) -> &'a [Value] {
+fn list<'a>(m: &'a Map, key: &str) -> &'a [Value] {
     m.get(key)
         .and_then(Value::as_array)
         .map(Vec::as_slice)
@@ -379,8 +383,8 @@ impl Walker {
                 if let Some((kind, body)) = node_of(v) {
                     return self.node(kind, body);
                 }
-                if m.len() == 1 && m.get("node").is_some_and(Value::is_null) {
-                    return Ok(());
+                if m.name() == "Node" && m.is_empty() {
+                    return Ok(()); // an absent node
                 }
                 self.message(m)
             }
@@ -392,24 +396,21 @@ impl Walker {
     /// A message embedded without a Node wrapper (a typed field). Some carry
     /// meaning by shape: a RangeVar has `relname`, a statement with a WITH
     /// clause has `with_clause`.
-    fn message(&mut self, m: &Map<String, Value>) -> Result<(), AnalyzeError> {
-        if m.contains_key("relname") {
-            return self.range_var(m);
+    fn message(&mut self, m: &Map) -> Result<(), AnalyzeError> {
+        match m.name() {
+            "RangeVar" => return self.range_var(m),
+            "FuncCall" => return self.func_call(m),
+            "Alias" => self.alias(m),
+            _ => {}
         }
-        if m.contains_key("funcname") && m.contains_key("agg_star") {
-            return self.func_call(m);
-        }
-        if m.contains_key("with_clause") {
+        if m.get("with_clause").is_some() {
             return self.with_scope(m, |w| w.fields(m, &["with_clause"]));
-        }
-        if m.contains_key("aliasname") {
-            self.alias(m);
         }
         self.fields(m, &[])
     }
 
     /// An alias (`AS s(a, b)`) names a row source and may rename columns.
-    fn alias(&mut self, m: &Map<String, Value>) {
+    fn alias(&mut self, m: &Map) {
         let name = str_field(m, "aliasname");
         if !name.is_empty() {
             self.columns.row_names.push(name.to_owned());
@@ -418,9 +419,9 @@ impl Walker {
         self.columns.renamed_columns.extend(renamed);
     }
 
-    fn fields(&mut self, m: &Map<String, Value>, skip: &[&str]) -> Result<(), AnalyzeError> {
-        for (k, v) in m {
-            if skip.contains(&k.as_str()) {
+    fn fields(&mut self, m: &Map, skip: &[&str]) -> Result<(), AnalyzeError> {
+        for (k, v) in m.iter() {
+            if skip.contains(&k) {
                 continue;
             }
             if k == "using_clause" {
@@ -445,7 +446,7 @@ impl Walker {
                 };
                 self.columns.compares_outputs |= compares;
             }
-            let predicate = PREDICATE_KEYS.contains(&k.as_str());
+            let predicate = PREDICATE_KEYS.contains(&k);
             self.in_predicate += usize::from(predicate);
             let r = self.value(v);
             self.in_predicate -= usize::from(predicate);
@@ -454,7 +455,7 @@ impl Walker {
         Ok(())
     }
 
-    fn field(&mut self, m: &Map<String, Value>, key: &str) -> Result<(), AnalyzeError> {
+    fn field(&mut self, m: &Map, key: &str) -> Result<(), AnalyzeError> {
         match m.get(key) {
             Some(v) => self.value(v),
             None => Ok(()),
@@ -484,7 +485,7 @@ impl Walker {
         }
     }
 
-    fn range_var(&mut self, m: &Map<String, Value>) -> Result<(), AnalyzeError> {
+    fn range_var(&mut self, m: &Map) -> Result<(), AnalyzeError> {
         let schema = str_field(m, "schemaname");
         let name = str_field(m, "relname");
         if schema.is_empty() && self.is_cte(name) {
@@ -499,7 +500,7 @@ impl Walker {
 
     /// A relation's alias, as masking needs it: `c` in `customers c` names
     /// the whole row, and `c(a, b)` renames its columns.
-    fn note_alias(&mut self, qualified: &str, m: &Map<String, Value>) {
+    fn note_alias(&mut self, qualified: &str, m: &Map) {
         let Some(alias) = m.get("alias").and_then(Value::as_object) else {
             return;
         };
@@ -516,7 +517,7 @@ impl Walker {
     /// The relation a statement targets, with that statement's class.
     fn target(
         &mut self,
-        m: &Map<String, Value>,
+        m: &Map,
         key: &str,
         class: Class,
         unfiltered: bool,
@@ -530,7 +531,7 @@ impl Walker {
         Ok(())
     }
 
-    fn func_call(&mut self, m: &Map<String, Value>) -> Result<(), AnalyzeError> {
+    fn func_call(&mut self, m: &Map) -> Result<(), AnalyzeError> {
         let mut parts = name_list(list(m, "funcname"));
         let name = parts.pop().unwrap_or_default();
         let schema = parts.pop();
@@ -632,7 +633,7 @@ impl Walker {
     /// CTE bodies see earlier CTEs of the list (all of them when RECURSIVE).
     fn with_scope<T>(
         &mut self,
-        m: &Map<String, Value>,
+        m: &Map,
         f: impl FnOnce(&mut Self) -> Result<T, AnalyzeError>,
     ) -> Result<T, AnalyzeError> {
         let Some(with) = m.get("with_clause").and_then(Value::as_object) else {
@@ -642,7 +643,7 @@ impl Walker {
             .get("recursive")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let ctes: Vec<(&str, &Map<String, Value>)> = list(with, "ctes")
+        let ctes: Vec<(&str, &Map)> = list(with, "ctes")
             .iter()
             .filter_map(|c| match node_of(c) {
                 Some(("CommonTableExpr", body)) => Some((str_field(body, "ctename"), body)),
@@ -677,7 +678,7 @@ impl Walker {
 
     // === node kinds ===
 
-    fn node(&mut self, kind: &str, b: &Map<String, Value>) -> Result<(), AnalyzeError> {
+    fn node(&mut self, kind: &str, b: &Map) -> Result<(), AnalyzeError> {
         use Class::*;
         match kind {
             "RangeVar" => self.range_var(b),
@@ -1055,7 +1056,7 @@ impl Walker {
     /// RETURNING reads the target's rows: an UPDATE allowed on a table must
     /// not become a way to read columns a SELECT rule would refuse.
     /// Walks a write's RETURNING clause (pg_query has used both field names).
-    fn returning(&mut self, b: &Map<String, Value>) -> Result<(), AnalyzeError> {
+    fn returning(&mut self, b: &Map) -> Result<(), AnalyzeError> {
         let has_returning = match b.get("returning_clause") {
             Some(Value::Object(r)) => !list(r, "exprs").is_empty(),
             Some(Value::Array(a)) => !a.is_empty(),
@@ -1076,7 +1077,7 @@ impl Walker {
         r
     }
 
-    fn copy(&mut self, b: &Map<String, Value>) -> Result<(), AnalyzeError> {
+    fn copy(&mut self, b: &Map) -> Result<(), AnalyzeError> {
         let is_from = b.get("is_from").and_then(Value::as_bool).unwrap_or(false);
         let class = if is_from {
             Class::CopyFrom
@@ -1116,7 +1117,7 @@ impl Walker {
         self.with_class(Class::Select, |w| w.fields(b, &["relation", "query"]))
     }
 
-    fn explain(&mut self, b: &Map<String, Value>) -> Result<(), AnalyzeError> {
+    fn explain(&mut self, b: &Map) -> Result<(), AnalyzeError> {
         self.set_top(Class::Explain);
         let analyze = list(b, "options").iter().any(|o| match node_of(o) {
             Some(("DefElem", d)) if str_field(d, "defname") == "analyze" => !is_false(d.get("arg")),
@@ -1148,7 +1149,7 @@ impl Walker {
         Ok(())
     }
 
-    fn set(&mut self, b: &Map<String, Value>) -> Result<(), AnalyzeError> {
+    fn set(&mut self, b: &Map) -> Result<(), AnalyzeError> {
         self.set_top(Class::Session);
         // VariableSetKind: 5 = RESET, 6 = RESET ALL. RESET returns a setting
         // to its session start value — which pgwarden pinned.
@@ -1169,6 +1170,7 @@ impl Walker {
         if protected {
             let what = match name {
                 "role" => "SET ROLE".to_owned(),
+                "statement_timeout" => "changing statement_timeout (pinned by the policy's limits.statementTimeout; change that limit instead)".to_owned(),
                 "session_authorization" => "SET SESSION AUTHORIZATION".to_owned(),
                 other => format!("changing {other}"),
             };

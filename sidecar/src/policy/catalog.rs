@@ -77,6 +77,10 @@ pub const HARMLESS_VOLATILE_FUNCTIONS: &[&str] = &[
     "pg_sleep_until",
     "currval",
     "lastval",
+    // Releasing the session's own advisory locks (asyncpg's pool reset).
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all",
     "current_query",
     "bernoulli",
     "pg_blocking_pids",

@@ -123,9 +123,19 @@ impl Policy {
                 accesses.push(self.decide_access(a, s.class));
             }
         }
+        // The most severe access decides; among equals, one a rule decided
+        // says more than one that is always allowed.
+        let rank = |d: &AccessDecision| {
+            let by = match d.by {
+                DecidedBy::Always => 0,
+                DecidedBy::Default => 1,
+                DecidedBy::Rule(_) | DecidedBy::BuiltinDeny(_) => 2,
+            };
+            (severity(d.action), by)
+        };
         let mut deciding: Option<&AccessDecision> = None;
         for d in &accesses {
-            if deciding.is_none_or(|best| severity(d.action) > severity(best.action)) {
+            if deciding.is_none_or(|best| rank(d) > rank(best)) {
                 deciding = Some(d);
             }
         }

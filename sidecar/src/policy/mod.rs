@@ -13,6 +13,7 @@ pub mod catalog;
 pub mod decide;
 pub mod normalize;
 pub mod rules;
+mod tree;
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -156,6 +157,15 @@ impl Gate {
 
     fn user_code(&self) -> MutexGuard<'_, UserCode> {
         self.user_code.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The user-code names learnt so far (functions, operators).
+    pub fn user_code_names(&self) -> (Vec<String>, Vec<String>) {
+        let uc = self.user_code();
+        (
+            uc.functions.iter().cloned().collect(),
+            uc.operators.iter().cloned().collect(),
+        )
     }
 
     /// Add names of functions and operators found outside pg_catalog.

@@ -618,3 +618,18 @@ fn an_approved_prepare_releases_one_execution() {
     ));
     assert_eq!(g.judge("EXECUTE d", &mut s), Verdict::Allow);
 }
+
+/// A pinned statement_timeout is refused with the limit that pins it.
+#[test]
+fn a_pinned_statement_timeout_names_its_limit() {
+    let y = "identity: {localTrust: {subject: dev}}\ndatabase: {host: h, name: shop, credentialsSecret: c}\ndefaultAction: Allow\nlimits: {statementTimeout: 30s}\n";
+    let g = Gate::new(&serde_yaml_ng::from_str(y).unwrap(), 8);
+    for sql in [
+        "SET statement_timeout = 0",
+        "SELECT set_config('statement_timeout', '0', false)",
+    ] {
+        let (a, why) = verdict(&g, sql);
+        assert_eq!(a, Action::Deny, "{sql}");
+        assert!(why.contains("limits.statementTimeout"), "{sql}: {why}");
+    }
+}
