@@ -108,7 +108,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
     let shared = Arc::new(Shared {
-        config: Arc::new(config),
+        config: config::LiveConfig::new(Some(config)),
         tls,
         cancels: CancelRegistry::default(),
         metrics: Arc::new(Metrics::new()),
@@ -121,13 +121,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if log_broken {
         shared.metrics.recording_log_breaks.inc();
     }
-    runtime.block_on(serve(args, shared, shutdown_tx))?;
+    runtime.block_on(serve(args, shared, Arc::new(opts), shutdown_tx))?;
     Ok(ExitCode::SUCCESS)
 }
 
 async fn serve(
     args: RunArgs,
     shared: Arc<Shared>,
+    opts: Arc<config::LoadOptions>,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
 ) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
@@ -144,28 +145,17 @@ async fn serve(
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding --listen {}", args.listen))?;
-    let mut shipping = std::collections::HashSet::new();
-    for p in &shared.config.policies {
-        // Token keys are fetched in the background: an issuer that is down
-        // leaves the gateway ready, refusing logins with the fetch error.
-        p.authenticator.start();
-        if let Some(m) = &p.masking {
-            m.spawn_refresher(shared.limits);
-        }
-        if let Some((target, table)) = p.recording.as_ref().and_then(|r| r.store.clone()) {
-            let key = (
-                target.host.clone(),
-                target.port,
-                target.database.clone(),
-                table.clone(),
-            );
-            if shipping.insert(key) {
-                crate::recording::ship::spawn(&args.state_dir, target, table, shared.limits);
-            }
-        }
-        info!(policy.name = %p.id, database = %p.upstream.database,
-              upstream = %format!("{}:{}", p.upstream.host, p.upstream.port), "serving policy");
+    let shipping = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    if let Some(cfg) = shared.config.current() {
+        start_policies(&cfg, &args.state_dir, &shipping, shared.limits);
     }
+    tokio::spawn(reload_on_change(
+        args.files.clone(),
+        args.state_dir.clone(),
+        opts,
+        shared.clone(),
+        shipping,
+    ));
     info!(listen = %listener.local_addr()?, "pgwarden ready");
     ready.store(true, Ordering::Release);
 
@@ -229,14 +219,125 @@ async fn serve(
     // all policies; flushing through any of them is enough).
     if let Some(r) = shared
         .config
-        .policies
-        .iter()
-        .find_map(|p| p.recording.clone())
+        .current()
+        .and_then(|c| c.policies.iter().find_map(|p| p.recording.clone()))
     {
         r.flush().await;
     }
     Ok(())
 }
+
+type Shipping = Arc<std::sync::Mutex<std::collections::HashSet<(String, u16, String, String)>>>;
+
+/// Background work of newly built policies: token key refresh, masking
+/// column-map refresh (both end with the policy), and shipping the
+/// recording log to each audit store (once per store for the gateway's life:
+/// the log is the gateway's, not the policy's).
+fn start_policies(
+    cfg: &config::GatewayConfig,
+    state_dir: &std::path::Path,
+    shipping: &Shipping,
+    limits: Limits,
+) {
+    for p in &cfg.policies {
+        // Token keys are fetched in the background: an issuer that is down
+        // leaves the gateway ready, refusing logins with the fetch error.
+        p.authenticator.start();
+        if let Some(m) = &p.masking {
+            m.spawn_refresher(limits);
+        }
+        if let Some((target, table)) = p.recording.as_ref().and_then(|r| r.store.clone()) {
+            let key = (
+                target.host.clone(),
+                target.port,
+                target.database.clone(),
+                table.clone(),
+            );
+            let new = shipping
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key);
+            if new {
+                crate::recording::ship::spawn(state_dir, target, table, limits);
+            }
+        }
+        info!(policy.name = %p.id, database = %p.upstream.database,
+              upstream = %format!("{}:{}", p.upstream.host, p.upstream.port), "serving policy");
+    }
+}
+
+/// Standalone hot reload: a change to any `-f` file (checked every second)
+/// or SIGHUP loads the files again. A good configuration replaces the
+/// running one whole; a bad one is refused whole (errors logged with their
+/// field paths, counted) and the last good one keeps serving.
+async fn reload_on_change(
+    files: Vec<std::path::PathBuf>,
+    state_dir: std::path::PathBuf,
+    opts: Arc<config::LoadOptions>,
+    shared: Arc<Shared>,
+    shipping: Shipping,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let stamp = |files: &[std::path::PathBuf]| -> Vec<Option<(std::time::SystemTime, u64)>> {
+        files
+            .iter()
+            .map(|f| {
+                std::fs::metadata(f)
+                    .ok()
+                    .and_then(|m| Some((m.modified().ok()?, m.len())))
+            })
+            .collect()
+    };
+    let mut seen = stamp(&files);
+    let mut tick = tokio::time::interval(RELOAD_POLL);
+    let mut version = 0u64;
+    loop {
+        let why = tokio::select! {
+            Some(()) = async { hup.as_mut()?.recv().await } => "SIGHUP",
+            _ = tick.tick() => {
+                let now = stamp(&files);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                "a configuration file changed"
+            }
+        };
+        version += 1;
+        let (files_, opts_) = (files.clone(), opts.clone());
+        // File reads and the approval stores' directory work: off the loop.
+        let loaded = tokio::task::spawn_blocking(move || {
+            config::snapshot_files(&files_, opts_.masking_key.as_deref(), version)
+                .and_then(|snap| config::build(&snap, &opts_))
+        })
+        .await;
+        match loaded {
+            Ok(Ok(cfg)) => {
+                start_policies(&cfg, &state_dir, &shipping, shared.limits);
+                shared.config.replace(cfg);
+                shared
+                    .metrics
+                    .config_reloads
+                    .with_label_values(&["ok"])
+                    .inc();
+                info!(reason = why, version, "configuration reloaded");
+            }
+            Ok(Err(errors)) => {
+                shared
+                    .metrics
+                    .config_reloads
+                    .with_label_values(&["failed"])
+                    .inc();
+                warn!(reason = why, "configuration reload refused; the previous configuration stays in force: {errors}");
+            }
+            Err(e) => warn!(error = %e, "configuration reload failed"),
+        }
+    }
+}
+
+/// How often the `-f` files are checked for changes.
+const RELOAD_POLL: Duration = Duration::from_secs(1);
 
 /// A client over a limit still gets a reason, not a reset.
 async fn refuse(mut tcp: tokio::net::TcpStream, err: PgError) {

@@ -195,7 +195,32 @@ fn build_policy(
             }
         },
     };
+    let session_terms = {
+        let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        let part = |h: &mut aws_lc_rs::digest::Context, bytes: &[u8]| {
+            h.update(&(bytes.len() as u64).to_be_bytes());
+            h.update(bytes);
+        };
+        part(
+            &mut h,
+            serde_json::to_string(db).unwrap_or_default().as_bytes(),
+        );
+        part(&mut h, p.credential.username.as_bytes());
+        part(&mut h, p.credential.password.0.as_bytes());
+        part(&mut h, p.ca_pem.as_deref().unwrap_or("").as_bytes());
+        part(
+            &mut h,
+            serde_json::to_string(&p.spec.masking)
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        part(&mut h, masking_key.unwrap_or_default());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(h.finish().as_ref());
+        out
+    };
     Some(PolicyConfig {
+        session_terms,
         id,
         approvals,
         recording,

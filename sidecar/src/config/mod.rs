@@ -5,6 +5,7 @@
 //! name the file, the object and the field.
 
 mod build;
+mod live;
 mod load;
 
 use std::fmt;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use pgwarden_api::DatabaseAccessPolicySpec;
 
 pub use build::build;
+pub use live::LiveConfig;
 pub use load::{load_files, load_policies, snapshot_files, ConfigError, ConfigErrors, LoadOptions};
 
 use crate::approval::Approvals;
@@ -42,6 +44,14 @@ impl GatewayConfig {
         }
     }
 
+    /// The policy serving `database` (how an open session finds its policy
+    /// in a new configuration).
+    pub fn for_database(&self, database: &str) -> Option<&Arc<PolicyConfig>> {
+        self.policies
+            .iter()
+            .find(|p| p.upstream.database == database)
+    }
+
     pub fn databases(&self) -> Vec<&str> {
         self.policies
             .iter()
@@ -67,6 +77,11 @@ pub struct PolicyConfig {
     pub approvals: Option<Arc<Approvals>>,
     /// Session recording, when the policy has `recording:`.
     pub recording: Option<Arc<Recording>>,
+    /// A digest of what an open session cannot switch to under a new
+    /// configuration: the upstream (address, database, credential, TLS) and
+    /// masking (rules and key). Equal digests: sessions move to the new
+    /// policy; different: they must reconnect.
+    pub session_terms: [u8; 32],
 }
 
 /// A value that must never be printed: Debug and Display redact it.

@@ -60,6 +60,8 @@ pub struct KeyStore {
     state: RwLock<State>,
     /// Serialises fetches: concurrent unknown-kid logins share one.
     fetching: tokio::sync::Mutex<()>,
+    /// Dropped with the store: its refresher ends at once.
+    alive: tokio::sync::watch::Sender<()>,
 }
 
 impl std::fmt::Debug for KeyStore {
@@ -77,6 +79,7 @@ impl KeyStore {
             fetcher,
             state: RwLock::new(State::default()),
             fetching: tokio::sync::Mutex::new(()),
+            alive: tokio::sync::watch::Sender::new(()),
         }
     }
 
@@ -149,11 +152,22 @@ impl KeyStore {
     }
 
     /// Keep the keys fresh for the life of the process.
+    /// Refresh in the background for as long as the store is in use: the
+    /// task holds it weakly and ends once the policy that owns it is
+    /// replaced (hot reload) and its last session is gone.
     pub fn spawn_refresher(self: Arc<Self>) {
+        let store = Arc::downgrade(&self);
+        let mut alive = self.alive.subscribe();
+        drop(self);
         tokio::spawn(async move {
             let mut retry = RETRY_FIRST;
             loop {
-                let wait = match self.refresh().await {
+                let Some(me) = store.upgrade() else {
+                    return;
+                };
+                let refreshed = me.refresh().await;
+                drop(me);
+                let wait = match refreshed {
                     Ok(next) => {
                         retry = RETRY_FIRST;
                         next
@@ -164,7 +178,11 @@ impl KeyStore {
                         w
                     }
                 };
-                tokio::time::sleep(wait).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    // The store is gone (its policy was replaced).
+                    _ = alive.changed() => return,
+                }
             }
         });
     }

@@ -45,6 +45,8 @@ pub struct Masking {
     loading: tokio::sync::Mutex<()>,
     refresh_queued: AtomicBool,
     last_attempt: std::sync::Mutex<Option<Instant>>,
+    /// Dropped with the masking: its refresher ends at once.
+    alive: tokio::sync::watch::Sender<()>,
 }
 
 impl std::fmt::Debug for Masking {
@@ -65,6 +67,7 @@ impl Masking {
             loading: tokio::sync::Mutex::new(()),
             refresh_queued: AtomicBool::new(false),
             last_attempt: std::sync::Mutex::new(None),
+            alive: tokio::sync::watch::Sender::new(()),
         }
     }
 
@@ -139,11 +142,22 @@ impl Masking {
 
     /// Keep the map fresh for the life of the process (admins change
     /// schemas outside pgwarden too).
+    /// Re-read the column map periodically while the masking is in use; the
+    /// task holds it weakly and ends once the policy is replaced and its
+    /// last session is gone.
     pub fn spawn_refresher(self: &Arc<Self>, limits: Limits) {
-        let me = self.clone();
+        let masking = Arc::downgrade(self);
+        let mut alive = self.alive.subscribe();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(REFRESH_EVERY).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(REFRESH_EVERY) => {}
+                    // The masking is gone (its policy was replaced).
+                    _ = alive.changed() => return,
+                }
+                let Some(me) = masking.upgrade() else {
+                    return;
+                };
                 let _ = me.reload(limits).await;
             }
         });

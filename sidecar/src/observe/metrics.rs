@@ -23,6 +23,12 @@ pub struct Metrics {
     pub startup_aborted: IntCounterVec,
     /// Recording logs found broken at start (recording went on in a new chain).
     pub recording_log_breaks: IntCounter,
+    /// Configuration reloads, by result (ok, failed).
+    pub config_reloads: IntCounterVec,
+    /// Open sessions ended by a new configuration, by reason (revoked, reconnect).
+    pub sessions_reconfigured: IntCounterVec,
+    /// Tasks alive on the gateway's runtime (flat across reloads).
+    pub runtime_tasks: IntGauge,
 }
 
 impl Default for Metrics {
@@ -104,6 +110,24 @@ impl Metrics {
                 "statements_too_large_total",
                 "Statements refused because they exceed the analysis limits",
             ),
+            config_reloads: counter_vec(
+                "config_reloads_total",
+                "Configuration reloads, by result (ok; failed: the previous configuration stays)",
+                &["result"],
+            ),
+            sessions_reconfigured: counter_vec(
+                "sessions_reconfigured_total",
+                "Open sessions ended by a new configuration, by reason (revoked, reconnect)",
+                &["reason"],
+            ),
+            runtime_tasks: {
+                let g = IntGauge::new("runtime_tasks", "Tasks alive on the gateway's runtime")
+                    .expect("static metric definition");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
             startup_aborted: counter_vec(
                 "startup_aborted_total",
                 "Client connections closed before login completed, by reason (timeout, per_source_limit)",
@@ -119,6 +143,10 @@ impl Metrics {
 
     /// Prometheus text exposition format.
     pub fn render(&self) -> String {
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            self.runtime_tasks
+                .set(i64::try_from(h.metrics().num_alive_tasks()).unwrap_or(i64::MAX));
+        }
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::warn!(error = %e, "encoding metrics failed");

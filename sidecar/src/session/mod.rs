@@ -28,7 +28,7 @@ pub use cancel::CancelRegistry;
 pub use login_slots::{LoginSlot, LoginSlots};
 pub use relay::End;
 
-use crate::config::{GatewayConfig, PolicyConfig};
+use crate::config::{LiveConfig, PolicyConfig};
 use crate::identity::{ClientTransport, Identity};
 use crate::observe::Metrics;
 use crate::transport::ClientStream;
@@ -40,7 +40,7 @@ use startup::{Negotiated, StartupError};
 
 /// State shared by every session of the gateway.
 pub struct Shared {
-    pub config: Arc<GatewayConfig>,
+    pub config: LiveConfig,
     pub tls: Option<TlsAcceptor>,
     pub cancels: CancelRegistry,
     pub metrics: Arc<Metrics>,
@@ -123,11 +123,16 @@ async fn serve_inner(
             return;
         }
     };
-    let Some(policy) = shared.config.select(startup.database.as_deref()) else {
+    let Some(config) = shared.config.current() else {
+        // A sidecar waiting for its first configuration: never an open door.
+        return refuse(&mut stream, PgError::not_ready()).await;
+    };
+    let generation = shared.config.generation();
+    let Some(policy) = config.select(startup.database.as_deref()).cloned() else {
         let asked = startup.database.as_deref().unwrap_or("(none)");
         let err = PgError::unknown_database(format!(
             "no policy serves database \"{asked}\" on this gateway (it serves: {})",
-            shared.config.databases().join(", ")
+            config.databases().join(", ")
         ));
         shared
             .metrics
@@ -143,11 +148,11 @@ async fn serve_inner(
     }
     let authenticated = tokio::time::timeout_at(
         login_deadline,
-        authenticate(&mut stream, peer, policy, shared.limits),
+        authenticate(&mut stream, peer, &policy, shared.limits),
     )
     .await;
-    let identity = match authenticated {
-        Ok(Ok(id)) => id,
+    let login = match authenticated {
+        Ok(Ok(login)) => login,
         Err(_) => {
             debug!("client did not log in before the startup timeout");
             shared
@@ -167,6 +172,7 @@ async fn serve_inner(
             return refuse(&mut stream, err).await;
         }
     };
+    let identity = login.identity.clone();
     tracing::Span::current().record("subject", identity.subject.as_str());
     // Logged in: no longer counted against its source's pre-login cap.
     drop(slot);
@@ -178,7 +184,7 @@ async fn serve_inner(
         // The server enforces it; SET statement_timeout is then built-in denied.
         upstream_params.push(("statement_timeout".into(), format!("{}ms", t.as_millis())));
     }
-    let up = match open_upstream(policy, &upstream_params, shared.limits).await {
+    let up = match open_upstream(&policy, &upstream_params, shared.limits).await {
         Ok(up) => up,
         Err(e) => {
             // The upstream being down or refusing us is an operator problem.
@@ -272,7 +278,10 @@ async fn serve_inner(
     );
 
     let relay = relay::Relay {
-        gate: &policy.gate,
+        policy: policy.clone(),
+        live: &shared.config,
+        generation,
+        login,
         metrics: &shared.metrics,
         nonce: format!("{:016x}", rand::random::<u64>()),
         status: up.status,
@@ -310,6 +319,19 @@ async fn serve_inner(
         }
         End::ClientIo(e) => info!(error = %e, "session ended: client connection failed"),
         End::UpstreamFailed(why) => warn!(error = %why, "session ended: upstream failed"),
+        End::Reconfigured(e) => {
+            let reason = if e.code == crate::wire::SqlState::InvalidAuthorization {
+                "revoked"
+            } else {
+                "reconnect"
+            };
+            shared
+                .metrics
+                .sessions_reconfigured
+                .with_label_values(&[reason])
+                .inc();
+            info!(reason = %e.message, "session ended by a new configuration")
+        }
         End::ServerSettingChanged(e) => {
             shared.metrics.server_setting_changes.inc();
             warn!(error = %e.message, "session ended: a server setting changed behind the gateway")
@@ -330,6 +352,7 @@ async fn serve_inner(
             End::CredentialExpired => "credential expired",
             End::RecordingFailed => "recording failed",
             End::ServerSettingChanged(_) => "server setting changed behind the gateway",
+            End::Reconfigured(_) => "ended by a new configuration",
         };
         if let Some(ack) = log.end(reason) {
             let _ = ack.await;
@@ -340,12 +363,43 @@ async fn serve_inner(
 
 /// Establish who the client is: for token identities, ask for the token as a
 /// cleartext password (only over TLS or loopback) and verify it.
+/// Who logged in, and what proves it: kept (in memory only) so that a new
+/// configuration can decide again whether it admits this session.
+pub struct Login {
+    pub identity: Identity,
+    pub transport: ClientTransport,
+    pub token: Option<crate::config::Secret>,
+}
+
+impl Login {
+    /// Whether `policy` admits this login: the same subject, by its rules.
+    pub async fn admitted_by(&self, policy: &PolicyConfig) -> Result<(), String> {
+        let token = self.token.as_ref().map(|t| t.expose());
+        match policy
+            .authenticator
+            .authenticate(self.transport, token)
+            .await
+        {
+            Ok(id) if id.subject == self.identity.subject => Ok(()),
+            Ok(id) => Err(format!(
+                "the policy now identifies this client as {:?}, not {:?}",
+                id.subject, self.identity.subject
+            )),
+            Err(e) => Err(e
+                .message
+                .strip_prefix("pgwarden: ")
+                .unwrap_or(&e.message)
+                .to_owned()),
+        }
+    }
+}
+
 async fn authenticate(
     stream: &mut ClientStream,
     peer: SocketAddr,
     policy: &PolicyConfig,
     limits: Limits,
-) -> Result<Identity, PgError> {
+) -> Result<Login, PgError> {
     let auth = &policy.authenticator;
     let transport = ClientTransport {
         peer,
@@ -353,7 +407,12 @@ async fn authenticate(
     };
     auth.check_transport(transport)?;
     if !auth.wants_password() {
-        return auth.authenticate(transport, None).await;
+        let identity = auth.authenticate(transport, None).await?;
+        return Ok(Login {
+            identity,
+            transport,
+            token: None,
+        });
     }
     let mut ask = BytesMut::new();
     codec::put_auth_cleartext_request(&mut ask);
@@ -385,7 +444,12 @@ async fn authenticate(
     }
     let token = codec::password(frame.body(&bytes))
         .map_err(|e| PgError::protocol_violation(format!("invalid password message: {e}")))?;
-    auth.authenticate(transport, Some(token)).await
+    let identity = auth.authenticate(transport, Some(token)).await?;
+    Ok(Login {
+        identity,
+        transport,
+        token: Some(crate::config::Secret::new(token.to_owned())),
+    })
 }
 
 /// The monotonic instant a token's `exp` (with the accepted clock skew)

@@ -28,6 +28,7 @@ use super::mask::{self, BackMask, Disposition, FrontMask};
 use super::names::{Failed, NameLedger, RequestOutcome};
 use super::outcome::{Described, Watch, WatchKind, Watcher};
 use crate::approval::{messages, Approvals};
+use crate::config::{LiveConfig, PolicyConfig};
 use crate::masking::{plan, Masking};
 use crate::observe::Metrics;
 use crate::policy::analyze::Effect;
@@ -63,6 +64,9 @@ pub enum End {
     /// The server changed a setting the gateway relies on: the client gets
     /// this FATAL.
     ServerSettingChanged(PgError),
+    /// A new configuration no longer admits the session, or changed what it
+    /// cannot switch to: the client gets this FATAL.
+    Reconfigured(PgError),
 }
 
 /// A refusal waiting for its sentinel's error to come back.
@@ -79,7 +83,14 @@ const MAX_PENDING: usize = 1024;
 const SHRINK_ABOVE: usize = 1024 * 1024;
 
 pub struct Relay<'a> {
-    pub gate: &'a Gate,
+    /// The policy the session runs under; replaced when a new configuration
+    /// (hot reload, a new snapshot) still admits the session.
+    pub policy: Arc<PolicyConfig>,
+    pub live: &'a LiveConfig,
+    /// The configuration generation `policy` comes from.
+    pub generation: u64,
+    /// Who logged in and how, to ask a new configuration again.
+    pub login: super::Login,
     pub metrics: &'a Metrics,
     pub nonce: String,
     pub status: TxStatus,
@@ -183,7 +194,10 @@ impl Relay<'_> {
         };
         let end = {
             let front = Frontend {
-                gate: self.gate,
+                policy: self.policy.clone(),
+                live: self.live,
+                generation: self.generation,
+                login: &self.login,
                 metrics: self.metrics,
                 nonce: &self.nonce,
                 next_seq: 0,
@@ -193,7 +207,7 @@ impl Relay<'_> {
                 cancels: &cancels,
                 expires: self.expires,
                 mask: front_mask,
-                approvals: self.approvals.as_deref(),
+                approvals: self.approvals.clone(),
                 subject: &self.subject,
                 interrupt: &self.interrupt,
                 shutdown: self.shutdown.clone(),
@@ -211,6 +225,7 @@ impl Relay<'_> {
                 ledger: NameLedger::default(),
                 outcomes: outcome_rx,
                 done: done_rx,
+                unsettled_until: None,
             }
             .run(&mut cr, client_frames, &mut uw);
             let back = Backend {
@@ -253,7 +268,7 @@ impl Relay<'_> {
         // Both halves are dropped; tell each side what it needs to know.
         let mut out = BytesMut::new();
         match &end {
-            End::ClientViolation(err) | End::ServerSettingChanged(err) => {
+            End::ClientViolation(err) | End::ServerSettingChanged(err) | End::Reconfigured(err) => {
                 codec::put_error(err, &mut out);
                 let _ = cw.write_all(&out).await;
                 let _ = cw.flush().await;
@@ -348,7 +363,10 @@ async fn end_at_expiry(clock: &StatementClock, expires: Option<Instant>) -> End 
 // === client → upstream ===
 
 struct Frontend<'a> {
-    gate: &'a Gate,
+    policy: Arc<PolicyConfig>,
+    live: &'a LiveConfig,
+    generation: u64,
+    login: &'a super::Login,
     metrics: &'a Metrics,
     nonce: &'a str,
     next_seq: u64,
@@ -358,7 +376,7 @@ struct Frontend<'a> {
     cancels: &'a Arc<CancelInFlight>,
     expires: Option<Instant>,
     mask: Option<FrontMask>,
-    approvals: Option<&'a Approvals>,
+    approvals: Option<Arc<Approvals>>,
     subject: &'a str,
     interrupt: &'a Notify,
     shutdown: watch::Receiver<bool>,
@@ -391,6 +409,10 @@ struct Frontend<'a> {
     outcomes: mpsc::UnboundedReceiver<RequestOutcome>,
     /// Requests the server has answered completely.
     done: watch::Receiver<u64>,
+    /// User code ran in this request (or an earlier one not yet answered):
+    /// until its ReadyForQuery, the server may have changed a setting it
+    /// only reports then (standard_conforming_strings, client_encoding).
+    unsettled_until: Option<u64>,
 }
 
 /// Texts above this size are analysed on a blocking thread.
@@ -441,6 +463,13 @@ impl Frontend<'_> {
                         return End::ClientViolation(PgError::protocol_violation(e.to_string()));
                     }
                 };
+                if matches!(frame.ty, b'Q' | b'P') && self.live.generation() != self.generation {
+                    // A new configuration: this statement is judged by it.
+                    if let Err(err) = self.reconfigure().await {
+                        let _ = write(w, &mut out).await;
+                        return End::Reconfigured(err);
+                    }
+                }
                 if matches!(frame.ty, b'Q' | b'P') && frame.wire_len > OFFLOAD_ABOVE {
                     // A large text is parsed on a blocking thread: one heavy
                     // statement must not stall every other session.
@@ -450,7 +479,7 @@ impl Frontend<'_> {
                         _ => codec::parse(body).ok().map(|p| p.query),
                     };
                     if let Some(text) = text.map(str::to_owned) {
-                        let j = analyze_off_loop(self.gate, &text).await;
+                        let j = analyze_off_loop(&self.policy.gate, &text).await;
                         self.preanalyzed = Some((text, j));
                     }
                 }
@@ -814,7 +843,7 @@ impl Frontend<'_> {
     fn judge(&mut self, sql: &str) -> Judging {
         let j = match self.preanalyzed.take() {
             Some((text, j)) if text == sql => j,
-            _ => self.gate.evaluate(sql),
+            _ => self.policy.gate.evaluate(sql),
         };
         if matches!(
             j.outcome,
@@ -822,10 +851,22 @@ impl Frontend<'_> {
         ) {
             self.metrics.statements_too_large.inc();
         }
+        if self.unsettled() && reads_differently_under_other_settings(sql) {
+            let err = PgError::denied(
+                "denied: this text contains a backslash or a non-ASCII character, which the server could read differently if user code run earlier in this pipeline changed standard_conforming_strings or client_encoding; send it after that request's result",
+            );
+            return Judging::Done(Judged::Refuse(err), None, j);
+        }
+        let calls_code = self.policy.gate.calls_user_code(&j)
+            || j.statements
+                .iter()
+                .any(|s| s.class == pgwarden_api::StatementClass::Code);
         for s in &j.statements {
             match &s.effect {
                 Some(Effect::Execute(n)) => {
                     if let Some(request) = self.ledger.wait_for(n) {
+                        // Judged again after the wait: keep a large text's analysis.
+                        self.preanalyzed = Some((sql.to_owned(), j.clone()));
                         return Judging::Wait(request);
                     }
                 }
@@ -843,7 +884,7 @@ impl Frontend<'_> {
                 _ => {}
             }
         }
-        let (verdict, j) = self.gate.judge_judged(j, &mut self.session);
+        let (verdict, j) = self.policy.gate.judge_judged(j, &mut self.session);
         // The deciding rule, for the recording only.
         let rule = self
             .log
@@ -857,7 +898,7 @@ impl Frontend<'_> {
         };
         let ctx = match &self.mask {
             None => None,
-            Some(m) => match m.context(self.gate, &j) {
+            Some(m) => match m.context(&self.policy.gate, &j) {
                 Ok(ctx) => ctx,
                 // Refused outright: never put in front of a reviewer.
                 Err(r) => {
@@ -871,13 +912,70 @@ impl Frontend<'_> {
             Some(reason) if self.approvals.is_none() => Judged::Refuse(messages::no_store(&reason)),
             Some(reason) => Judged::Hold(reason, ctx),
         };
+        if calls_code && !matches!(judged, Judged::Refuse(_)) {
+            // Settled by this request's ReadyForQuery (and the
+            // ParameterStatus messages the server sends before it).
+            self.unsettled_until = Some(self.requests_sent);
+        }
         Judging::Done(judged, rule, j)
+    }
+
+    /// Whether user code forwarded earlier may still be changing settings.
+    fn unsettled(&mut self) -> bool {
+        match self.unsettled_until {
+            Some(request) if *self.done.borrow() > request => {
+                self.unsettled_until = None;
+                false
+            }
+            Some(_) => true,
+            None => false,
+        }
+    }
+
+    /// Move to the configuration now in force, before the next statement:
+    /// the same database's policy, if it still admits this login. Rules,
+    /// approvals and user-code knowledge carry over; a changed upstream or
+    /// masking cannot be switched under an open connection.
+    async fn reconfigure(&mut self) -> Result<(), PgError> {
+        let generation = self.live.generation();
+        let Some(config) = self.live.current() else {
+            return Err(PgError::access_revoked("the gateway has no configuration"));
+        };
+        let database = self.policy.upstream.database.clone();
+        let Some(next) = config.for_database(&database).cloned() else {
+            return Err(PgError::access_revoked(format!(
+                "no policy serves database \"{database}\" any more"
+            )));
+        };
+        if !Arc::ptr_eq(&next, &self.policy) {
+            if let Err(why) = self.login.admitted_by(&next).await {
+                return Err(PgError::access_revoked(format!(
+                    "policy {} no longer admits {}: {why}",
+                    next.id, self.login.identity.subject
+                )));
+            }
+            if next.session_terms != self.policy.session_terms {
+                return Err(PgError::reconnect(format!(
+                    "policy {} changed its database connection or masking",
+                    next.id
+                )));
+            }
+            // What this session's database taught the old policy about user
+            // code holds for the new one.
+            let (functions, operators) = self.policy.gate.user_code_names();
+            next.gate.learn_user_code(functions, operators);
+            tracing::info!(policy.name = %next.id, "session moved to the new configuration");
+            self.approvals = next.approvals.clone();
+            self.policy = next;
+        }
+        self.generation = generation;
+        Ok(())
     }
 
     /// A judged simple Query goes upstream: its effects on the session's
     /// names apply now, each to be confirmed by the server.
     fn forwarded(&mut self, j: &Judgement, approved: bool) {
-        self.gate.apply(j, &mut self.session, approved);
+        self.policy.gate.apply(j, &mut self.session, approved);
         for (i, s) in j.statements.iter().enumerate() {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
             match &s.effect {
@@ -999,12 +1097,13 @@ impl Frontend<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let Some(approvals) = self.approvals else {
+        let Some(approvals_arc) = self.approvals.clone() else {
             // judge() holds only with an approval store.
             let reason = hold.need.reason.clone().unwrap_or_default();
             self.refuse_held(hold, messages::no_store(&reason), None, out);
             return Ok(());
         };
+        let approvals = &*approvals_arc;
         // What came before the held message goes upstream now.
         self.cancels.settled().await;
         if !recorded(&mut self.acks).await {
@@ -1241,6 +1340,13 @@ enum Flow {
     Terminate,
     /// The statement needs approval: `Frontend::hold` takes it from here.
     Hold(Hold),
+}
+
+/// Texts PostgreSQL could lex differently with standard_conforming_strings
+/// off (a backslash in '...') or another client_encoding (bytes beyond
+/// ASCII): the only texts a setting changed by user code can change.
+fn reads_differently_under_other_settings(sql: &str) -> bool {
+    sql.bytes().any(|b| b == b'\\' || b >= 0x80)
 }
 
 /// The outcome of judging a text, or the request to wait for first.

@@ -206,6 +206,37 @@ impl PgError {
         Self::new(Severity::Error, SqlState::QueryCanceled, message)
     }
 
+    /// No configuration yet (a sidecar waiting for the operator).
+    pub fn not_ready() -> Self {
+        Self::new(
+            Severity::Fatal,
+            SqlState::CannotConnectNow,
+            "the gateway has no configuration yet; try again shortly",
+        )
+    }
+
+    /// A new configuration no longer admits this session.
+    pub fn access_revoked(why: impl Into<String>) -> Self {
+        Self::new(
+            Severity::Fatal,
+            SqlState::InvalidAuthorization,
+            format!("access revoked: {}", why.into()),
+        )
+    }
+
+    /// A new configuration changed what an open session cannot switch to
+    /// (its upstream or masking): it must reconnect.
+    pub fn reconnect(why: impl Into<String>) -> Self {
+        Self::new(
+            Severity::Fatal,
+            SqlState::AdminShutdown,
+            format!(
+                "terminating connection: {}; reconnect to continue under the new policy",
+                why.into()
+            ),
+        )
+    }
+
     /// The client did not log in in time (PostgreSQL's authentication_timeout).
     pub fn startup_timeout() -> Self {
         Self::new(
