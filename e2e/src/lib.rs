@@ -30,6 +30,7 @@ pub mod oidc;
 mod pg;
 pub mod recording;
 mod tls;
+pub mod wire;
 
 pub use approvals::{ApprovalsCli, CliOutput};
 pub use client::{libpq_command, psql_query, run_command, run_psql, wait_until, Endpoint};

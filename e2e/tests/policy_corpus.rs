@@ -533,6 +533,9 @@ const FIXTURE_USER_FUNCTIONS: &[&str] = &[
     "upper",
     "order_audit",
     "marker_op",
+    // Extension dblink lives in public: its functions are user code to a live gateway.
+    "dblink_connect",
+    "dblink_exec",
 ];
 const FIXTURE_USER_OPERATORS: &[&str] = &["==="];
 
