@@ -549,6 +549,18 @@ impl Walker {
             self.sequence_write(&name, list(m, "args").first());
             return self.fields(m, &["funcname"]);
         }
+        if in_catalog && name == "pg_notify" {
+            // NOTIFY by function: the rules for SESSION decide it, as for
+            // the NOTIFY statement (masking still sees the call).
+            self.class_only(Class::Session);
+            self.accesses.push(Access {
+                class: None,
+                target: Target::Function { schema, name },
+                unfiltered: false,
+                fixed: Some(Fixed::Allow),
+            });
+            return self.fields(m, &["funcname"]);
+        }
         self.accesses.push(Access {
             class: None,
             target: Target::Function { schema, name },

@@ -495,7 +495,6 @@ fn attribute_notation_is_a_function_call() {
             "pg_read_file",
         ),
         ("SELECT ((1)).pg_advisory_lock", "pg_advisory_lock"),
-        ("SELECT ('x'::text).pg_notify", "pg_notify"),
         // structural default: restricted by the catalog, on nobody's list
         ("SELECT pg_advisory_lock(1)", "pg_advisory_lock"),
         ("SELECT pg_export_snapshot()", "pg_export_snapshot"),
@@ -631,5 +630,18 @@ fn a_pinned_statement_timeout_names_its_limit() {
         let (a, why) = verdict(&g, sql);
         assert_eq!(a, Action::Deny, "{sql}");
         assert!(why.contains("limits.statementTimeout"), "{sql}: {why}");
+    }
+}
+
+/// pg_notify is NOTIFY by another name: the SESSION rules decide both.
+#[test]
+fn pg_notify_is_judged_as_notify() {
+    let deny = default_deny_gate(
+        "  - {name: reads, action: Allow, statements: [SELECT], tables: [\"public.orders\"]}\n",
+    );
+    let allow = default_deny_gate("  - {name: sessions, action: Allow, statements: [SESSION]}\n");
+    for sql in ["SELECT pg_notify('chan', 'x')", "NOTIFY chan, 'x'"] {
+        assert_eq!(verdict(&deny, sql).0, Action::Deny, "{sql}");
+        assert_eq!(verdict(&allow, sql).0, Action::Allow, "{sql}");
     }
 }

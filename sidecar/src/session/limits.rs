@@ -144,6 +144,16 @@ impl StatementClock {
         }
     }
 
+    /// Syncs the server ignored (inside COPY FROM STDIN) were counted as
+    /// requests: take them back.
+    pub fn requests_ignored(&self, n: u32) {
+        let _ = self
+            .outstanding
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| {
+                Some(o.saturating_sub(n))
+            });
+    }
+
     /// ReadyForQuery came back.
     pub fn request_done(&self) {
         let before = self

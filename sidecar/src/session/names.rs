@@ -43,6 +43,19 @@ pub struct RequestOutcome {
     pub parses: u32,
     pub closes: u32,
     pub commands: u32,
+    /// Executes completed (CommandComplete, PortalSuspended, EmptyQueryResponse).
+    pub executes: u32,
+}
+
+/// What the server half tells the client half, in the server's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerEvent {
+    /// A ReadyForQuery: the request's counts.
+    Answered(RequestOutcome),
+    /// CopyInResponse in `request`, after `executes` completed Executes.
+    CopyIn { request: u64, executes: u32 },
+    /// The server left copy-in mode with an error.
+    CopyAborted,
 }
 
 /// Names whose change failed on the server.
@@ -61,6 +74,26 @@ pub struct NameLedger {
     pending: VecDeque<Change>,
     /// Names in an unknown state: refused until prepared or closed again.
     unknown: HashSet<String>,
+    /// The type of every message sent in requests not yet answered, with its
+    /// request: how a COPY FROM STDIN is placed (below).
+    sent: VecDeque<(u64, u8)>,
+    /// `sent` overflowed: a copy cannot be placed.
+    sent_overflowed: bool,
+}
+
+/// Messages remembered in flight; a deeper pipeline that also starts a COPY
+/// FROM STDIN ends the session rather than guess.
+const MAX_SENT: usize = 16 * 1024;
+
+/// How a COPY FROM STDIN the server started fits the requests sent.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CopyStart {
+    /// Syncs the server ignored (it ignores Sync in copy-in mode): they end
+    /// no request, so later requests are renumbered.
+    pub ignored: u64,
+    /// No CopyDone or CopyFail has been sent yet: until one is, the client's
+    /// Syncs are ignored too.
+    pub in_copy: bool,
 }
 
 impl NameLedger {
@@ -82,6 +115,91 @@ impl NameLedger {
     /// Statement `index` of the Query being sent prepares or drops `name`.
     pub fn command_sent(&mut self, index: u32, name: Option<&str>) {
         self.record(Step::Command(index), name);
+    }
+
+    /// A message went upstream (before `request_sent` for the one that ends
+    /// a request).
+    pub fn sent(&mut self, ty: u8) {
+        if self.sent.len() >= MAX_SENT {
+            self.sent.pop_front();
+            self.sent_overflowed = true;
+        }
+        self.sent.push_back((self.request, ty));
+    }
+
+    /// Requests before `done` are answered: forget their messages.
+    pub fn answered_before(&mut self, done: u64) {
+        while self.sent.front().is_some_and(|(r, _)| *r < done) {
+            self.sent.pop_front();
+        }
+        if self.sent.is_empty() {
+            self.sent_overflowed = false;
+        }
+    }
+
+    /// The server started a COPY FROM STDIN in `request` after `executes`
+    /// completed Executes of it (for a simple Query, the Query itself). It
+    /// ignores every Sync until the copy ends with the client's CopyDone or
+    /// CopyFail; anything else the client pipelined behind the copy would
+    /// end it with an error at a place the proxy cannot know: Err.
+    pub fn copy_started(&mut self, request: u64, executes: u32) -> Result<CopyStart, String> {
+        let behind = "messages were pipelined behind COPY FROM STDIN";
+        if self.sent_overflowed {
+            return Err(format!("{behind}, deeper than pgwarden follows"));
+        }
+        let in_request = |(r, _): &&(u64, u8)| *r == request;
+        let start = match self
+            .sent
+            .iter()
+            .filter(in_request)
+            .position(|(_, t)| *t == b'Q')
+        {
+            Some(_) => self
+                .sent
+                .iter()
+                .position(|&(r, t)| r == request && t == b'Q'),
+            None => self
+                .sent
+                .iter()
+                .enumerate()
+                .filter(|(_, &(r, t))| r == request && t == b'E')
+                .nth(executes as usize)
+                .map(|(i, _)| i),
+        }
+        .ok_or_else(|| "the server started a COPY the proxy did not send".to_owned())?;
+        let mut ignored: Vec<u64> = Vec::new();
+        let mut in_copy = true;
+        for &(r, t) in self.sent.iter().skip(start + 1) {
+            match t {
+                b'S' if in_copy => ignored.push(r),
+                b'c' | b'f' => in_copy = false,
+                b'd' | b'H' | b'S' => {}
+                _ if in_copy => return Err(behind.to_owned()),
+                _ => {}
+            }
+        }
+        // Each ignored Sync ended a request only in the proxy's count.
+        let shift = |r: u64| r - ignored.iter().filter(|&&j| j < r).count() as u64;
+        let mut i = 0;
+        let mut kept = VecDeque::with_capacity(self.sent.len());
+        for (r, t) in self.sent.drain(..) {
+            if i > start && t == b'S' && ignored.contains(&r) {
+                i += 1;
+                continue;
+            }
+            kept.push_back((shift(r), t));
+            i += 1;
+        }
+        self.sent = kept;
+        for c in &mut self.pending {
+            c.request = shift(c.request);
+        }
+        let n = ignored.len() as u64;
+        self.request -= n;
+        Ok(CopyStart {
+            ignored: n,
+            in_copy,
+        })
     }
 
     /// A Query or Sync went upstream: the next message starts a request.
@@ -160,12 +278,95 @@ impl NameLedger {
 mod tests {
     use super::*;
 
+    fn send(l: &mut NameLedger, types: &[u8]) {
+        for &t in types {
+            l.sent(t);
+            if matches!(t, b'S' | b'Q') {
+                l.request_sent();
+            }
+        }
+    }
+
+    /// tokio-postgres sends Bind, Execute, Sync before the copy data: the
+    /// server ignores that Sync, and the one after CopyDone ends the request.
+    #[test]
+    fn a_sync_inside_copy_in_ends_no_request() {
+        let mut l = NameLedger::default();
+        send(&mut l, b"BES");
+        assert_eq!(l.request, 1);
+        assert_eq!(
+            l.copy_started(0, 0),
+            Ok(CopyStart {
+                ignored: 1,
+                in_copy: true
+            })
+        );
+        assert_eq!(l.request, 0);
+        send(&mut l, b"dcS");
+        l.parse_sent("p");
+        assert_eq!(l.request, 1);
+        send(&mut l, b"S");
+        // The server answers request 0 (the copy), then 1 (the Parse).
+        assert!(l.resolve(outcome(0, 0, 0, 1)).is_empty());
+        assert!(l.resolve(outcome(1, 1, 0, 0)).is_empty());
+        assert!(l.is_quiet());
+    }
+
+    #[test]
+    fn copies_place_themselves_by_execute_and_query() {
+        // A Query that copies, with bare Syncs pipelined behind it: only
+        // the Query ends a request.
+        let mut l = NameLedger::default();
+        send(&mut l, b"QSS");
+        let c = l.copy_started(0, 0).unwrap();
+        assert_eq!(
+            c,
+            CopyStart {
+                ignored: 2,
+                in_copy: true
+            }
+        );
+        assert_eq!(l.request, 1);
+        // The second Execute of a request starts the copy.
+        let mut l = NameLedger::default();
+        send(&mut l, b"BEBES");
+        let c = l.copy_started(0, 1).unwrap();
+        assert_eq!(c.ignored, 1);
+        // Data and CopyDone already sent: the copy is over for the client.
+        let mut l = NameLedger::default();
+        send(&mut l, b"BEdcS");
+        assert_eq!(
+            l.copy_started(0, 0),
+            Ok(CopyStart {
+                ignored: 0,
+                in_copy: false
+            })
+        );
+    }
+
+    #[test]
+    fn anything_else_behind_a_copy_ends_the_session() {
+        for behind in [&b"BESBES"[..], b"BESQ", b"BEPS"] {
+            let mut l = NameLedger::default();
+            send(&mut l, behind);
+            assert!(
+                l.copy_started(0, 0).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(behind)
+            );
+        }
+        let mut l = NameLedger::default();
+        send(&mut l, b"BS");
+        assert!(l.copy_started(0, 0).is_err(), "no Execute to start a copy");
+    }
+
     fn outcome(request: u64, parses: u32, closes: u32, commands: u32) -> RequestOutcome {
         RequestOutcome {
             request,
             parses,
             closes,
             commands,
+            executes: commands,
         }
     }
 

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use super::approve::{self, Hold, HoldKind, Need};
 use super::limits::{RowAction, RowLimiter, StatementClock};
 use super::mask::{self, BackMask, Disposition, FrontMask};
-use super::names::{Failed, NameLedger, RequestOutcome};
+use super::names::{Failed, NameLedger, RequestOutcome, ServerEvent};
 use super::outcome::{Described, Watch, WatchKind, Watcher};
 use crate::approval::{messages, Approvals};
 use crate::config::{LiveConfig, PolicyConfig};
@@ -226,6 +226,7 @@ impl Relay<'_> {
                 outcomes: outcome_rx,
                 done: done_rx,
                 unsettled_until: None,
+                copy_in: false,
             }
             .run(&mut cr, client_frames, &mut uw);
             let back = Backend {
@@ -252,6 +253,7 @@ impl Relay<'_> {
                 outcomes: outcome_tx,
                 done: done_tx,
                 answered: RequestOutcome::default(),
+                copy_in: false,
             }
             .run(&mut ur, upstream_frames, &mut cw);
             let guard = guard_timeout(&clock, self.statement_timeout, &self.cancel, &cancels);
@@ -406,13 +408,16 @@ struct Frontend<'a> {
     /// Statement-name changes the server has not confirmed yet.
     ledger: NameLedger,
     /// What the server answered to each request, from the upstream half.
-    outcomes: mpsc::UnboundedReceiver<RequestOutcome>,
+    outcomes: mpsc::UnboundedReceiver<ServerEvent>,
     /// Requests the server has answered completely.
     done: watch::Receiver<u64>,
     /// User code ran in this request (or an earlier one not yet answered):
     /// until its ReadyForQuery, the server may have changed a setting it
     /// only reports then (standard_conforming_strings, client_encoding).
     unsettled_until: Option<u64>,
+    /// The server is in copy-in mode: it ignores Sync, so the proxy drops
+    /// the client's until CopyDone or CopyFail.
+    copy_in: bool,
 }
 
 /// Texts above this size are analysed on a blocking thread.
@@ -452,7 +457,9 @@ impl Frontend<'_> {
         loop {
             // What the server has answered since (a cheap empty check when
             // nothing is outstanding).
-            self.poll_outcomes();
+            if let Err(end) = self.poll_outcomes() {
+                return end;
+            }
             // Handle every whole message buffered, then write once.
             loop {
                 let frame = match frames.cut() {
@@ -483,6 +490,23 @@ impl Frontend<'_> {
                         self.preanalyzed = Some((text, j));
                     }
                 }
+                if self.copy_in {
+                    match frame.ty {
+                        // Ignored by the server in copy-in mode: dropped here,
+                        // so every Sync sent gets its ReadyForQuery.
+                        b'S' => {
+                            frames.consume(frame.wire_len);
+                            continue;
+                        }
+                        b'd' | b'H' => {}
+                        b'c' | b'f' => self.copy_in = false,
+                        _ => {
+                            return End::ClientViolation(PgError::protocol_violation(
+                                "only CopyData, CopyDone, CopyFail, Flush and Sync may follow COPY FROM STDIN",
+                            ))
+                        }
+                    }
+                }
                 let bytes = &frames.buffered()[..frame.wire_len];
                 if matches!(frame.ty, b'Q' | b'P' | b'B' | b'E' | b'F')
                     && self.expires.is_some_and(|d| Instant::now() >= d)
@@ -502,10 +526,15 @@ impl Frontend<'_> {
                         if self.done.wait_for(|d| *d > request).await.is_err() {
                             return End::UpstreamClosed;
                         }
-                        self.poll_outcomes();
+                        if let Err(end) = self.poll_outcomes() {
+                            return end;
+                        }
                         continue;
                     }
                     Ok(Flow::Continue) => {
+                        // A refused FunctionCall goes upstream as a Query.
+                        self.ledger
+                            .sent(if frame.ty == b'F' { b'Q' } else { frame.ty });
                         if matches!(frame.ty, b'Q' | b'S' | b'F') {
                             self.request_sent();
                         }
@@ -989,9 +1018,32 @@ impl Frontend<'_> {
     }
 
     /// Take in what the server answered: names whose change it refused are
-    /// forgotten (and refused until prepared or closed again).
-    fn poll_outcomes(&mut self) {
-        while let Ok(o) = self.outcomes.try_recv() {
+    /// forgotten (and refused until prepared or closed again); a COPY FROM
+    /// STDIN renumbers the requests the server saw. Err: the session ends.
+    fn poll_outcomes(&mut self) -> Result<(), End> {
+        while let Ok(event) = self.outcomes.try_recv() {
+            let o = match event {
+                ServerEvent::Answered(o) => o,
+                ServerEvent::CopyIn { request, executes } => {
+                    match self.ledger.copy_started(request, executes) {
+                        Ok(c) => {
+                            self.requests_sent -= c.ignored;
+                            self.clock
+                                .requests_ignored(u32::try_from(c.ignored).unwrap_or(u32::MAX));
+                            self.copy_in = c.in_copy;
+                        }
+                        Err(why) => {
+                            return Err(End::ClientViolation(PgError::protocol_violation(why)))
+                        }
+                    }
+                    continue;
+                }
+                ServerEvent::CopyAborted => {
+                    self.copy_in = false;
+                    continue;
+                }
+            };
+            self.ledger.answered_before(o.request + 1);
             for failed in self.ledger.resolve(o) {
                 match failed {
                     Failed::Name(n) => {
@@ -1013,6 +1065,7 @@ impl Frontend<'_> {
                 }
             }
         }
+        Ok(())
     }
 
     /// Record a statement that goes upstream, and watch for its answer.
@@ -1259,6 +1312,8 @@ impl Frontend<'_> {
             columns: hold.columns.clone(),
         });
         out.extend_from_slice(&hold.bytes);
+        self.ledger
+            .sent(hold.bytes.first().copied().unwrap_or(b'Q'));
         self.after_held(kind);
     }
 
@@ -1285,6 +1340,10 @@ impl Frontend<'_> {
                 WatchKind::Execute(0)
             }
         };
+        self.ledger.sent(match kind {
+            WatchKind::Query => b'Q',
+            WatchKind::Execute(_) => b'P',
+        });
         self.after_held(kind);
     }
 
@@ -1448,10 +1507,12 @@ struct Backend<'a> {
     settings: super::server_settings::ServerSettings,
     /// What the server answered to each request, for the client half's
     /// ledger of statement names.
-    outcomes: mpsc::UnboundedSender<RequestOutcome>,
+    outcomes: mpsc::UnboundedSender<ServerEvent>,
     done: watch::Sender<u64>,
     /// The request being answered.
     answered: RequestOutcome,
+    /// Between CopyInResponse and the copy's end.
+    copy_in: bool,
 }
 
 /// Why the server half stops.
@@ -1541,8 +1602,25 @@ impl Backend<'_> {
         match ty {
             b'1' => self.answered.parses += 1,
             b'3' => self.answered.closes += 1,
-            b'C' => self.answered.commands += 1,
+            b'C' => {
+                self.answered.commands += 1;
+                self.answered.executes += 1;
+                self.copy_in = false;
+            }
+            b's' | b'I' => self.answered.executes += 1,
+            b'G' => {
+                self.copy_in = true;
+                let _ = self.outcomes.send(ServerEvent::CopyIn {
+                    request: self.answered.request,
+                    executes: self.answered.executes,
+                });
+            }
+            b'E' if self.copy_in => {
+                self.copy_in = false;
+                let _ = self.outcomes.send(ServerEvent::CopyAborted);
+            }
             b'Z' => {
+                self.copy_in = false;
                 let next = self.answered.request + 1;
                 let o = std::mem::replace(
                     &mut self.answered,
@@ -1552,7 +1630,7 @@ impl Backend<'_> {
                     },
                 );
                 // The client half may be gone; nothing to tell then.
-                let _ = self.outcomes.send(o);
+                let _ = self.outcomes.send(ServerEvent::Answered(o));
                 self.done.send_replace(next);
             }
             _ => {}
