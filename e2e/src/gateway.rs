@@ -547,12 +547,22 @@ impl Gateway {
         self.terminate()
     }
 
+    /// Sends `signal` (`TERM`, `QUIT`, ...) and waits for the exit (killed
+    /// after the stop timeout).
+    pub fn stop_with(mut self, signal: &str) -> ExitStatus {
+        self.signal_and_wait(signal)
+    }
+
     fn terminate(&mut self) -> ExitStatus {
+        self.signal_and_wait("TERM")
+    }
+
+    fn signal_and_wait(&mut self, signal: &str) -> ExitStatus {
         if let Ok(Some(status)) = self.child.try_wait() {
             return status;
         }
         let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([&format!("-{signal}"), &self.pid().to_string()])
             .stderr(Stdio::null())
             .status();
         let deadline = Instant::now() + STOP_TIMEOUT;

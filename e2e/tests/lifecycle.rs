@@ -40,3 +40,40 @@ async fn sigterm_exits_cleanly_with_an_idle_session_open() {
     });
     assert!(gone, "upstream sessions outlived the gateway");
 }
+
+/// SIGHUP reloads and the gateway goes on; SIGTERM, SIGINT and SIGQUIT each
+/// shut it down cleanly with the recording log flushed: the session that just
+/// ended is there and the log verifies.
+#[test]
+fn every_termination_signal_flushes_the_recording() {
+    use pgwarden_e2e::recording::{recording_yaml, SessionsCli};
+    use pgwarden_e2e::{policy_with_rules, REALISTIC_RULES};
+    let pg = PgCluster::start();
+    for signal in ["TERM", "INT", "QUIT"] {
+        let state = tempfile::tempdir().unwrap();
+        let spec = format!("{REALISTIC_RULES}{}", recording_yaml(Some(5), false, None));
+        let gw = Gateway::builder(&pg)
+            .policy_yaml(policy_with_rules(pg.port(), None, &spec))
+            .state_dir(state.path())
+            .start();
+        assert_eq!(
+            psql_query(&gw, &format!("SELECT 'before-{signal}'")),
+            format!("before-{signal}")
+        );
+        let hup = std::process::Command::new("kill")
+            .args(["-HUP", &gw.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(hup.success());
+        std::thread::sleep(Duration::from_millis(300));
+        gw.assert_running();
+        assert_eq!(psql_query(&gw, "SELECT 'after-hup'"), "after-hup");
+        let status = gw.stop_with(signal);
+        assert!(status.success(), "SIG{signal}: {status}");
+        let cli = SessionsCli::state_dir(state.path());
+        let (_, sessions) = cli.assert_intact();
+        assert_eq!(sessions, 2, "SIG{signal}: both sessions recorded");
+        let listed = cli.run(&["list", "-o", "json"]);
+        assert_eq!(listed.code(), Some(0), "{listed}");
+    }
+}

@@ -347,16 +347,20 @@ async fn refuse(mut tcp: tokio::net::TcpStream, err: PgError) {
     let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(&out)).await;
 }
 
+/// SIGTERM, SIGINT and SIGQUIT shut down (flushing the recording log);
+/// SIGHUP reloads (`reload_on_change`).
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::quit()),
     ) {
-        (Ok(mut term), Ok(mut int)) => {
+        (Ok(mut term), Ok(mut int), Ok(mut quit)) => {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
+                _ = quit.recv() => {}
             }
         }
         _ => std::future::pending::<()>().await,
