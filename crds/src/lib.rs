@@ -1,11 +1,13 @@
 //! pgwarden's Kubernetes API (pgwarden.io/v1alpha1): the `DatabaseAccessPolicy`
-//! and `ApprovalRequest` custom resources, their semantic validation, and the
-//! generated CRD manifests (`crds/*.yaml`, see the `crdgen` binary).
+//! and `ApprovalRequest` custom resources, their semantic validation
+//! (`validate`: errors) and lint (`lint`: warnings), and the generated CRD
+//! manifests (`crds/*.yaml`, see the `crdgen` binary).
 
 #![forbid(unsafe_code)]
 
 mod approval;
 mod duration;
+mod lint;
 mod policy;
 mod schema;
 mod snapshot;
