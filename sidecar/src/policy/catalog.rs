@@ -321,6 +321,22 @@ pub const PROTECTED_SETTINGS: &[&str] = &[
     "lo_compat_privileges",
 ];
 
+/// Settings a client may choose in its startup packet: the formatting ones
+/// drivers send. A subset of `HARMLESS_SETTINGS` (a test keeps it one);
+/// anything else is refused at startup, because any setting can be given
+/// there (search_path, role, session_authorization...).
+pub const STARTUP_SETTINGS: &[&str] = &[
+    "application_name",
+    "datestyle",
+    "timezone",
+    "intervalstyle",
+    "extra_float_digits",
+    "bytea_output",
+    "lc_monetary",
+    "lc_numeric",
+    "lc_time",
+];
+
 /// Settings a driver or person may change freely: formatting, timeouts,
 /// planner knobs. Anything else is a SESSION access for the rules.
 pub const HARMLESS_SETTINGS: &[&str] = &[
@@ -355,3 +371,21 @@ pub const HARMLESS_SETTINGS: &[&str] = &[
     "plan_cache_mode",
     "row_security",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_list_of_harmless_settings() {
+        for s in STARTUP_SETTINGS {
+            assert!(
+                HARMLESS_SETTINGS
+                    .iter()
+                    .any(|g| crate::glob::glob_match(g, s)),
+                "startup setting {s} is not a harmless setting"
+            );
+            assert!(!PROTECTED_SETTINGS.contains(s), "{s}");
+        }
+    }
+}

@@ -20,21 +20,6 @@ use crate::wire::PgError;
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
-/// Settings a client may choose at startup. Names are case-insensitive in
-/// PostgreSQL; compared lower-cased. Everything else is refused, because any
-/// GUC can be set this way (search_path, role, session_authorization...).
-const ALLOWED_PARAMS: &[&str] = &[
-    "application_name",
-    "datestyle",
-    "timezone",
-    "intervalstyle",
-    "extra_float_digits",
-    "bytea_output",
-    "lc_monetary",
-    "lc_numeric",
-    "lc_time",
-];
-
 /// The outcome of the startup phase.
 pub enum Negotiated {
     /// A StartupMessage: go on to authentication.
@@ -223,7 +208,7 @@ pub fn filter_params(minor: u16, params: Vec<(String, String)>) -> Result<Client
                 .with_hint("unset PGOPTIONS; settings a policy allows can be changed with SET"))
             }
             _ if lower.starts_with("_pq_.") => out.declined_options.push(key),
-            _ if ALLOWED_PARAMS.contains(&lower.as_str()) => {
+            _ if crate::policy::catalog::STARTUP_SETTINGS.contains(&lower.as_str()) => {
                 if lower == "application_name" {
                     out.application_name = Some(value.clone());
                 }
