@@ -47,8 +47,9 @@ pub enum Command {
     /// Run the gateway in standalone mode from policy and Secret YAML files.
     // Boxed: many flags, and the enum should not be as large as its largest arm.
     Run(Box<RunArgs>),
-    /// Judge a statement against a policy, without a database. Exit code:
-    /// 0 allow, 1 deny, 3 require approval, 2 usage or configuration error.
+    /// Judge SQL against a policy, without a database (exit code: 0 allow,
+    /// 1 deny, 3 require approval, 2 usage or configuration error); without
+    /// --sql or --sql-file, lint the policy (exit code: 0 clean, 1 warnings).
     Check(CheckArgs),
     /// List and decide statements waiting for approval (standalone mode).
     Approvals(ApprovalsArgs),
@@ -120,9 +121,14 @@ pub struct CheckArgs {
     /// YAML file(s) with the DatabaseAccessPolicy (Secrets are not needed).
     #[arg(short = 'f', long = "file", required = true)]
     pub files: Vec<PathBuf>,
-    /// The SQL to judge (several statements allowed, as one Query message).
+    /// The SQL to judge as one Query message (several statements allowed);
+    /// `-` reads a file of statements from standard input, as --sql-file.
+    #[arg(long, conflicts_with = "sql_file")]
+    pub sql: Option<String>,
+    /// A file of statements (a migration): each is judged in order as the
+    /// Query `psql -f` sends for it, in one session.
     #[arg(long)]
-    pub sql: String,
+    pub sql_file: Option<PathBuf>,
     /// Which policy, when the files hold several (name or namespace/name).
     #[arg(long)]
     pub policy: Option<String>,

@@ -21,6 +21,43 @@ pub enum DecidedBy {
     Always,
     Rule(String),
     Default,
+    /// A call by a built-in's name that the database also has as user code,
+    /// decided again as user code (by a rule with `functions`, else the
+    /// default action): what decided it inside.
+    UserCode(Box<DecidedBy>),
+    /// What the session knows beyond the text: `what` (`EXECUTE "p"`) is
+    /// refused because `why`.
+    Session {
+        what: String,
+        why: String,
+    },
+}
+
+impl DecidedBy {
+    /// How much a decision says about a verdict, among equally severe ones:
+    /// a rule's or the built-in list's says more than the default action's,
+    /// which says more than "always allowed".
+    fn weight(&self) -> u8 {
+        match self {
+            DecidedBy::Always => 0,
+            DecidedBy::Default => 1,
+            DecidedBy::Rule(_) | DecidedBy::BuiltinDeny(_) | DecidedBy::Session { .. } => 2,
+            DecidedBy::UserCode(inner) => inner.weight(),
+        }
+    }
+
+    /// The short name `check` and the recording show: the rule's name, or
+    /// `builtin`, `always`, `default`, `session`.
+    pub fn name(&self) -> &str {
+        match self {
+            DecidedBy::Rule(n) => n,
+            DecidedBy::BuiltinDeny(_) => "builtin",
+            DecidedBy::Always => "always",
+            DecidedBy::Default => "default",
+            DecidedBy::UserCode(inner) => inner.name(),
+            DecidedBy::Session { .. } => "session",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,21 +121,43 @@ impl Decision {
             Action::Deny => "denied",
             Action::RequireApproval => "approval required",
         };
-        match &d.by {
-            DecidedBy::BuiltinDeny(what) => format!("{verb} by built-in rule: {what}"),
-            DecidedBy::Always => format!("{verb}: {}", d.access),
-            DecidedBy::Rule(name) => format!("{verb} by rule \"{name}\": {}", d.access),
-            DecidedBy::Default => format!("{verb} by default action: {}", d.access),
-        }
+        explain(verb, &d.by, &d.access)
     }
 
     pub fn rule_name(&self) -> Option<&str> {
-        match &self.deciding.as_ref()?.by {
-            DecidedBy::Rule(n) => Some(n),
-            DecidedBy::BuiltinDeny(_) => Some("builtin"),
-            DecidedBy::Always => Some("always"),
-            DecidedBy::Default => Some("default"),
+        Some(self.deciding.as_ref()?.by.name())
+    }
+
+    /// The decision of a list of decided accesses: the most severe access
+    /// decides; among equals, the first that says the most.
+    pub fn from_accesses(accesses: Vec<AccessDecision>) -> Decision {
+        let rank = |d: &AccessDecision| (severity(d.action), d.by.weight());
+        let mut deciding: Option<&AccessDecision> = None;
+        for d in &accesses {
+            if deciding.is_none_or(|best| rank(d) > rank(best)) {
+                deciding = Some(d);
+            }
         }
+        Decision {
+            action: deciding.map(|d| d.action).unwrap_or(Action::Allow),
+            deciding: deciding.cloned(),
+            accesses,
+        }
+    }
+}
+
+/// `reason`'s words for one decided access.
+fn explain(verb: &str, by: &DecidedBy, access: &Access) -> String {
+    match by {
+        DecidedBy::BuiltinDeny(what) => format!("{verb} by built-in rule: {what}"),
+        DecidedBy::Always => format!("{verb}: {access}"),
+        DecidedBy::Rule(name) => format!("{verb} by rule \"{name}\": {access}"),
+        DecidedBy::Default => format!("{verb} by default action: {access}"),
+        DecidedBy::Session { what, why } => format!("{verb}: {what}: {why}"),
+        DecidedBy::UserCode(inner) => format!(
+            "{} (user code of that name exists in the database)",
+            explain(verb, inner, access)
+        ),
     }
 }
 
@@ -125,25 +184,7 @@ impl Policy {
         }
         // The most severe access decides; among equals, one a rule decided
         // says more than one that is always allowed.
-        let rank = |d: &AccessDecision| {
-            let by = match d.by {
-                DecidedBy::Always => 0,
-                DecidedBy::Default => 1,
-                DecidedBy::Rule(_) | DecidedBy::BuiltinDeny(_) => 2,
-            };
-            (severity(d.action), by)
-        };
-        let mut deciding: Option<&AccessDecision> = None;
-        for d in &accesses {
-            if deciding.is_none_or(|best| rank(d) > rank(best)) {
-                deciding = Some(d);
-            }
-        }
-        Decision {
-            action: deciding.map(|d| d.action).unwrap_or(Action::Allow),
-            deciding: deciding.cloned(),
-            accesses,
-        }
+        Decision::from_accesses(accesses)
     }
 
     fn decide_access(&self, access: &Access, statement_class: StatementClass) -> AccessDecision {

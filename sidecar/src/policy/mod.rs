@@ -13,18 +13,19 @@ pub mod catalog;
 pub mod decide;
 pub mod normalize;
 pub mod rules;
+pub mod split;
 mod tree;
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use pgwarden_api::{Action, DatabaseAccessPolicySpec};
+use pgwarden_api::{Action, DatabaseAccessPolicySpec, StatementClass};
 
 use crate::wire::PgError;
 use analyze::{Access, AnalyzeError, Effect, Settings, Statement, Target};
 use cache::VerdictCache;
-use decide::{DecidedBy, Decision, Policy};
+use decide::{AccessDecision, DecidedBy, Decision, Policy};
 use rules::CompiledRule;
 
 /// Outcome for one statement text. A refusal carries the error the client
@@ -229,7 +230,7 @@ impl Gate {
 
     /// Names a text defines as user code are learnt whatever its verdict:
     /// knowing one too many only makes later verdicts stricter.
-    fn learn_definitions(&self, j: &Judgement) {
+    pub fn learn_definitions(&self, j: &Judgement) {
         let (mut functions, mut operators) = (Vec::new(), Vec::new());
         for s in &j.statements {
             match &s.effect {
@@ -307,117 +308,147 @@ impl Gate {
             .any(|s| s.attribute_refs.iter().any(|n| uc.functions.contains(n)))
     }
 
-    fn verdict(&self, j: &Judgement, session: &mut SessionState) -> Verdict {
-        match j.action() {
-            Action::Allow | Action::RequireApproval => {}
-            Action::Deny if matches!(j.outcome, Err(AnalyzeError::Parse(_))) => {
+    fn verdict(&self, j: &Judgement, session: &SessionState) -> Verdict {
+        match &j.outcome {
+            Ok(_) => {}
+            Err(AnalyzeError::Parse(_)) => {
                 return Verdict::Refuse(PgError::syntax_error(j.reason()))
             }
-            Action::Deny if matches!(j.outcome, Err(AnalyzeError::TooLarge(_))) => {
+            Err(AnalyzeError::TooLarge(_)) => {
                 return Verdict::Refuse(PgError::limit_exceeded(j.reason()))
             }
-            Action::Deny => return Verdict::Refuse(PgError::denied(j.reason())),
+            Err(_) => return Verdict::Refuse(PgError::denied(j.reason())),
         }
         // Refined even when a human must approve: a text the session state
         // denies outright (EXECUTE of an unknown name, user code) is never
         // put in front of a reviewer.
-        match self.refine(j, session) {
-            Ok(()) if j.action() == Action::RequireApproval => Verdict::RequireApproval(j.reason()),
-            Ok(()) => Verdict::Allow,
-            Err((Action::RequireApproval, why)) => Verdict::RequireApproval(why),
-            Err((_, why)) => Verdict::Refuse(PgError::denied(why)),
+        let Some(d) = self.decide_in_session(j, session) else {
+            return Verdict::Refuse(PgError::denied(j.reason()));
+        };
+        match d.action {
+            Action::Allow => Verdict::Allow,
+            Action::RequireApproval => Verdict::RequireApproval(d.reason()),
+            Action::Deny => Verdict::Refuse(PgError::denied(d.reason())),
         }
     }
 
-    /// The session- and database-dependent part of a verdict, applied after
-    /// the (cached, text-only) judgement allowed a text:
-    /// - calls and operators judged built-in by name are re-judged as user
-    ///   code when the database has user code of that name;
+    /// The decision on a judged text in this session: the cached, text-only
+    /// decision with the session- and database-dependent part applied. The
+    /// verdict on the wire, its reason and `pgwarden check`'s access list all
+    /// come from it, so they cannot disagree. `None` when the text was not
+    /// analysed (`Judgement::reason` says why).
+    /// - calls and operators judged built-in by name are decided again as
+    ///   user code when the database has user code of that name
+    ///   ([`DecidedBy::UserCode`]);
     /// - attribute notation (`o.f`) naming a user function is a call of it;
     /// - EXECUTE runs only names this session prepared through pgwarden,
     ///   simulating the text's statements in order (`PREPARE p ...; EXECUTE p`),
-    ///   and an approved PREPARE only once.
+    ///   and an approved PREPARE only once ([`DecidedBy::Session`]).
     ///
-    /// Nothing is changed: `apply` does that when the text is sent upstream.
-    pub fn refine(
+    /// The cached decision is borrowed when the session changes nothing (the
+    /// common case: no copy per statement). Nothing in the session is
+    /// changed: `apply` does that when the text is sent upstream.
+    pub fn decide_in_session<'j>(
         &self,
-        j: &Judgement,
-        session: &mut SessionState,
-    ) -> Result<(), (Action, String)> {
-        let Ok(decision) = &j.outcome else {
-            return Ok(());
-        };
-        {
-            let uc = self.user_code();
-            let shadowed = decision
-                .accesses
-                .iter()
-                .filter(|d| d.by == DecidedBy::Always);
-            for d in shadowed {
-                let is_user = match &d.access.target {
-                    Target::Function { schema: None, name } => uc.functions.contains(name),
-                    Target::Operator { schema: None, name } => uc.operators.contains(name),
-                    _ => false,
-                };
+        j: &'j Judgement,
+        session: &SessionState,
+    ) -> Option<Cow<'j, Decision>> {
+        let decision = j.outcome.as_ref().ok()?;
+        // Filled (with the cached decisions before it) at the first change.
+        let mut changed: Option<Vec<AccessDecision>> = None;
+        let mut next = 0;
+        let mut prepared: Option<HashMap<String, Runs>> = None;
+        let uc = self.user_code();
+        for s in &j.statements {
+            // `decide` lists each statement's accesses in order.
+            let end = (next + s.accesses.len()).min(decision.accesses.len());
+            for (k, d) in decision.accesses[..end].iter().enumerate().skip(next) {
+                let is_user = d.by == DecidedBy::Always
+                    && match &d.access.target {
+                        Target::Function { schema: None, name } => uc.functions.contains(name),
+                        Target::Operator { schema: None, name } => uc.operators.contains(name),
+                        _ => false,
+                    };
                 if is_user {
-                    self.refuse_user_code(&d.access, &j.statements)?;
+                    let re = self.user_code_decision(&d.access, s.class);
+                    changes(&mut changed, decision, k).push(re);
+                } else if let Some(list) = &mut changed {
+                    list.push(d.clone());
                 }
             }
-            for s in &j.statements {
-                for name in s
-                    .attribute_refs
-                    .iter()
-                    .filter(|n| uc.functions.contains(*n))
-                {
-                    let call = Access {
-                        class: None,
-                        target: Target::Function {
-                            schema: None,
-                            name: name.clone(),
-                        },
+            next = end;
+            for name in s
+                .attribute_refs
+                .iter()
+                .filter(|n| uc.functions.contains(*n))
+            {
+                let call = Access {
+                    class: None,
+                    target: Target::Function {
+                        schema: None,
+                        name: name.clone(),
+                    },
+                    unfiltered: false,
+                    fixed: None,
+                };
+                let re = self.user_code_decision(&call, s.class);
+                changes(&mut changed, decision, next).push(re);
+            }
+            let Some(effect) = &s.effect else { continue };
+            if !matches!(
+                effect,
+                Effect::Prepare(_) | Effect::Deallocate(_) | Effect::Execute(_)
+            ) {
+                continue;
+            }
+            let names = prepared.get_or_insert_with(|| session.prepared.clone());
+            let refused = match effect {
+                Effect::Prepare(n) => {
+                    names.insert(n.clone(), Runs::Any);
+                    None
+                }
+                Effect::Deallocate(Some(n)) => {
+                    names.remove(n);
+                    None
+                }
+                Effect::Deallocate(None) => {
+                    names.clear();
+                    None
+                }
+                Effect::Execute(n) => match names.get(n) {
+                    Some(Runs::Any) => None,
+                    Some(Runs::Once) => {
+                        names.insert(n.clone(), Runs::Spent);
+                        None
+                    }
+                    Some(Runs::Spent) => Some((n, format!(
+                        "the approval of PREPARE \"{n}\" released one execution, which has run; DEALLOCATE {n} and PREPARE it again to ask for another"
+                    ))),
+                    None => Some((n, "it was not prepared through pgwarden in this session".to_owned())),
+                },
+                _ => None,
+            };
+            if let Some((n, why)) = refused {
+                let session_refusal = AccessDecision {
+                    access: Access {
+                        class: Some(s.class),
+                        target: Target::Statement,
                         unfiltered: false,
                         fixed: None,
-                    };
-                    self.refuse_user_code(&call, std::slice::from_ref(s))?;
-                }
+                    },
+                    action: Action::Deny,
+                    by: DecidedBy::Session {
+                        what: format!("EXECUTE \"{n}\""),
+                        why,
+                    },
+                };
+                changes(&mut changed, decision, next).push(session_refusal);
             }
         }
-        let mut prepared = session.prepared.clone();
-        for s in &j.statements {
-            match &s.effect {
-                Some(Effect::Prepare(n)) => {
-                    prepared.insert(n.clone(), Runs::Any);
-                }
-                Some(Effect::Deallocate(Some(n))) => {
-                    prepared.remove(n);
-                }
-                Some(Effect::Deallocate(None)) => prepared.clear(),
-                Some(Effect::Execute(n)) => match prepared.get(n) {
-                    Some(Runs::Any) => {}
-                    Some(Runs::Once) => {
-                        prepared.insert(n.clone(), Runs::Spent);
-                    }
-                    Some(Runs::Spent) => {
-                        return Err((
-                            Action::Deny,
-                            format!(
-                                "denied: the approval of PREPARE \"{n}\" released one execution, which has run; DEALLOCATE {n} and PREPARE it again to ask for another"
-                            ),
-                        ));
-                    }
-                    None => {
-                        return Err((
-                            Action::Deny,
-                            format!(
-                                "denied: EXECUTE of \"{n}\", which was not prepared through pgwarden in this session"
-                            ),
-                        ));
-                    }
-                },
-                _ => {}
-            }
-        }
-        Ok(())
+        Some(match changed {
+            None => Cow::Borrowed(decision),
+            Some(accesses) => Cow::Owned(Decision::from_accesses(accesses)),
+        })
     }
 
     /// Apply a text's effects once it goes upstream: the names it prepares
@@ -445,32 +476,24 @@ impl Gate {
         }
     }
 
-    fn refuse_user_code(
-        &self,
-        access: &Access,
-        statements: &[Statement],
-    ) -> Result<(), (Action, String)> {
-        let class = statements
-            .first()
-            .map(|s| s.class)
-            .unwrap_or(pgwarden_api::StatementClass::Select);
+    /// A call by this name decided as user code, in a statement of `class`.
+    fn user_code_decision(&self, access: &Access, class: StatementClass) -> AccessDecision {
         let d = self.policy.decide_user_code(access, class);
-        if d.action == Action::Allow {
-            return Ok(());
+        AccessDecision {
+            by: DecidedBy::UserCode(Box::new(d.by)),
+            ..d
         }
-        let decision = Decision {
-            action: d.action,
-            deciding: Some(d.clone()),
-            accesses: vec![d],
-        };
-        Err((
-            decision.action,
-            format!(
-                "{} (user code of that name exists in the database)",
-                decision.reason()
-            ),
-        ))
     }
+}
+
+/// The changed access list, started at the first change with copies of the
+/// cached decisions before index `at`.
+fn changes<'a>(
+    changed: &'a mut Option<Vec<AccessDecision>>,
+    decision: &Decision,
+    at: usize,
+) -> &'a mut Vec<AccessDecision> {
+    changed.get_or_insert_with(|| decision.accesses[..at].to_vec())
 }
 
 #[cfg(test)]

@@ -645,3 +645,96 @@ fn pg_notify_is_judged_as_notify() {
         assert_eq!(verdict(&allow, sql).0, Action::Allow, "{sql}");
     }
 }
+
+/// The verdict, its reason and the access list come from one decision
+/// (`decide_in_session`): the verdict is the most severe listed access, the
+/// reason names the deciding one, and the wire's verdict says the same.
+#[test]
+fn one_decision_explains_the_verdict_and_lists_the_accesses() {
+    let g = Gate::new(
+        &spec(
+            "  - {name: read, action: Allow, statements: [SELECT], tables: [\"public.*\"]}\n  - {name: audit, action: RequireApproval, functions: [\"order_audit\"]}\n",
+            "Deny",
+        ),
+        64,
+    );
+    g.learn_user_code(["upper".into(), "order_audit".into()], []);
+    let mut prepared = SessionState::default();
+    prepared.prepared("known");
+    // (text, session has "known" prepared, verdict, deciding name, reason has)
+    let cases: &[(&str, bool, Action, &str, &str)] = &[
+        // Before: "deny by default action" beside "upper: allow (always)".
+        (
+            "SELECT upper('x')",
+            false,
+            Action::Deny,
+            "default",
+            "denied by default action: function upper (user code",
+        ),
+        (
+            "SELECT o.order_audit FROM orders o",
+            false,
+            Action::RequireApproval,
+            "audit",
+            "approval required by rule \"audit\": function order_audit (user code",
+        ),
+        (
+            "SELECT lower('x') FROM orders",
+            false,
+            Action::Allow,
+            "read",
+            "allowed by rule \"read\"",
+        ),
+        (
+            "EXECUTE unknown",
+            true,
+            Action::Deny,
+            "session",
+            "denied: EXECUTE \"unknown\": it was not prepared through pgwarden",
+        ),
+        ("EXECUTE known", true, Action::Allow, "-", "no access"),
+        // The session's refusal outranks an approval the text alone needs.
+        (
+            "SELECT o.order_audit FROM orders o; EXECUTE unknown",
+            true,
+            Action::Deny,
+            "session",
+            "EXECUTE \"unknown\"",
+        ),
+    ];
+    for (sql, with_known, action, by, reason) in cases {
+        let session = if *with_known {
+            &mut prepared
+        } else {
+            &mut SessionState::default()
+        };
+        let j = g.evaluate(sql);
+        let d = g.decide_in_session(&j, session).expect("analysed");
+        assert_eq!(d.action, *action, "{sql}: {}", d.reason());
+        assert_eq!(d.rule_name().unwrap_or("-"), *by, "{sql}");
+        assert!(d.reason().contains(reason), "{sql}: {}", d.reason());
+        // The list agrees: its most severe access is the verdict, and the
+        // deciding access is in it.
+        let worst = d.accesses.iter().map(|a| a.action).max();
+        assert_eq!(worst.unwrap_or(Action::Allow), d.action, "{sql}: {d:#?}");
+        if let Some(deciding) = &d.deciding {
+            assert!(d.accesses.contains(deciding), "{sql}");
+        }
+        // And the wire says the same.
+        let wire = g.judge_judged(j.clone(), session).0;
+        match (&wire, d.action) {
+            (Verdict::Allow, Action::Allow) => {}
+            (Verdict::RequireApproval(why), Action::RequireApproval) => {
+                assert_eq!(why, &d.reason())
+            }
+            (Verdict::Refuse(e), Action::Deny) => {
+                assert_eq!(e.message, format!("pgwarden: {}", d.reason()))
+            }
+            other => panic!("{sql}: {other:?}"),
+        }
+    }
+    // Nothing the session adds: the cached decision itself, not a copy.
+    let j = g.evaluate("SELECT * FROM orders");
+    let d = g.decide_in_session(&j, &SessionState::default()).unwrap();
+    assert!(matches!(d, Cow::Borrowed(_)));
+}
