@@ -53,6 +53,17 @@ pub struct SnapshotCredential {
 #[serde(transparent)]
 pub struct SecretString(pub String);
 
+impl SecretString {
+    pub fn new(s: String) -> Self {
+        SecretString(s)
+    }
+
+    /// The value, for the one place that needs it (a login, a fingerprint).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
 impl std::fmt::Debug for SecretString {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("<redacted>")

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use pgwarden_api::{ConfigSnapshot, SnapshotPolicy};
 
-use super::{ConfigError, ConfigErrors, GatewayConfig, LoadOptions, PolicyConfig, Secret};
+use super::{ConfigError, ConfigErrors, GatewayConfig, LoadOptions, PolicyConfig};
 use crate::approval::Approvals;
 use crate::identity::Authenticator;
 use crate::masking::{HashKey, MaskRules, Masking};
@@ -150,7 +150,7 @@ fn build_policy(
         database: db.name.clone(),
         credential: Credential {
             username: p.credential.username.clone(),
-            password: Secret::new(p.credential.password.0.clone()),
+            password: p.credential.password.clone(),
         },
         tls,
     });

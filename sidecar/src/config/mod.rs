@@ -8,7 +8,6 @@ mod build;
 mod live;
 mod load;
 
-use std::fmt;
 use std::sync::Arc;
 
 use pgwarden_api::DatabaseAccessPolicySpec;
@@ -82,24 +81,4 @@ pub struct PolicyConfig {
     /// masking (rules and key). Equal digests: sessions move to the new
     /// policy; different: they must reconnect.
     pub session_terms: [u8; 32],
-}
-
-/// A value that must never be printed: Debug and Display redact it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: String) -> Self {
-        Secret(s)
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
 }

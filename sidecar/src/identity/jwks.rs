@@ -10,8 +10,6 @@ use jsonwebtoken::jwk::{
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::Value;
 
-use super::token::TokenError;
-
 /// At most this many keys are kept from one JWKS (real issuers publish 2-4).
 const MAX_KEYS: usize = 64;
 
@@ -47,6 +45,17 @@ impl PublicKey {
     fn verifies(&self, alg: Algorithm) -> bool {
         self.family.verifies(alg) && self.alg.is_none_or(|a| a == alg)
     }
+}
+
+/// Why no key of the set fits a token's header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyChoice {
+    /// No key with this id (the caller may refresh the set once).
+    UnknownKid(String),
+    /// No kid and more than one candidate key.
+    AmbiguousKey,
+    /// The named key exists but is not for this algorithm.
+    KeyMismatch { kid: String, alg: String },
 }
 
 pub struct KeySet {
@@ -98,7 +107,7 @@ impl KeySet {
     }
 
     /// The key that must verify a token with this header.
-    pub fn select(&self, kid: Option<&str>, alg: Algorithm) -> Result<&DecodingKey, TokenError> {
+    pub fn select(&self, kid: Option<&str>, alg: Algorithm) -> Result<&DecodingKey, KeyChoice> {
         let alg_name = || format!("{alg:?}");
         match kid {
             Some(kid) => {
@@ -108,12 +117,12 @@ impl KeySet {
                     .filter(|k| k.kid.as_deref() == Some(kid))
                     .peekable();
                 if named.peek().is_none() {
-                    return Err(TokenError::UnknownKid(kid.to_string()));
+                    return Err(KeyChoice::UnknownKid(kid.to_string()));
                 }
                 named
                     .find(|k| k.verifies(alg))
                     .map(|k| &k.key)
-                    .ok_or_else(|| TokenError::KeyMismatch {
+                    .ok_or_else(|| KeyChoice::KeyMismatch {
                         kid: kid.to_string(),
                         alg: alg_name(),
                     })
@@ -122,8 +131,8 @@ impl KeySet {
                 let mut fitting = self.keys.iter().filter(|k| k.verifies(alg));
                 match (fitting.next(), fitting.next()) {
                     (Some(k), None) => Ok(&k.key),
-                    (Some(_), Some(_)) => Err(TokenError::AmbiguousKey),
-                    (None, _) => Err(TokenError::KeyMismatch {
+                    (Some(_), Some(_)) => Err(KeyChoice::AmbiguousKey),
+                    (None, _) => Err(KeyChoice::KeyMismatch {
                         kid: "(none)".into(),
                         alg: alg_name(),
                     }),

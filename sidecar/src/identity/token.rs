@@ -108,6 +108,17 @@ pub enum TokenError {
     NoKeys(String),
 }
 
+impl From<super::jwks::KeyChoice> for TokenError {
+    fn from(e: super::jwks::KeyChoice) -> Self {
+        use super::jwks::KeyChoice;
+        match e {
+            KeyChoice::UnknownKid(kid) => TokenError::UnknownKid(kid),
+            KeyChoice::AmbiguousKey => TokenError::AmbiguousKey,
+            KeyChoice::KeyMismatch { kid, alg } => TokenError::KeyMismatch { kid, alg },
+        }
+    }
+}
+
 impl fmt::Display for TokenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use TokenError::*;

@@ -1189,7 +1189,7 @@ impl Walker {
             self.forbid(Class::Session, what);
         } else if catalog::HARMLESS_SETTINGS
             .iter()
-            .any(|g| super::rules::glob_match(g, name))
+            .any(|g| crate::glob::glob_match(g, name))
         {
             self.always(Class::Session);
         } else {

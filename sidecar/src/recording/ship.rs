@@ -20,9 +20,9 @@ use pgwarden_api::TlsMode;
 
 use super::record::{self, Event};
 use super::spool;
-use crate::config::Secret;
 use crate::upstream::{self, tls::UpstreamTls, Credential, UpstreamError, UpstreamTarget};
 use crate::wire::Limits;
+use pgwarden_api::SecretString;
 
 /// Records per INSERT.
 const BATCH: usize = 500;
@@ -95,7 +95,7 @@ pub fn parse_dsn(dsn: &str) -> Result<UpstreamTarget, String> {
         database: percent_decode(db)?,
         credential: Credential {
             username: percent_decode(user)?,
-            password: Secret::new(percent_decode(password)?),
+            password: SecretString::new(percent_decode(password)?),
         },
         tls,
     })

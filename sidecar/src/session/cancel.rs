@@ -89,8 +89,8 @@ impl CancelRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Secret;
     use crate::upstream::{tls::UpstreamTls, Credential};
+    use pgwarden_api::SecretString;
 
     fn target() -> Arc<UpstreamTarget> {
         Arc::new(UpstreamTarget {
@@ -99,7 +99,7 @@ mod tests {
             database: "shop".into(),
             credential: Credential {
                 username: "app".into(),
-                password: Secret::new("pw".into()),
+                password: SecretString::new("pw".into()),
             },
             tls: UpstreamTls::Disable,
         })

@@ -368,7 +368,7 @@ async fn serve_inner(
 pub struct Login {
     pub identity: Identity,
     pub transport: ClientTransport,
-    pub token: Option<crate::config::Secret>,
+    pub token: Option<pgwarden_api::SecretString>,
 }
 
 impl Login {
@@ -448,7 +448,7 @@ async fn authenticate(
     Ok(Login {
         identity,
         transport,
-        token: Some(crate::config::Secret::new(token.to_owned())),
+        token: Some(pgwarden_api::SecretString::new(token.to_owned())),
     })
 }
 

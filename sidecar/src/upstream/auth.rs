@@ -116,12 +116,12 @@ impl<'a> Login<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Secret;
+    use pgwarden_api::SecretString;
 
     fn credential() -> Credential {
         Credential {
             username: "app".into(),
-            password: Secret::new("pw".into()),
+            password: SecretString::new("pw".into()),
         }
     }
 

@@ -11,11 +11,11 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::Secret;
 use crate::transport::{MaybeTls, UpstreamStream};
 use crate::wire::codec::{self, TxStatus};
 use crate::wire::conn::{FrameBuf, ReadError};
 use crate::wire::{Direction, Limits, PgError};
+use pgwarden_api::SecretString;
 
 pub use auth::AuthError;
 use auth::{Login, Step};
@@ -28,7 +28,7 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credential {
     pub username: String,
-    pub password: Secret,
+    pub password: SecretString,
 }
 
 impl std::fmt::Debug for Credential {
