@@ -31,41 +31,34 @@ pub struct StatementMask {
 /// Masking context for a statement: None when it reads nothing masked.
 pub type MaskCtx = Option<Arc<StatementMask>>;
 
-/// A judged text's masking result, remembered for the column map it was
-/// computed with (held weakly: a `Weak` keeps the map's allocation, so its
-/// address cannot be reused by a newer map) and the user-code flag.
-#[derive(Debug, Default)]
-pub struct MaskMemo(std::sync::Mutex<Option<Memo>>);
-
-#[derive(Debug)]
+/// A judged text's masking result, remembered (in the judgement's
+/// `Derived` slot) for the column map it was computed with (held weakly: a
+/// `Weak` keeps the map's allocation, so its address cannot be reused by a
+/// newer map) and the user-code flag.
+#[derive(Debug, Clone)]
 struct Memo {
     map: std::sync::Weak<MaskMap>,
     user_code: bool,
     result: Result<MaskCtx, Refusal>,
 }
 
-impl MaskMemo {
-    /// The remembered result for this map and flag, or `compute`'s.
-    pub fn get_or(
-        &self,
-        map: &Arc<MaskMap>,
-        user_code: bool,
-        compute: impl FnOnce() -> Result<MaskCtx, Refusal>,
-    ) -> Result<MaskCtx, Refusal> {
-        let mut memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(m) = memo.as_ref() {
-            if m.user_code == user_code && std::ptr::eq(m.map.as_ptr(), Arc::as_ptr(map)) {
-                return m.result.clone();
-            }
-        }
-        let result = compute();
-        *memo = Some(Memo {
-            map: Arc::downgrade(map),
-            user_code,
-            result: result.clone(),
-        });
-        result
-    }
+/// The remembered result for this judgement, map and flag, or `compute`'s.
+pub fn memoized(
+    j: &crate::policy::Judgement,
+    map: &Arc<MaskMap>,
+    user_code: bool,
+    compute: impl FnOnce() -> Result<MaskCtx, Refusal>,
+) -> Result<MaskCtx, Refusal> {
+    j.derived
+        .get_or(
+            |m: &Memo| m.user_code == user_code && std::ptr::eq(m.map.as_ptr(), Arc::as_ptr(map)),
+            || Memo {
+                map: Arc::downgrade(map),
+                user_code,
+                result: compute(),
+            },
+        )
+        .result
 }
 
 /// A statement masking cannot make safe; the client gets this reason.

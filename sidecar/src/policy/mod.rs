@@ -44,10 +44,41 @@ pub enum Verdict {
 pub struct Judgement {
     pub statements: Vec<Statement>,
     pub outcome: Result<Decision, AnalyzeError>,
-    /// What masking made of it, for the column map and user-code state it
-    /// was computed under (`masking::plan::statement_mask` per statement
-    /// was a tenth of the proxy's instructions before this cache).
-    pub mask_memo: crate::masking::plan::MaskMemo,
+    /// What a later stage derived from it (masking's plan), kept with the
+    /// cached judgement so it is computed once per text, not per statement
+    /// (`masking::plan::statement_mask` per statement was a tenth of the
+    /// proxy's instructions). Typed by that stage: the policy does not know it.
+    pub derived: Derived,
+}
+
+/// A slot for one value a later stage derives from a judgement.
+#[derive(Default)]
+pub struct Derived(Mutex<Option<Box<dyn std::any::Any + Send + Sync>>>);
+
+impl std::fmt::Debug for Derived {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Derived")
+    }
+}
+
+impl Derived {
+    /// The slot's value if it is a `T` that `keep` accepts, else `compute`'s
+    /// (which then replaces it).
+    pub fn get_or<T: Clone + Send + Sync + 'static>(
+        &self,
+        keep: impl FnOnce(&T) -> bool,
+        compute: impl FnOnce() -> T,
+    ) -> T {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = slot.as_ref().and_then(|b| b.downcast_ref::<T>()) {
+            if keep(v) {
+                return v.clone();
+            }
+        }
+        let v = compute();
+        *slot = Some(Box::new(v.clone()));
+        v
+    }
 }
 
 impl Judgement {
@@ -255,13 +286,13 @@ impl Gate {
                 Judgement {
                     statements,
                     outcome,
-                    mask_memo: Default::default(),
+                    derived: Default::default(),
                 }
             }
             Err(e) => Judgement {
                 statements: Vec::new(),
                 outcome: Err(e),
-                mask_memo: Default::default(),
+                derived: Default::default(),
             },
         }
     }

@@ -85,7 +85,7 @@ impl FrontMask {
             return Err(Refusal("the masking column map is not available".into()));
         };
         let user_code = gate.calls_user_code(j);
-        let ctx = j.mask_memo.get_or(&map, user_code, || {
+        let ctx = plan::memoized(j, &map, user_code, || {
             plan::statement_mask(&self.masking.rules, &map, &j.statements, user_code)
         })?;
         let changes_schema = j.statements.iter().any(|s| {
