@@ -15,7 +15,8 @@ use crate::client::Endpoint;
 use crate::net::{free_port, http_get};
 use crate::pg::{tail, PgCluster, APP_DATABASE, APP_PASSWORD, APP_USER};
 
-/// How long `pgwarden run` may take to answer 200 on /readyz.
+/// How long `pgwarden run` may take to listen and finish its first upstream
+/// login check (see [`Gateway::wait_ready`]).
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Grace period between SIGTERM and SIGKILL. Longer than pgwarden's own default
 /// drain period for open sessions (`--shutdown-grace-seconds 10`), so a clean exit
@@ -281,7 +282,8 @@ impl GatewayBuilder {
         self
     }
 
-    /// Starts and waits for /readyz; panics with the gateway log if it exits first.
+    /// Starts and waits until it listens with its upstream checked (see
+    /// [`Gateway::wait_ready`]); panics with the gateway log if it exits first.
     pub fn start(self) -> Gateway {
         match self.try_start() {
             Ok(gateway) => gateway,
@@ -289,7 +291,7 @@ impl GatewayBuilder {
         }
     }
 
-    /// Starts and waits for /readyz; `Err` with the exit code and log if it exits first
+    /// Starts and waits as [`GatewayBuilder::start`]; `Err` with the exit code and log if it exits first
     /// (config-error tests). Panics if it neither exits nor becomes ready in 20 s.
     pub fn try_start(self) -> Result<Gateway, GatewayExit> {
         let dir = tempfile::Builder::new()
@@ -386,6 +388,18 @@ impl GatewayBuilder {
     }
 }
 
+/// A /readyz answer from a gateway that listens and has finished its first
+/// upstream checks: ready, or not ready only because an upstream failed.
+fn started(readyz: std::io::Result<(u16, String)>) -> bool {
+    match readyz {
+        Ok((200, _)) => true,
+        Ok((503, body)) => {
+            body.starts_with("not ready: upstream\n") && !body.contains(": checking")
+        }
+        _ => false,
+    }
+}
+
 fn write_file(dir: &Path, name: &str, contents: &str) -> PathBuf {
     let path = dir.join(name);
     fs::write(&path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
@@ -416,6 +430,10 @@ impl Gateway {
         GatewayBuilder::new(cluster)
     }
 
+    /// Waits until the gateway listens and its first login to each
+    /// upstream has finished: /readyz says 200, or 503 naming an upstream
+    /// that failed (tests of a wrong credential, an unreachable or a
+    /// TLS-refusing server start gateways that are never ready).
     fn wait_ready(&mut self, timeout: Duration) -> Result<(), GatewayExit> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -425,14 +443,14 @@ impl Gateway {
                     log: self.logs(),
                 });
             }
-            if matches!(http_get(self.metrics_port, "/readyz"), Ok((200, _))) {
+            if started(http_get(self.metrics_port, "/readyz")) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
                 panic!(
-                    "pgwarden run was not ready (GET /readyz on 127.0.0.1:{} != 200) within {timeout:?}\n--- pgwarden log ---\n{}",
+                    "pgwarden run did not start (GET /readyz on 127.0.0.1:{}: neither 200 nor a failed upstream) within {timeout:?}\n--- pgwarden log ---\n{}",
                     self.metrics_port,
                     self.logs()
                 );

@@ -314,3 +314,22 @@ accesses:
     );
     assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
 }
+
+/// `pgwarden run` loads a policy with the same mistakes (they are valid) and
+/// logs each warning with its field path.
+#[test]
+fn run_warns_at_load_and_serves() {
+    use pgwarden_e2e::{policy_with_rules, GatewayBuilder};
+    let rules = format!("  defaultAction: Deny\n  rules:\n{MISTAKEN_RULES}");
+    let gw = GatewayBuilder::unconnected()
+        .policy_yaml(policy_with_rules(1, None, &rules))
+        .start();
+    let logs = gw.logs();
+    for needle in [
+        r#"policy warning: spec.rules[1].tables[0]: "orders" has no schema: it never matches; write "public.orders" or "*.orders""#,
+        r#"policy warning: spec.rules[3]: never decides"#,
+    ] {
+        assert!(logs.contains(needle), "{needle:?} missing:\n{logs}");
+    }
+    gw.assert_running();
+}

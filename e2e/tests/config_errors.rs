@@ -44,7 +44,11 @@ fn policy_with(from: &str, to: &str) -> String {
 #[test]
 fn control_default_config_starts() {
     let gw = GatewayBuilder::unconnected().start();
-    assert_eq!(gw.http_get("/readyz").0, 200);
+    // Listening with the configuration loaded; not ready only because
+    // nothing listens at its upstream.
+    let (code, body) = gw.http_get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.starts_with("not ready: upstream\n"), "{body}");
 }
 
 #[test]

@@ -105,11 +105,14 @@ fn health_endpoints_answer() {
 }
 
 #[test]
-fn ready_even_when_upstream_is_down() {
-    // readyz means "listening"; an unreachable database must not keep it from
-    // starting, and a client then gets a FATAL instead of a hang.
+fn listening_but_not_ready_when_upstream_is_down() {
+    // An unreachable database does not keep the gateway from starting, but
+    // it is not ready (/readyz names the policy and why: tests/readiness.rs),
+    // and a client gets a FATAL instead of a hang.
     let gw = GatewayBuilder::unconnected().start();
-    assert_eq!(gw.http_get("/readyz").0, 200);
+    let (code, body) = gw.http_get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("unreachable"), "{body}");
     let out = pgwarden_e2e::run_psql(&pgwarden_e2e::Endpoint::env(&gw), &["-c", "SELECT 1"], None);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -1,7 +1,6 @@
 //! `pgwarden run`: load the configuration, bind, serve until a signal.
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,7 +130,9 @@ async fn serve(
     opts: Arc<config::LoadOptions>,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
 ) -> anyhow::Result<()> {
-    let ready = Arc::new(AtomicBool::new(false));
+    // Ready once listening and every policy's upstream took our login.
+    let ready = Arc::new(observe::Readiness::default());
+    tokio::spawn(observe::watch_upstreams(shared.clone(), ready.clone()));
     if let Some(addr) = args.metrics_listen {
         let l = TcpListener::bind(addr)
             .await
@@ -156,8 +157,8 @@ async fn serve(
         shared.clone(),
         shipping,
     ));
-    info!(listen = %listener.local_addr()?, "pgwarden ready");
-    ready.store(true, Ordering::Release);
+    info!(listen = %listener.local_addr()?, "pgwarden listening");
+    ready.set_listening(true);
 
     let permits = Arc::new(Semaphore::new(args.max_connections));
     let login_slots = session::LoginSlots::new(
@@ -202,7 +203,7 @@ async fn serve(
             drop(permit);
         });
     }
-    ready.store(false, Ordering::Release);
+    ready.set_listening(false);
     drop(listener);
     // Idle sessions close now; busy ones after their request completes.
     let _ = shutdown_tx.send(true);
@@ -240,6 +241,10 @@ fn start_policies(
     limits: Limits,
 ) {
     for p in &cfg.policies {
+        // Valid but probably not meant (pgwarden check -f lists the same).
+        for w in p.spec.lint() {
+            warn!(policy.name = %p.id, "policy warning: {w}");
+        }
         // Token keys are fetched in the background: an issuer that is down
         // leaves the gateway ready, refusing logins with the fetch error.
         p.authenticator.start();

@@ -2,19 +2,18 @@
 //! an HTTP stack for this would cost more build time than the sidecar's whole
 //! data path; the request is bounded and only its first line is read.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::Metrics;
+use super::{Metrics, Readiness};
 
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
+pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<Readiness>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -35,7 +34,7 @@ pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, ready: Ar
 async fn respond(
     mut stream: TcpStream,
     metrics: &Metrics,
-    ready: &AtomicBool,
+    ready: &Readiness,
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
@@ -53,14 +52,10 @@ async fn respond(
     let (status, ctype, body) = match (method, path) {
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
-        ("GET", "/readyz") if ready.load(Ordering::Acquire) => {
-            ("200 OK", "text/plain", "ready\n".to_owned())
-        }
-        ("GET", "/readyz") => (
-            "503 Service Unavailable",
-            "text/plain",
-            "not ready\n".to_owned(),
-        ),
+        ("GET", "/readyz") => match ready.report(Instant::now()) {
+            (true, body) => ("200 OK", "text/plain", body),
+            (false, body) => ("503 Service Unavailable", "text/plain", body),
+        },
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
         _ => (
             "405 Method Not Allowed",

@@ -29,6 +29,9 @@ pub struct Metrics {
     pub sessions_reconfigured: IntCounterVec,
     /// Tasks alive on the gateway's runtime (flat across reloads).
     pub runtime_tasks: IntGauge,
+    /// The readiness check's own logins to each policy's upstream, by
+    /// result (ok, or the failure's kind).
+    pub upstream_checks: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -132,6 +135,11 @@ impl Metrics {
                 "startup_aborted_total",
                 "Client connections closed before login completed, by reason (timeout, per_source_limit)",
                 &["reason"],
+            ),
+            upstream_checks: counter_vec(
+                "upstream_login_checks_total",
+                "The readiness check's logins to the policies' upstreams, by result (ok, connect, tls, auth, refused, protocol, io)",
+                &["result"],
             ),
             recording_log_breaks: counter(
                 "recording_log_breaks_total",

@@ -1,9 +1,11 @@
 //! Observability: Prometheus metrics and the admin HTTP endpoints
-//! (/metrics, /healthz, /readyz). Labels are bounded enums — never a subject,
-//! a statement or a value.
+//! (/metrics, /healthz, /readyz with the upstream check behind it). Labels
+//! are bounded enums — never a subject, a statement or a value.
 
 mod http;
 mod metrics;
+pub mod ready;
 
 pub use http::serve_admin;
 pub use metrics::Metrics;
+pub use ready::{watch_upstreams, Readiness};
