@@ -1,0 +1,283 @@
+//! A faithful test Kubernetes API server for pgwarden's cluster tests (issue 15,
+//! DESIGN.md §8). The real `kubectl` and kube-rs talk to it unchanged: HTTPS with a
+//! throwaway CA, bearer-token users, RBAC on every request, discovery, CRDs whose
+//! resources are served with their schema validation, printer columns and status
+//! subresource, watches with bookmarks and 410 Gone, and an audit log.
+//!
+//! ```no_run
+//! let api = pgwarden_testapi::TestApiServer::start().unwrap();
+//! let out = api.kubectl("admin", &["get", "namespaces"]);
+//! assert!(out.status.success());
+//! ```
+//!
+//! Module map: [`server`] (transport, authn → authz → dispatch → audit), [`auth`]
+//! (tokens, kubeconfig), [`authz`] (RBAC), [`discovery`], [`registry`] (served
+//! types, CRD → type), [`storage`] (objects, resourceVersion, watch history),
+//! [`handlers`] (verbs, write pipeline), [`schema`] (CRD structural schemas),
+//! [`patch`], [`selectors`], [`table`], [`admission`] (plugin stages), [`audit`].
+//!
+//! Not yet here (later sessions): service-account tokens (TokenRequest,
+//! TokenReview, issuer discovery/JWKS — a second [`auth::Authenticator`]),
+//! admission webhooks (an [`admission::AdmissionPlugin`]), OpenAPI documents
+//! (`kubectl explain`), server-side apply, list pagination, strategic-merge list
+//! merge keys, ownerReference garbage collection, a Job controller, the pod runner.
+#![forbid(unsafe_code)]
+
+pub mod admission;
+pub mod audit;
+pub mod auth;
+pub mod authz;
+pub mod discovery;
+pub mod handlers;
+pub mod openapi;
+pub mod patch;
+pub mod pki;
+pub mod proto;
+pub mod registry;
+pub mod schema;
+pub mod selectors;
+pub mod server;
+pub mod status;
+pub mod storage;
+pub mod table;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+pub use audit::AuditEvent;
+pub use auth::{StaticUser, UserInfo};
+
+use crate::handlers::State;
+use crate::registry::Registry;
+use crate::storage::Store;
+
+/// Options of [`TestApiServer::start_with`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where the kubeconfig, PKI, audit log go; a temp dir (removed on drop) if unset.
+    pub dir: Option<PathBuf>,
+    /// Port on 127.0.0.1; 0 picks a free one.
+    pub port: u16,
+    pub users: Vec<StaticUser>,
+    /// How many changes watches can replay (older versions get 410 Gone).
+    pub history: usize,
+    pub bookmark_interval: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            dir: None,
+            port: 0,
+            users: auth::default_users(),
+            history: 10_000,
+            bookmark_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A running server; stops when dropped.
+pub struct TestApiServer {
+    state: Arc<State>,
+    url: String,
+    dir: PathBuf,
+    kubeconfig: PathBuf,
+    users: Vec<StaticUser>,
+    _tmp: Option<tempfile::TempDir>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn bootstrap(store: &mut Store) {
+    let ns = |name: &str| {
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+            "name": name, "uid": format!("ns-{name}"), "creationTimestamp": "2025-01-01T00:00:00Z",
+            "labels": {"kubernetes.io/metadata.name": name}},
+            "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+    };
+    for n in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        let _ = store.create("/namespaces", "", n, ns(n));
+        let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {
+            "name": "default", "namespace": n, "uid": format!("sa-{n}"),
+            "creationTimestamp": "2025-01-01T00:00:00Z"}});
+        let _ = store.create("/serviceaccounts", n, "default", sa);
+    }
+    for (key, mut obj) in authz::bootstrap_objects() {
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        obj["metadata"]["uid"] = json!(format!("rbac-{name}"));
+        obj["metadata"]["creationTimestamp"] = json!("2025-01-01T00:00:00Z");
+        let _ = store.create(key, "", &name, obj);
+    }
+}
+
+impl TestApiServer {
+    pub fn start() -> std::io::Result<TestApiServer> {
+        TestApiServer::start_with(Options::default())
+    }
+
+    pub fn start_with(opts: Options) -> std::io::Result<TestApiServer> {
+        let (tmp, dir) = match &opts.dir {
+            Some(d) => {
+                std::fs::create_dir_all(d)?;
+                (None, d.clone())
+            }
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("pgwarden-testapi-")
+                    .tempdir()?;
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+        };
+        let pki = pki::Pki::generate(&dir)?;
+        let acceptor = server::tls_acceptor(
+            &std::fs::read(&pki.server_cert)?,
+            &std::fs::read(&pki.server_key)?,
+        )?;
+        let std_listener = std::net::TcpListener::bind(("127.0.0.1", opts.port))?;
+        std_listener.set_nonblocking(true)?;
+        let addr = std_listener.local_addr()?;
+        let url = format!("https://{addr}");
+
+        let mut store = Store::new(Registry::with_builtins(), opts.history);
+        bootstrap(&mut store);
+        let state = Arc::new(State {
+            store: Mutex::new(store),
+            authenticators: vec![Box::new(auth::StaticTokens::new(&opts.users))],
+            audit: audit::Audit::new(Some(&dir.join("audit.log")))?,
+            admission: admission::Admission::default(),
+            server_addr: addr.to_string(),
+            bookmark_interval: opts.bookmark_interval,
+        });
+
+        let kubeconfig = dir.join("kubeconfig");
+        let current = opts
+            .users
+            .first()
+            .map(|u| u.name.clone())
+            .unwrap_or_default();
+        let kc = auth::kubeconfig(&url, &std::fs::read(&pki.ca_cert)?, &opts.users, &current);
+        std::fs::write(
+            &kubeconfig,
+            serde_json::to_string_pretty(&kc).unwrap_or_default(),
+        )?;
+
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let st = state.clone();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("testapi")
+            .enable_all()
+            .build()?;
+        let thread = std::thread::Builder::new()
+            .name("testapi".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(std_listener) else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = server::serve(listener, acceptor, st) => {}
+                        _ = rx => {}
+                    }
+                });
+                // Open watches end with the runtime.
+                rt.shutdown_timeout(Duration::from_millis(100));
+            })?;
+        Ok(TestApiServer {
+            state,
+            url,
+            dir,
+            kubeconfig,
+            users: opts.users,
+            _tmp: tmp,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// `https://127.0.0.1:PORT`
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    /// The bearer token of a static user.
+    pub fn token(&self, user: &str) -> Option<&str> {
+        self.users
+            .iter()
+            .find(|u| u.name == user)
+            .map(|u| u.token.as_str())
+    }
+
+    /// Every request so far, oldest first.
+    pub fn audit(&self) -> Vec<AuditEvent> {
+        self.state.audit.events()
+    }
+
+    /// Forgets the watch history (as etcd compaction): watches from any earlier
+    /// resourceVersion now get 410 Gone.
+    pub fn compact(&self) {
+        self.state.store().compact();
+    }
+
+    /// The stored object (as stored, at its storage version), bypassing the API.
+    pub fn stored(&self, group: &str, plural: &str, namespace: &str, name: &str) -> Option<Value> {
+        self.state
+            .store()
+            .get(&format!("{group}/{plural}"), namespace, name)
+            .cloned()
+    }
+
+    /// A `kubectl` command for context `context` with this server's kubeconfig and
+    /// its own discovery cache (the machine's kubectl dispatcher and discovery cache
+    /// must not leak between servers).
+    pub fn kubectl_command(&self, context: &str) -> Command {
+        let mut c = Command::new("kubectl");
+        c.arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--context")
+            .arg(context)
+            .arg("--cache-dir")
+            .arg(self.dir.join("kubectl-cache"))
+            .env_remove("KUBECONFIG");
+        c
+    }
+
+    /// Runs kubectl to completion.
+    pub fn kubectl(&self, context: &str, args: &[&str]) -> Output {
+        self.kubectl_command(context)
+            .args(args)
+            .output()
+            .expect("run kubectl")
+    }
+}
+
+impl Drop for TestApiServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! A minimal OpenAPI v3 surface: the index (`/openapi/v3`) and one document per
+//! group/version listing each resource's paths with the `x-kubernetes-group-version-kind`
+//! of its PATCH operation and the `fieldValidation` query parameter.
+//!
+//! That is what kubectl reads to decide that the server validates fields itself
+//! (it then sends `fieldValidation=Strict` instead of validating client-side; with no
+//! OpenAPI at all, `kubectl apply` refuses to run). Schemas are not published yet,
+//! so `kubectl explain` does not work; strategic-merge patch content types are
+//! advertised for built-in kinds, which makes kubectl use them as it does on a real
+//! server.
+
+use serde_json::{json, Map, Value};
+
+use crate::registry::Registry;
+
+fn gv_path(group: &str, version: &str) -> String {
+    if group.is_empty() {
+        format!("api/{version}")
+    } else {
+        format!("apis/{group}/{version}")
+    }
+}
+
+pub fn index(reg: &Registry) -> Value {
+    let mut paths = Map::new();
+    for (g, vs) in reg.groups() {
+        for v in vs {
+            let p = gv_path(&g, &v);
+            paths.insert(
+                p.clone(),
+                json!({"serverRelativeURL": format!("/openapi/v3/{p}")}),
+            );
+        }
+    }
+    json!({ "paths": paths })
+}
+
+/// The document of `api/v1` or `apis/<group>/<version>`.
+pub fn group_version(reg: &Registry, gv: &str) -> Option<Value> {
+    let mut paths = Map::new();
+    for t in reg.all() {
+        if gv_path(&t.group, &t.version) != gv || t.virtual_create {
+            continue;
+        }
+        let gvk = json!({"group": t.group, "version": t.version, "kind": t.kind});
+        let prefix = if t.namespaced {
+            format!("/{gv}/namespaces/{{namespace}}/{}", t.plural)
+        } else {
+            format!("/{gv}/{}", t.plural)
+        };
+        let mut content = Map::new();
+        content.insert("application/json-patch+json".into(), json!({}));
+        content.insert("application/merge-patch+json".into(), json!({}));
+        if t.crd_name.is_none() {
+            content.insert("application/strategic-merge-patch+json".into(), json!({}));
+        }
+        let params = json!([
+            {"name": "dryRun", "in": "query", "schema": {"type": "string"}},
+            {"name": "fieldManager", "in": "query", "schema": {"type": "string"}},
+            {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}},
+        ]);
+        paths.insert(
+            format!("{prefix}/{{name}}"),
+            json!({
+                "parameters": params,
+                "get": {"x-kubernetes-action": "get", "x-kubernetes-group-version-kind": gvk, "responses": {}},
+                "put": {"x-kubernetes-action": "put", "x-kubernetes-group-version-kind": gvk, "parameters": params, "responses": {}},
+                "patch": {"x-kubernetes-action": "patch", "x-kubernetes-group-version-kind": gvk,
+                          "parameters": params,
+                          "requestBody": {"content": content}, "responses": {}},
+                "delete": {"x-kubernetes-action": "delete", "x-kubernetes-group-version-kind": gvk, "responses": {}},
+            }),
+        );
+        paths.insert(
+            prefix,
+            json!({
+                "parameters": params,
+                "get": {"x-kubernetes-action": "list", "x-kubernetes-group-version-kind": gvk, "responses": {}},
+                "post": {"x-kubernetes-action": "post", "x-kubernetes-group-version-kind": gvk, "parameters": params, "responses": {}},
+            }),
+        );
+    }
+    if paths.is_empty() {
+        return None;
+    }
+    Some(json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes", "version": format!("v{}.{}.0", crate::discovery::MAJOR, crate::discovery::MINOR)},
+        "paths": paths,
+        "components": {"schemas": {}},
+    }))
+}

@@ -1,0 +1,85 @@
+//! A throwaway CA and a serving certificate for `localhost`/127.0.0.1, made with the
+//! openssl CLI like the rest of the e2e PKI (no certificate-generation crate needed;
+//! openssl is already a test prerequisite). Two invocations, a few milliseconds.
+//!
+//! The chain is a real CA plus a leaf (not a self-signed leaf): rustls/webpki, which
+//! kube-rs uses, refuses a CA certificate presented as the end entity.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, Clone)]
+pub struct Pki {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> std::io::Result<()> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "openssl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )))
+    }
+}
+
+impl Pki {
+    /// Writes `ca.crt`, `ca.key`, `apiserver.crt`, `apiserver.key` into `dir`.
+    pub fn generate(dir: &Path) -> std::io::Result<Pki> {
+        let p = |n: &str| dir.join(n);
+        let pki = Pki {
+            ca_cert: p("ca.crt"),
+            ca_key: p("ca.key"),
+            server_cert: p("apiserver.crt"),
+            server_key: p("apiserver.key"),
+        };
+        let s = |p: &PathBuf| p.to_string_lossy().into_owned();
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "30",
+                "-subj",
+                "/CN=pgwarden testapi CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+                "-keyout",
+                &s(&pki.ca_key),
+                "-out",
+                &s(&pki.ca_cert),
+            ],
+        )?;
+        // OpenSSL 3's `req -x509 -CA` signs the new key with the CA in one step.
+        openssl(
+            dir,
+            &[
+                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                "-nodes", "-days", "30", "-subj", "/CN=kube-apiserver",
+                "-CA", &s(&pki.ca_cert), "-CAkey", &s(&pki.ca_key),
+                "-addext", "basicConstraints=critical,CA:FALSE",
+                "-addext", "keyUsage=critical,digitalSignature,keyEncipherment",
+                "-addext", "extendedKeyUsage=serverAuth",
+                "-addext", "subjectAltName=DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc,IP:127.0.0.1",
+                "-keyout", &s(&pki.server_key), "-out", &s(&pki.server_cert),
+            ],
+        )?;
+        Ok(pki)
+    }
+}
