@@ -36,6 +36,10 @@ pub struct SnapshotPolicy {
     /// `spec.recording.store.postgres.dsnSecret`'s `dsn`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recording_dsn: Option<SecretString>,
+    /// Key of the approval fingerprints (HMAC), per policy, held by the
+    /// operator. Standalone: the state directory's own key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint_key: Option<SecretBytes>,
     /// Where the policy came from, for error messages (`policy.yaml`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
@@ -122,6 +126,7 @@ mod tests {
                 },
                 ca_pem: None,
                 recording_dsn: None,
+                fingerprint_key: None,
                 source: None,
             }],
             masking_key: Some(SecretBytes(vec![7; 32])),

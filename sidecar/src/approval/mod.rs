@@ -120,13 +120,18 @@ pub enum Waited {
     Pending,
 }
 
-/// How often a held statement looks for a decision.
-pub const POLL_EVERY: Duration = Duration::from_millis(200);
+/// How often the directory store looks for a decision another process
+/// (the CLI) wrote. A cluster store is told instead.
+const POLL_EVERY: Duration = Duration::from_millis(200);
 
 impl Approvals {
+    /// One policy's approvals kept in `state_dir`. `key` is the fingerprint
+    /// key the configuration gives (in a cluster, the operator's per-policy
+    /// key); without one, the state directory's own.
     #[allow(clippy::too_many_arguments)]
     pub fn open_dir(
         state_dir: &Path,
+        key: Option<Vec<u8>>,
         settings: Option<&ApprovalSettings>,
         policy: &str,
         namespace: &str,
@@ -135,7 +140,10 @@ impl Approvals {
         service_account: Option<String>,
     ) -> Result<Self, StoreError> {
         let store = DirStore::open(state_dir)?;
-        let key = store.fingerprint_key()?;
+        let key = match key {
+            Some(k) => k,
+            None => store.fingerprint_key()?,
+        };
         let defaults = ApprovalSettings::default();
         let settings = settings.unwrap_or(&defaults);
         Ok(Approvals {
@@ -219,6 +227,28 @@ impl Approvals {
                 Ok(Opened::Pending(r))
             })
             .await
+    }
+
+    /// Resolves once request `id` is no longer pending (decided, expired,
+    /// gone). Reads only, so it is safe to drop at any point (the relay
+    /// selects on it with the client, cancel, shutdown and the deadline);
+    /// `check` then claims. The directory store learns of a decision by
+    /// looking every 200 ms (the reviewer's CLI is another process).
+    pub async fn decided(&self, id: &str) {
+        loop {
+            let id = id.to_owned();
+            let pending = self
+                .store
+                .blocking(move |s| {
+                    let r = s.get(&id)?;
+                    Ok(request::phase(&r, Timestamp::now()) == ApprovalPhase::Pending)
+                })
+                .await;
+            if !matches!(pending, Ok(true)) {
+                return;
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
     }
 
     /// Look at a request once; claims it when it has been approved.

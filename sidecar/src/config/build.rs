@@ -170,6 +170,7 @@ fn build_policy(
             };
             match Approvals::open_dir(
                 dir,
+                p.fingerprint_key.as_ref().map(|k| k.0.clone()),
                 p.spec.approval.as_ref(),
                 &p.name,
                 &p.namespace,

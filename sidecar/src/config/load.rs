@@ -458,6 +458,7 @@ fn snapshot_policy(
         credential: credential?,
         ca_pem,
         recording_dsn,
+        fingerprint_key: None,
         source: Some(p.file.to_string_lossy().into_owned()),
     })
 }

@@ -1229,7 +1229,9 @@ impl Frontend<'_> {
             // client that goes away is noticed.
             let may_read = frames.buffered().len() < approve::MAX_BUFFERED_WHILE_HELD;
             tokio::select! {
-                _ = tokio::time::sleep(crate::approval::POLL_EVERY) => {}
+                // Only looks: the claim is made below, outside the select.
+                _ = approvals.decided(&id) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
                 _ = self.interrupt.notified() => {
                     tracing::info!(request = %id, "wait for approval cancelled by the client");
                     return Ok(Err((messages::cancelled(&req), Some(req))));
