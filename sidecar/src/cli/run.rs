@@ -132,7 +132,13 @@ async fn serve(
 ) -> anyhow::Result<()> {
     // Ready once listening and every policy's upstream took our login.
     let ready = Arc::new(observe::Readiness::default());
-    tokio::spawn(observe::watch_upstreams(shared.clone(), ready.clone()));
+    let config = shared.clone();
+    tokio::spawn(observe::watch_upstreams(
+        move || config.config.current(),
+        shared.metrics.clone(),
+        shared.limits,
+        ready.clone(),
+    ));
     if let Some(addr) = args.metrics_listen {
         let l = TcpListener::bind(addr)
             .await

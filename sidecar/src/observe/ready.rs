@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use pgwarden_api::DatabaseTarget;
 
 use super::Metrics;
-use crate::session::Shared;
+use crate::config::GatewayConfig;
 use crate::upstream::{self, Credential, UpstreamError, UpstreamTarget};
+use crate::wire::Limits;
 
 /// Between two checks of an upstream that works.
 pub const RECHECK: Duration = Duration::from_secs(10);
@@ -221,14 +222,18 @@ fn backoff(failures: u32) -> Duration {
 }
 
 /// Log in to every policy's upstream, for as long as the gateway runs.
-pub async fn watch_upstreams(shared: Arc<Shared>, readiness: Arc<Readiness>) {
+/// `current` is the configuration in force (it changes on reload).
+pub async fn watch_upstreams(
+    current: impl Fn() -> Option<Arc<GatewayConfig>>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    readiness: Arc<Readiness>,
+) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let policies: Vec<_> = shared
-            .config
-            .current()
+        let policies: Vec<_> = current()
             .map(|cfg| {
                 cfg.policies
                     .iter()
@@ -243,8 +248,7 @@ pub async fn watch_upstreams(shared: Arc<Shared>, readiness: Arc<Readiness>) {
             })
             .unwrap_or_default();
         for (id, target, key) in readiness.due(&policies, Instant::now()) {
-            let (readiness, metrics, limits) =
-                (readiness.clone(), shared.metrics.clone(), shared.limits);
+            let (readiness, metrics) = (readiness.clone(), metrics.clone());
             tokio::spawn(async move {
                 let outcome = match upstream::connect(&target, &[], limits).await {
                     Ok(mut up) => {

@@ -914,12 +914,14 @@ impl Frontend<'_> {
             }
         }
         let (verdict, j) = self.policy.gate.judge_judged(j, &mut self.session);
-        // The deciding rule, for the recording only.
-        let rule = self
-            .log
-            .and_then(|_| j.outcome.as_ref().ok())
-            .and_then(|d| d.rule_name())
-            .map(str::to_owned);
+        // The deciding rule, for the recording only: from the decision in
+        // this session (user code, EXECUTE), as the verdict is.
+        let rule = self.log.and_then(|_| {
+            self.policy
+                .gate
+                .decide_in_session(&j, &self.session)
+                .and_then(|d| d.rule_name().map(str::to_owned))
+        });
         let hold = match verdict {
             Verdict::Refuse(err) => return Judging::Done(Judged::Refuse(err), rule, j),
             Verdict::Allow => None,
