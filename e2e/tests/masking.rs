@@ -397,3 +397,45 @@ async fn tokio_postgres_binary_results() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+/// tokio-postgres sends Bind, Execute and Sync before its COPY data; the
+/// server ignores that Sync. Masking attributes replies to requests, so it
+/// must not count it: the masked reads after the copy stay masked.
+#[tokio::test]
+async fn masked_reads_after_a_copy_in_stay_masked() {
+    use futures_util::SinkExt;
+    let s = setup();
+    let (client, conn) = tokio_postgres::connect(&s.gw.conninfo(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let sink = client
+        .copy_in("COPY orders (id, customer_id, note) FROM STDIN (FORMAT csv)")
+        .await
+        .unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"11,1,copied\n12,1,copied\n"))
+        .await
+        .unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 2);
+    let card = client
+        .prepare("SELECT card_number, email FROM customers WHERE id = 1")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let row = client.query_one(&card, &[]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), "************1234");
+        assert_eq!(row.get::<_, String>(1), "****@example.com");
+        let rows = client
+            .simple_query("SELECT card_number, upper(email) FROM customers")
+            .await
+            .unwrap();
+        assert_no_leak("simple query after copy", &format!("{rows:?}"));
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM orders", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 3);
+    }
+}

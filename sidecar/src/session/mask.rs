@@ -41,6 +41,9 @@ pub enum Slot {
     ClientDescribe,
     Execute(String),
     Sync,
+    /// The last n Syncs sent went to a server in COPY FROM STDIN, which
+    /// ignores them: they end no request.
+    IgnoredSyncs(u64),
 }
 
 /// A pair of session halves sharing one session's masking state.
@@ -161,6 +164,12 @@ impl FrontMask {
     pub fn sync(&mut self) {
         self.send(Slot::Sync);
     }
+
+    pub fn ignored_syncs(&mut self, n: u64) {
+        if n > 0 {
+            self.send(Slot::IgnoredSyncs(n));
+        }
+    }
 }
 
 struct Portal {
@@ -199,7 +208,20 @@ impl BackMask {
     /// rather than risk passing a row unmasked.
     pub fn on_message(&mut self, ty: u8, body: &[u8]) -> Result<Disposition, String> {
         while let Ok(s) = self.slots.try_recv() {
-            self.queue.push_back(s);
+            match s {
+                // Take back the Syncs the server ignored: the latest ones.
+                Slot::IgnoredSyncs(mut n) => {
+                    let mut i = self.queue.len();
+                    while n > 0 && i > 0 {
+                        i -= 1;
+                        if matches!(self.queue[i], Slot::Sync) {
+                            self.queue.remove(i);
+                            n -= 1;
+                        }
+                    }
+                }
+                s => self.queue.push_back(s),
+            }
         }
         let scan = !self.masking.rules.detectors().is_empty();
         Ok(match ty {

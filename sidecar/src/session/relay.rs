@@ -1029,6 +1029,9 @@ impl Frontend<'_> {
                 ServerEvent::CopyIn { request, executes } => {
                     match self.ledger.copy_started(request, executes) {
                         Ok(c) => {
+                            if let Some(m) = &mut self.mask {
+                                m.ignored_syncs(c.ignored);
+                            }
                             self.requests_sent -= c.ignored;
                             self.clock
                                 .requests_ignored(u32::try_from(c.ignored).unwrap_or(u32::MAX));
