@@ -152,6 +152,14 @@ async fn removing_the_subject_ends_its_open_session_with_the_reason() {
         .start();
     let (client, conn) = connect(&gw).await;
     allowed(&client, "SELECT * FROM orders").await.unwrap();
+    // A second session that only executes what it prepared before the edit
+    // (Bind/Execute/Sync: no new statement text).
+    let (prepared_client, _c) = connect(&gw).await;
+    let stmt = prepared_client
+        .prepare("SELECT total FROM orders WHERE id = $1")
+        .await
+        .unwrap();
+    prepared_client.query(&stmt, &[&1i32]).await.unwrap();
 
     // The policy now trusts local clients as somebody else.
     let text = policy_with_rules(pg.port(), None, &rules("\"public.orders\"")).replace(
@@ -176,6 +184,15 @@ async fn removing_the_subject_ends_its_open_session_with_the_reason() {
     assert!(err.starts_with("28000"), "{err}");
     assert!(err.contains("access revoked"), "{err}");
     assert!(err.contains("dev"), "{err}");
+    let again = prepared_client.query(&stmt, &[&1i32]).await.unwrap_err();
+    let again = again
+        .as_db_error()
+        .map(|d| format!("{} {}", d.code().code(), d.message()))
+        .unwrap_or_else(|| again.to_string());
+    assert!(
+        again.starts_with("28000"),
+        "a prepared statement ran after revocation: {again}"
+    );
     // The connection is closed, not left open.
     let closed = tokio::time::timeout(Duration::from_secs(5), conn).await;
     assert!(closed.is_ok(), "the revoked connection stayed open");

@@ -470,8 +470,12 @@ impl Frontend<'_> {
                         return End::ClientViolation(PgError::protocol_violation(e.to_string()));
                     }
                 };
-                if matches!(frame.ty, b'Q' | b'P') && self.live.generation() != self.generation {
-                    // A new configuration: this statement is judged by it.
+                if matches!(frame.ty, b'Q' | b'P' | b'B' | b'F')
+                    && self.live.generation() != self.generation
+                {
+                    // A new configuration: this statement is judged by it, and
+                    // a Bind of a prepared statement still meets revocation
+                    // (its verdict was given at Parse).
                     if let Err(err) = self.reconfigure().await {
                         let _ = write(w, &mut out).await;
                         return End::Reconfigured(err);
