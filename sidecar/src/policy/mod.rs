@@ -254,9 +254,23 @@ impl Gate {
         j: Arc<Judgement>,
         session: &mut SessionState,
     ) -> (Verdict, Arc<Judgement>) {
-        let v = self.verdict(&j, session);
+        let (v, _) = self.verdict(&j, session, false);
         self.learn_definitions(&j);
         (v, j)
+    }
+
+    /// `judge_judged`, with the deciding rule's name when `rule` is asked
+    /// for (the recording), from the same decision in this session: decided
+    /// once.
+    pub fn judge_judged_with_rule(
+        &self,
+        j: &Judgement,
+        session: &SessionState,
+        rule: bool,
+    ) -> (Verdict, Option<String>) {
+        let v = self.verdict(j, session, rule);
+        self.learn_definitions(j);
+        v
     }
 
     /// Names a text defines as user code are learnt whatever its verdict:
@@ -339,28 +353,36 @@ impl Gate {
             .any(|s| s.attribute_refs.iter().any(|n| uc.functions.contains(n)))
     }
 
-    fn verdict(&self, j: &Judgement, session: &SessionState) -> Verdict {
+    /// The verdict, and the deciding rule's name when `rule` is asked for.
+    fn verdict(
+        &self,
+        j: &Judgement,
+        session: &SessionState,
+        rule: bool,
+    ) -> (Verdict, Option<String>) {
         match &j.outcome {
             Ok(_) => {}
             Err(AnalyzeError::Parse(_)) => {
-                return Verdict::Refuse(PgError::syntax_error(j.reason()))
+                return (Verdict::Refuse(PgError::syntax_error(j.reason())), None)
             }
             Err(AnalyzeError::TooLarge(_)) => {
-                return Verdict::Refuse(PgError::limit_exceeded(j.reason()))
+                return (Verdict::Refuse(PgError::limit_exceeded(j.reason())), None)
             }
-            Err(_) => return Verdict::Refuse(PgError::denied(j.reason())),
+            Err(_) => return (Verdict::Refuse(PgError::denied(j.reason())), None),
         }
         // Refined even when a human must approve: a text the session state
         // denies outright (EXECUTE of an unknown name, user code) is never
         // put in front of a reviewer.
         let Some(d) = self.decide_in_session(j, session) else {
-            return Verdict::Refuse(PgError::denied(j.reason()));
+            return (Verdict::Refuse(PgError::denied(j.reason())), None);
         };
-        match d.action {
+        let name = rule.then(|| d.rule_name().map(str::to_owned)).flatten();
+        let v = match d.action {
             Action::Allow => Verdict::Allow,
             Action::RequireApproval => Verdict::RequireApproval(d.reason()),
             Action::Deny => Verdict::Refuse(PgError::denied(d.reason())),
-        }
+        };
+        (v, name)
     }
 
     /// The decision on a judged text in this session: the cached, text-only

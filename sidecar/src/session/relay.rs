@@ -917,15 +917,12 @@ impl Frontend<'_> {
                 _ => {}
             }
         }
-        let (verdict, j) = self.policy.gate.judge_judged(j, &mut self.session);
-        // The deciding rule, for the recording only: from the decision in
-        // this session (user code, EXECUTE), as the verdict is.
-        let rule = self.log.and_then(|_| {
+        // The deciding rule is for the recording only; it comes from the
+        // same decision in this session (user code, EXECUTE) as the verdict.
+        let (verdict, rule) =
             self.policy
                 .gate
-                .decide_in_session(&j, &self.session)
-                .and_then(|d| d.rule_name().map(str::to_owned))
-        });
+                .judge_judged_with_rule(&j, &self.session, self.log.is_some());
         let hold = match verdict {
             Verdict::Refuse(err) => return Judging::Done(Judged::Refuse(err), rule, j),
             Verdict::Allow => None,
