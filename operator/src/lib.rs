@@ -10,6 +10,7 @@
 //!   snapshots down, ACK/NACK up).
 //! - `controller`: policy status (validate, conditions, selected/applied sidecars,
 //!   Events); runs on the leader only (`leader`).
+//! - `sidecars`: which sidecars are connected and what each acknowledged.
 //! - `observe`: /metrics, /healthz, /readyz.
 
 pub mod args;
@@ -18,6 +19,7 @@ pub mod index;
 pub mod keys;
 pub mod leader;
 pub mod observe;
+pub mod sidecars;
 pub mod stream;
 
 pub fn main() -> std::process::ExitCode {
