@@ -8,7 +8,8 @@
 # The binaries link glibc dynamically (libpg_query is C), hence the `cc`
 # distroless image rather than `static`.
 
-FROM rust:1.89-bookworm AS build
+# The toolchain CI uses (rustc 1.95); the workspace needs at least 1.89.
+FROM rust:1.95-bookworm AS build
 # pg_query builds libpg_query with bindgen, which needs libclang.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libclang-dev \
