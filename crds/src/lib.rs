@@ -33,8 +33,10 @@ use kube::CustomResourceExt;
 /// `apiVersion` of every pgwarden resource.
 pub const API_VERSION: &str = "pgwarden.io/v1alpha1";
 
-/// The command that regenerates the committed CRD files.
-pub const CRDGEN_COMMAND: &str = "cargo run -p pgwarden-api --bin crdgen -- --write crds";
+/// The command that regenerates the committed CRD files (crds/ and the Helm
+/// chart's copy, which Helm needs inside the chart directory).
+pub const CRDGEN_COMMAND: &str =
+    "cargo run -p pgwarden-api --bin crdgen -- --write crds --write charts/pgwarden/crds";
 
 /// Every CRD as `(file name, YAML)`, in a stable order. The single source for the
 /// `crdgen` binary and the test that keeps `crds/*.yaml` in sync.
