@@ -11,6 +11,7 @@ mod lint;
 mod policy;
 mod schema;
 mod snapshot;
+pub mod stream;
 mod validate;
 
 pub use approval::{
@@ -32,6 +33,15 @@ use kube::CustomResourceExt;
 
 /// `apiVersion` of every pgwarden resource.
 pub const API_VERSION: &str = "pgwarden.io/v1alpha1";
+
+/// The audience of the sidecar's projected token, the only one the config
+/// stream accepts. Never one a client may present as its Postgres password
+/// (a token an app container can hold must never fetch a snapshot).
+pub const SIDECAR_AUDIENCE: &str = "pgwarden.io/sidecar";
+
+/// Set by the operator's injection webhook on every pod it injected; the
+/// config stream serves only such pods.
+pub const INJECTED_ANNOTATION: &str = "pgwarden.io/injected";
 
 /// The command that regenerates the committed CRD files (crds/ and the Helm
 /// chart's copy, which Helm needs inside the chart directory).
