@@ -4,6 +4,13 @@
 
 use std::collections::HashMap;
 
+/// A client's token may never carry the audience of the sidecar's own token:
+/// a token an app container can hold must not be able to fetch a snapshot
+/// (which holds the database credential), and the sidecar's token must not
+/// log in as a client.
+const SIDECAR_AUDIENCE_RESERVED: &str =
+    "pgwarden.io/sidecar is reserved for the sidecar's own token; choose another audience (for example pgwarden)";
+
 use crate::{DatabaseAccessPolicySpec, Duration, MaskStrategy, StatementClass, TlsMode};
 
 /// One problem in a policy, located by its path in the object.
@@ -119,6 +126,11 @@ impl DatabaseAccessPolicySpec {
                 errs.push(format!("{P}.audiences"), "must list at least one audience");
             }
             errs.non_empty_items(&format!("{P}.audiences"), &oidc.audiences);
+            for (i, aud) in oidc.audiences.iter().enumerate() {
+                if aud == crate::SIDECAR_AUDIENCE {
+                    errs.push(format!("{P}.audiences[{i}]"), SIDECAR_AUDIENCE_RESERVED);
+                }
+            }
             errs.non_empty_items(&format!("{P}.subjects"), &oidc.subjects);
             if let Some(Err(why)) = oidc.jwks_uri.as_deref().map(check_url) {
                 errs.push(format!("{P}.jwksUri"), why);
@@ -129,6 +141,12 @@ impl DatabaseAccessPolicySpec {
         }
         if let Some(k8s) = &id.kubernetes {
             errs.non_empty("spec.identity.kubernetes.audience", &k8s.audience);
+            if k8s.audience == crate::SIDECAR_AUDIENCE {
+                errs.push(
+                    "spec.identity.kubernetes.audience",
+                    SIDECAR_AUDIENCE_RESERVED,
+                );
+            }
         }
         if let Some(local) = &id.local_trust {
             errs.non_empty("spec.identity.localTrust.subject", &local.subject);

@@ -188,6 +188,18 @@ fn each_check_reports_its_path() {
             "empty",
         ),
         (
+            "kubernetes audience of the sidecar's own token",
+            |s| kubernetes_only(s, "pgwarden.io/sidecar"),
+            "spec.identity.kubernetes.audience",
+            "reserved",
+        ),
+        (
+            "oidc audience of the sidecar's own token",
+            |s| oidc(s).audiences.push("pgwarden.io/sidecar".into()),
+            "spec.identity.oidc.audiences[1]",
+            "reserved",
+        ),
+        (
             "empty localTrust subject",
             |s| {
                 s.identity.oidc = None;
