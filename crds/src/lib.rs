@@ -43,15 +43,6 @@ pub const SIDECAR_AUDIENCE: &str = "pgwarden.io/sidecar";
 /// config stream serves only such pods.
 pub const INJECTED_ANNOTATION: &str = "pgwarden.io/injected";
 
-/// The audience of the sidecar's projected token, the only one the config
-/// stream accepts. Never one a client may present as its Postgres password
-/// (a token an app container can hold must never fetch a snapshot).
-pub const SIDECAR_AUDIENCE: &str = "pgwarden.io/sidecar";
-
-/// Set by the operator's injection webhook on every pod it injected; the
-/// config stream serves only such pods.
-pub const INJECTED_ANNOTATION: &str = "pgwarden.io/injected";
-
 /// The command that regenerates the committed CRD files (crds/ and the Helm
 /// chart's copy, which Helm needs inside the chart directory).
 pub const CRDGEN_COMMAND: &str =
