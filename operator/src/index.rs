@@ -32,6 +32,15 @@ pub trait KeySource: Send + Sync {
     fn fingerprint_key(&self, namespace: &str, policy: &str) -> Option<SecretBytes>;
 }
 
+impl KeySource for crate::keys::Keys {
+    fn masking_key(&self) -> Option<SecretBytes> {
+        Some(crate::keys::Keys::masking_key(self))
+    }
+    fn fingerprint_key(&self, namespace: &str, policy: &str) -> Option<SecretBytes> {
+        Some(crate::keys::Keys::fingerprint_key(self, namespace, policy))
+    }
+}
+
 /// Whether a `podSelector` selects a pod with these labels. An absent
 /// selector selects every injected pod of the namespace; an empty one too
 /// (as in Kubernetes). A selector that cannot be read selects nothing.
