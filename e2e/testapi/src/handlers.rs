@@ -646,6 +646,7 @@ fn prepare_create_builtin(rt: &ResourceType, obj: &mut Value) {
             }
         }
         ("", "secrets") if obj["type"].is_null() => obj["type"] = json!("Opaque"),
+        ("batch", "jobs") => crate::jobs::default_new_job(obj),
         _ => {}
     }
 }
@@ -1125,6 +1126,19 @@ async fn delete(
     }
     if dry_run {
         return Ok(Reply::ok(200, present(rt, old)));
+    }
+    // Orphan/Foreground propagation: the garbage collector's finalizer keeps the
+    // object (marked for deletion) until it has dealt with the dependents.
+    let mut old = old;
+    if let Some(f) = crate::gc::deletion_finalizer(rt, &opts) {
+        let mut fs = old["metadata"]["finalizers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if !fs.iter().any(|x| x == f) {
+            fs.push(json!(f));
+            old["metadata"]["finalizers"] = Value::Array(fs);
+        }
     }
     let has_finalizers = old["metadata"]["finalizers"]
         .as_array()

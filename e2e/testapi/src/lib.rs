@@ -27,8 +27,11 @@ pub mod admission;
 pub mod audit;
 pub mod auth;
 pub mod authz;
+pub mod controllers;
 pub mod discovery;
+pub mod gc;
 pub mod handlers;
+pub mod jobs;
 pub mod openapi;
 pub mod patch;
 pub mod pki;
@@ -180,6 +183,8 @@ impl TestApiServer {
             .name("testapi".into())
             .spawn(move || {
                 rt.block_on(async move {
+                    // The garbage collector and the Job controller.
+                    controllers::spawn(st.clone());
                     let Ok(listener) = tokio::net::TcpListener::from_std(std_listener) else {
                         return;
                     };
@@ -226,6 +231,11 @@ impl TestApiServer {
             .iter()
             .find(|u| u.name == user)
             .map(|u| u.token.as_str())
+    }
+
+    /// The server's shared state (in-process control-plane components use it).
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
     }
 
     /// Every request so far, oldest first.
