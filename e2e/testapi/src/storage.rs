@@ -97,6 +97,11 @@ impl Store {
             .collect()
     }
 
+    /// Every object with its key (the garbage collector's scan).
+    pub fn iter(&self) -> impl Iterator<Item = (&ObjKey, &Value)> {
+        self.objects.iter()
+    }
+
     /// Every object in a namespace, of any type (namespace deletion).
     pub fn keys_in_namespace(&self, ns: &str) -> Vec<ObjKey> {
         self.objects
