@@ -304,6 +304,41 @@ pub fn bootstrap_objects() -> Vec<(&'static str, Value)> {
                 &["system:authenticated", "system:unauthenticated"],
             ),
         ),
+        (
+            crs,
+            cr(
+                "system:service-account-issuer-discovery",
+                json!([{"nonResourceURLs": ["/.well-known/openid-configuration",
+            "/.well-known/openid-configuration/", "/openid/v1/jwks", "/openid/v1/jwks/"], "verbs": ["get"]}]),
+            ),
+        ),
+        (
+            crs,
+            cr(
+                "system:auth-delegator",
+                json!([{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+            {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]}]),
+            ),
+        ),
+        (
+            crbs,
+            crb(
+                "system:service-account-issuer-discovery",
+                "system:service-account-issuer-discovery",
+                &["system:serviceaccounts"],
+            ),
+        ),
+        // Not a default binding: the one the Kubernetes docs give for letting relying
+        // parties outside the cluster fetch the issuer's keys anonymously (what a
+        // workload-identity setup adds; tests verify tokens with the JWKS this way).
+        (
+            crbs,
+            crb(
+                "service-account-issuer-discovery-public",
+                "system:service-account-issuer-discovery",
+                &["system:authenticated", "system:unauthenticated"],
+            ),
+        ),
     ]
 }
 

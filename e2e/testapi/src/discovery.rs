@@ -76,6 +76,13 @@ pub fn resources(reg: &Registry, group: &str, version: &str) -> Option<Value> {
             r["categories"] = json!(t.categories);
         }
         out.push(r);
+        if t.group.is_empty() && t.plural == "serviceaccounts" {
+            out.push(json!({
+                "name": "serviceaccounts/token", "singularName": "", "namespaced": true,
+                "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest",
+                "verbs": ["create"],
+            }));
+        }
         if t.status_subresource {
             out.push(json!({
                 "name": format!("{}/status", t.plural), "singularName": "",

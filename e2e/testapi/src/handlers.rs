@@ -28,6 +28,8 @@ use crate::table;
 /// Everything a request handler needs.
 pub struct State {
     pub store: Mutex<Store>,
+    /// Service-account tokens: TokenRequest, TokenReview, bearer authentication.
+    pub issuer: crate::tokens::Issuer,
     pub authenticators: Vec<Box<dyn Authenticator>>,
     pub audit: Audit,
     pub admission: Admission,
@@ -263,8 +265,8 @@ async fn handle_inner(state: &Arc<State>, req: &Req, info: &RequestInfo) -> ApiR
         .registry
         .get(&a.group, &info.version, &a.resource)
         .ok_or_else(ApiError::path_not_found)?;
-    // `status` is the only subresource served so far.
-    let served_subresource = a.subresource == "status" && rt.status_subresource;
+    let served_subresource = (a.subresource == "status" && rt.status_subresource)
+        || (a.subresource == "token" && rt.group.is_empty() && rt.plural == "serviceaccounts");
     if !a.subresource.is_empty() && !served_subresource {
         return Err(ApiError::path_not_found());
     }
@@ -276,6 +278,12 @@ async fn handle_inner(state: &Arc<State>, req: &Req, info: &RequestInfo) -> ApiR
     } else {
         String::new()
     };
+    if a.subresource == "token" {
+        return match a.verb.as_str() {
+            "create" => token_request(state, req, &ns, &a.name).map(|v| Reply::ok(201, v)),
+            _ => Err(ApiError::method_not_allowed()),
+        };
+    }
     if rt.virtual_create {
         return match a.verb.as_str() {
             "create" => access_review(state, req, &rt).map(|v| Reply::ok(201, v)),
@@ -1185,10 +1193,43 @@ async fn delete(
     Ok(Reply::ok(200, present(rt, gone)))
 }
 
-/// SelfSubjectAccessReview, SubjectAccessReview, SelfSubjectReview.
+/// `serviceaccounts/NAME/token` (a TokenRequest of authentication.k8s.io/v1).
+fn token_request(state: &State, req: &Req, ns: &str, name: &str) -> ApiResult<Value> {
+    let body = decode_body(req)?;
+    let av = body["apiVersion"].as_str().unwrap_or_default();
+    let kind = body["kind"].as_str().unwrap_or_default();
+    if (kind, av) != ("TokenRequest", "authentication.k8s.io/v1") {
+        return Err(ApiError::bad_request(format!(
+            "the object provided is unrecognized (must be of type TokenRequest): {av}, Kind={kind}"
+        )));
+    }
+    let now = jiff::Timestamp::now().as_second();
+    state
+        .issuer
+        .token_request(&state.store(), ns, name, &body, now)
+}
+
+/// SelfSubjectAccessReview, SubjectAccessReview, SelfSubjectReview, TokenReview.
 fn access_review(state: &State, req: &Req, rt: &ResourceType) -> ApiResult<Value> {
     let mut body = decode_body(req)?;
     check_type(rt, &body)?;
+    if rt.kind == "TokenReview" {
+        if body["spec"]["token"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty()
+        {
+            return Err(ApiError::invalid(
+                &rt.kind,
+                &rt.group,
+                "",
+                vec![Cause::required("spec.token")],
+            ));
+        }
+        let store = state.store();
+        let others = |t: &str| state.authenticators.iter().find_map(|a| a.authenticate(t));
+        return Ok(state.issuer.token_review(&store, &body, &others));
+    }
     if rt.kind == "SelfSubjectReview" {
         body["status"] = json!({"userInfo": req.user.to_json()});
         body["metadata"] = json!({"creationTimestamp": null});

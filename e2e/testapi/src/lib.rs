@@ -43,6 +43,7 @@ pub mod server;
 pub mod status;
 pub mod storage;
 pub mod table;
+pub mod tokens;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -69,6 +70,11 @@ pub struct Options {
     /// How many changes watches can replay (older versions get 410 Gone).
     pub history: usize,
     pub bookmark_interval: Duration,
+    /// Shortest TokenRequest `expirationSeconds` (600 s on a real server); tests
+    /// lower it to watch tokens expire.
+    pub min_token_expiration: Duration,
+    /// Clock skew tolerated on service-account token times (real: 1 minute).
+    pub token_leeway: Duration,
 }
 
 impl Default for Options {
@@ -79,6 +85,8 @@ impl Default for Options {
             users: auth::default_users(),
             history: 10_000,
             bookmark_interval: Duration::from_secs(1),
+            min_token_expiration: Duration::from_secs(600),
+            token_leeway: Duration::from_secs(60),
         }
     }
 }
@@ -151,7 +159,9 @@ impl TestApiServer {
 
         let mut store = Store::new(Registry::with_builtins(), opts.history);
         bootstrap(&mut store);
+        let issuer = tokens::Issuer::generate(&url, opts.min_token_expiration, opts.token_leeway)?;
         let state = Arc::new(State {
+            issuer,
             store: Mutex::new(store),
             authenticators: vec![Box::new(auth::StaticTokens::new(&opts.users))],
             audit: audit::Audit::new(Some(&dir.join("audit.log")))?,
@@ -231,6 +241,43 @@ impl TestApiServer {
             .iter()
             .find(|u| u.name == user)
             .map(|u| u.token.as_str())
+    }
+
+    /// Mints a service-account token as `POST .../serviceaccounts/SA/token` would
+    /// (same checks: the SA and the bound pod must exist). `audiences` empty: the
+    /// API server's own; `ttl` `None`: one hour.
+    pub fn token_request(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        audiences: &[&str],
+        pod: Option<&str>,
+        ttl: Option<Duration>,
+    ) -> Result<String, status::ApiError> {
+        let mut spec = json!({ "audiences": audiences });
+        if let Some(t) = ttl {
+            spec["expirationSeconds"] = json!(t.as_secs());
+        }
+        if let Some(p) = pod {
+            spec["boundObjectRef"] = json!({"kind": "Pod", "apiVersion": "v1", "name": p});
+        }
+        let now = jiff::Timestamp::now().as_second();
+        let r = self.state.issuer.token_request(
+            &self.state.store(),
+            namespace,
+            service_account,
+            &json!({ "spec": spec }),
+            now,
+        )?;
+        Ok(r["status"]["token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    /// The service-account token issuer (`iss`, the JWKS).
+    pub fn issuer(&self) -> &tokens::Issuer {
+        &self.state.issuer
     }
 
     /// The server's shared state (in-process control-plane components use it).

@@ -39,7 +39,7 @@ pub fn index(reg: &Registry) -> Value {
 pub fn group_version(reg: &Registry, gv: &str) -> Option<Value> {
     let mut paths = Map::new();
     for t in reg.all() {
-        if gv_path(&t.group, &t.version) != gv || t.virtual_create {
+        if gv_path(&t.group, &t.version) != gv {
             continue;
         }
         let gvk = json!({"group": t.group, "version": t.version, "kind": t.kind});
@@ -48,17 +48,27 @@ pub fn group_version(reg: &Registry, gv: &str) -> Option<Value> {
         } else {
             format!("/{gv}/{}", t.plural)
         };
+        let params = json!([
+            {"name": "dryRun", "in": "query", "schema": {"type": "string"}},
+            {"name": "fieldManager", "in": "query", "schema": {"type": "string"}},
+            {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}},
+        ]);
+        if t.virtual_create {
+            // Reviews: create only (`kubectl create -f` of a TokenReview needs the
+            // group's document, with fieldValidation, or it validates client-side).
+            paths.insert(
+                prefix,
+                json!({"parameters": params, "post": {"x-kubernetes-action": "post",
+                    "x-kubernetes-group-version-kind": gvk, "parameters": params, "responses": {}}}),
+            );
+            continue;
+        }
         let mut content = Map::new();
         content.insert("application/json-patch+json".into(), json!({}));
         content.insert("application/merge-patch+json".into(), json!({}));
         if t.crd_name.is_none() {
             content.insert("application/strategic-merge-patch+json".into(), json!({}));
         }
-        let params = json!([
-            {"name": "dryRun", "in": "query", "schema": {"type": "string"}},
-            {"name": "fieldManager", "in": "query", "schema": {"type": "string"}},
-            {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}},
-        ]);
         paths.insert(
             format!("{prefix}/{{name}}"),
             json!({

@@ -349,6 +349,12 @@ pub fn builtin_types() -> Vec<ResourceType> {
         ),
         review(
             "authentication.k8s.io",
+            "TokenReview",
+            "tokenreviews",
+            false,
+        ),
+        review(
+            "authentication.k8s.io",
             "SelfSubjectReview",
             "selfsubjectreviews",
             false,

@@ -112,6 +112,7 @@ fn authenticate(state: &State, req: &Request<Incoming>) -> Result<UserInfo, ApiE
         .authenticators
         .iter()
         .find_map(|a| a.authenticate(token))
+        .or_else(|| state.issuer.authenticate(&state.store(), token))
         .ok_or_else(ApiError::unauthorized)
 }
 
@@ -210,6 +211,13 @@ async fn handle_authenticated(
     }
 }
 
+fn typed_json(content_type: &str, body: &Value) -> Response<RespBody> {
+    Response::builder()
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
 fn non_resource(state: &State, path: &str) -> Response<RespBody> {
     let p = path.trim_end_matches('/');
     let store = state.store();
@@ -231,6 +239,12 @@ fn non_resource(state: &State, path: &str) -> Response<RespBody> {
         ["apis"] => Some(discovery::groups(&store.registry)),
         ["apis", g] => discovery::group(&store.registry, g),
         ["apis", g, v] => discovery::resources(&store.registry, g, v),
+        [".well-known", "openid-configuration"] => {
+            return typed_json("application/json", &state.issuer.discovery());
+        }
+        ["openid", "v1", "jwks"] => {
+            return typed_json("application/jwk-set+json", &state.issuer.jwks());
+        }
         ["openapi", "v3"] => Some(crate::openapi::index(&store.registry)),
         ["openapi", "v3", rest @ ..] => {
             crate::openapi::group_version(&store.registry, &rest.join("/"))
