@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::chain::{Broken, ChainReport, LogVerifier};
-use super::record::{self, Event, Record};
+use super::record::{self, Event, Record, RecordedVerdict};
 use super::spool::{self, SpoolError};
 
 /// Where a line is.
@@ -224,7 +224,7 @@ impl Summarizer {
                     .map(|&i| &mut self.out.sessions[i])
                 {
                     s.statements += 1;
-                    if verdict == "deny" {
+                    if *verdict == RecordedVerdict::Deny {
                         s.denied += 1;
                     }
                 }

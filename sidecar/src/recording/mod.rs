@@ -21,6 +21,7 @@ use std::sync::Arc;
 use pgwarden_api::{DatabaseAccessPolicySpec, RecordingSettings};
 use tokio::sync::oneshot;
 
+pub use record::RecordedVerdict;
 use record::{Event, MAX_TEXT};
 pub use spool::Recorder;
 
@@ -95,7 +96,7 @@ pub type Ack = oneshot::Receiver<()>;
 pub struct StatementFacts<'a> {
     pub text: &'a str,
     pub parameters: Vec<Option<String>>,
-    pub verdict: &'static str,
+    pub verdict: RecordedVerdict,
     pub rule: Option<String>,
     pub reason: Option<String>,
     pub approval: Option<String>,
@@ -154,7 +155,7 @@ impl SessionLog {
             n,
             text: record::truncate(&scrub_literals(f.text), MAX_TEXT),
             parameters: f.parameters,
-            verdict: f.verdict.to_owned(),
+            verdict: f.verdict,
             rule: f.rule,
             reason: f.reason,
             approval: f.approval,

@@ -56,8 +56,7 @@ pub enum Event {
         n: u64,
         text: String,
         parameters: Vec<Option<String>>,
-        /// allow | deny | approval
-        verdict: String,
+        verdict: RecordedVerdict,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rule: Option<String>,
         /// Why it was refused or needed approval (never a value).
@@ -97,6 +96,56 @@ pub enum Event {
     /// checks the new chain on its own.
     #[serde(rename_all = "camelCase")]
     LogRestart { broken_at: String, reason: String },
+}
+
+/// What became of a statement, as the log spells it. The spellings are the
+/// format (old logs must still open): never rename one, only add.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordedVerdict {
+    /// Forwarded to the server.
+    Allow,
+    /// Refused; the statement did not run.
+    Deny,
+    /// Refused for now: it waits for a decision on its approval request.
+    Held,
+    /// Forwarded after a reviewer approved it (a new record, same text).
+    Approved,
+}
+
+impl RecordedVerdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordedVerdict::Allow => "allow",
+            RecordedVerdict::Deny => "deny",
+            RecordedVerdict::Held => "held",
+            RecordedVerdict::Approved => "approved",
+        }
+    }
+
+    /// The statement did not run (the record's reason says why).
+    pub fn refused(self) -> bool {
+        matches!(self, RecordedVerdict::Deny | RecordedVerdict::Held)
+    }
+}
+
+impl std::fmt::Display for RecordedVerdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Event {
+    /// The record's `kind`, as the line spells it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::SessionStart { .. } => "sessionStart",
+            Event::Statement { .. } => "statement",
+            Event::Result { .. } => "result",
+            Event::SessionEnd { .. } => "sessionEnd",
+            Event::LogRestart { .. } => "logRestart",
+        }
+    }
 }
 
 /// The session of a [`Event::LogRestart`] record: it belongs to none.
@@ -206,7 +255,7 @@ mod tests {
                 n: 1,
                 text: "SELECT \"x\" FROM t".into(),
                 parameters: vec![Some("1".into()), None],
-                verdict: "allow".into(),
+                verdict: RecordedVerdict::Allow,
                 rule: Some("app".into()),
                 reason: None,
                 approval: None,
@@ -215,6 +264,24 @@ mod tests {
             prev: GENESIS.into(),
             session_prev: String::new(),
         }
+    }
+
+    #[test]
+    fn verdicts_and_kinds_are_spelled_as_the_log_always_spelled_them() {
+        for (v, s) in [
+            (RecordedVerdict::Allow, "allow"),
+            (RecordedVerdict::Deny, "deny"),
+            (RecordedVerdict::Held, "held"),
+            (RecordedVerdict::Approved, "approved"),
+        ] {
+            assert_eq!(serde_json::to_string(&v).unwrap(), format!("\"{s}\""));
+            assert_eq!(v.to_string(), s);
+        }
+        // An unknown verdict is not a record this version understands.
+        assert!(serde_json::from_str::<RecordedVerdict>("\"maybe\"").is_err());
+        let (line, _) = seal(&sample());
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["kind"], sample().event.kind());
     }
 
     #[test]

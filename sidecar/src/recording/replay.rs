@@ -72,7 +72,7 @@ pub fn transcript(records: &[Record]) -> String {
                         .collect();
                     let _ = writeln!(out, "-- parameters: {}", shown.join(" "));
                 }
-                if verdict == "deny" || verdict == "held" {
+                if verdict.refused() {
                     if let Some(reason) = reason {
                         let _ = writeln!(out, "ERROR:  pgwarden: {reason}");
                     }

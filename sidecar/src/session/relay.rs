@@ -33,7 +33,7 @@ use crate::masking::{plan, Masking};
 use crate::observe::Metrics;
 use crate::policy::analyze::Effect;
 use crate::policy::{Gate, Judgement, SessionState, Verdict};
-use crate::recording::{Ack, SessionLog, StatementFacts};
+use crate::recording::{Ack, RecordedVerdict, SessionLog, StatementFacts};
 use crate::upstream::{self, BackendKey, UpstreamTarget};
 use crate::wire::codec::{self, TxStatus};
 use crate::wire::conn::{FrameBuf, ReadError};
@@ -1087,7 +1087,7 @@ impl Frontend<'_> {
         let (n, ack) = log.statement(StatementFacts {
             text: sql,
             parameters,
-            verdict: "allow",
+            verdict: RecordedVerdict::Allow,
             rule,
             reason: None,
             approval: None,
@@ -1126,7 +1126,11 @@ impl Frontend<'_> {
         let (_, ack) = log.statement(StatementFacts {
             text: sql,
             parameters,
-            verdict: if approval.is_some() { "held" } else { "deny" },
+            verdict: if approval.is_some() {
+                RecordedVerdict::Held
+            } else {
+                RecordedVerdict::Deny
+            },
             rule,
             reason: Some(reason),
             approval,
@@ -1296,7 +1300,7 @@ impl Frontend<'_> {
             let (n, ack) = log.statement(StatementFacts {
                 text: &hold.need.sql,
                 parameters: hold.rendered_params(),
-                verdict: "approved",
+                verdict: RecordedVerdict::Approved,
                 rule: hold.rule.clone(),
                 reason: hold.need.reason.clone(),
                 approval: Some(id.clone()),

@@ -52,7 +52,7 @@ fn stmt(n: u64, text: &str) -> Event {
         n,
         text: text.into(),
         parameters: vec![],
-        verdict: "allow".into(),
+        verdict: crate::recording::record::RecordedVerdict::Allow,
         rule: None,
         reason: None,
         approval: None,

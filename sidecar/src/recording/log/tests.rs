@@ -1,6 +1,6 @@
 use super::*;
 use crate::recording::chain::verify_session;
-use crate::recording::record::{seal, GENESIS};
+use crate::recording::record::{seal, RecordedVerdict, GENESIS};
 
 fn start(who: &str) -> Event {
     Event::SessionStart {
@@ -15,12 +15,12 @@ fn start(who: &str) -> Event {
     }
 }
 
-fn stmt(n: u64, text: &str, verdict: &str) -> Event {
+fn stmt(n: u64, text: &str, verdict: RecordedVerdict) -> Event {
     Event::Statement {
         n,
         text: text.into(),
         parameters: vec![],
-        verdict: verdict.into(),
+        verdict,
         rule: None,
         reason: None,
         approval: None,
@@ -40,12 +40,12 @@ fn log(state: &Path) -> Vec<String> {
     let plan = [
         ("a", start("alice")),
         ("b", start("bob")),
-        ("a", stmt(1, "SELECT 1", "allow")),
-        ("b", stmt(1, "DELETE FROM t", "deny")),
+        ("a", stmt(1, "SELECT 1", RecordedVerdict::Allow)),
+        ("b", stmt(1, "DELETE FROM t", RecordedVerdict::Deny)),
         ("a", end(1)),
         ("b", end(1)),
         ("c", start("carol")),
-        ("c", stmt(1, "SELECT 3", "allow")),
+        ("c", stmt(1, "SELECT 3", RecordedVerdict::Allow)),
         ("c", end(1)),
     ];
     let mut prev = GENESIS.to_owned();

@@ -15,7 +15,7 @@ fn old_log(state: &Path) -> (Vec<String>, Vec<String>) {
                 n: 1,
                 text: "SELECT 1".into(),
                 parameters: vec![],
-                verdict: "allow".into(),
+                verdict: crate::recording::record::RecordedVerdict::Allow,
                 rule: None,
                 reason: None,
                 approval: None,
