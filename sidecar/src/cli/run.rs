@@ -152,7 +152,7 @@ async fn serve(
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding --listen {}", args.listen))?;
-    let shipping = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let shipping = Shipping::default();
     if let Some(cfg) = shared.config.current() {
         start_policies(&cfg, &args.state_dir, &shipping, shared.limits);
     }
@@ -161,7 +161,7 @@ async fn serve(
         args.state_dir.clone(),
         opts,
         shared.clone(),
-        shipping,
+        shipping.clone(),
     ));
     info!(listen = %listener.local_addr()?, "pgwarden listening");
     ready.set_listening(true);
@@ -231,21 +231,32 @@ async fn serve(
     {
         r.flush().await;
     }
+    // Shipping stops (what it did not send is sent after the next start).
+    shipping.lock().unwrap_or_else(|e| e.into_inner()).clear();
     Ok(())
 }
 
-type Shipping = Arc<std::sync::Mutex<std::collections::HashSet<(String, u16, String, String)>>>;
+/// An audit store: host, port, database, table.
+type StoreKey = (String, u16, String, String);
+
+/// The running shipping loops, one per audit store; dropping a store's
+/// sender stops its loop.
+type Shipping =
+    Arc<std::sync::Mutex<std::collections::HashMap<StoreKey, tokio::sync::watch::Sender<bool>>>>;
 
 /// Background work of newly built policies: token key refresh, masking
 /// column-map refresh (both end with the policy), and shipping the
-/// recording log to each audit store (once per store for the gateway's life:
-/// the log is the gateway's, not the policy's).
+/// recording log to each audit store (one loop per store, whichever policy
+/// names it: the log is the gateway's, not the policy's; a store no policy
+/// names any more stops being shipped to).
 fn start_policies(
     cfg: &config::GatewayConfig,
     state_dir: &std::path::Path,
     shipping: &Shipping,
     limits: Limits,
 ) {
+    let mut loops = shipping.lock().unwrap_or_else(|e| e.into_inner());
+    let mut stores = std::collections::HashSet::new();
     for p in &cfg.policies {
         // Valid but probably not meant (pgwarden check -f lists the same).
         for w in p.spec.lint() {
@@ -264,17 +275,17 @@ fn start_policies(
                 target.database.clone(),
                 table.clone(),
             );
-            let new = shipping
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(key);
-            if new {
-                crate::recording::ship::spawn(state_dir, target, table, limits);
+            stores.insert(key.clone());
+            if let std::collections::hash_map::Entry::Vacant(slot) = loops.entry(key) {
+                let (stop, stopped) = tokio::sync::watch::channel(false);
+                crate::recording::ship::spawn(state_dir, target, table, limits, stopped);
+                slot.insert(stop);
             }
         }
         info!(policy.name = %p.id, database = %p.upstream.database,
               upstream = %format!("{}:{}", p.upstream.host, p.upstream.port), "serving policy");
     }
+    loops.retain(|key, _| stores.contains(key));
 }
 
 /// Standalone hot reload: a change to any `-f` file (checked every second)

@@ -162,6 +162,20 @@ pub fn segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// The log's chain id, created with the log: it names the log in an
+/// audit store that several gateways share.
+pub fn chain_id(dir: &Path) -> std::io::Result<String> {
+    let path = dir.join("chain");
+    match fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
+        _ => {
+            let id = format!("{:016x}", rand::random::<u64>());
+            fs::write(&path, format!("{id}\n"))?;
+            Ok(id)
+        }
+    }
+}
+
 /// The head file: (seq, hash), if there is one.
 pub fn read_head(dir: &Path) -> Result<Option<(u64, String)>, SpoolError> {
     let path = dir.join("head");
@@ -288,7 +302,7 @@ impl Recorder {
             .map_err(io_err(&dir))?;
         // Before anything reads or repairs the log: nobody else writes it.
         let lock = lock(&dir)?;
-        super::ship::chain_id(&dir).map_err(io_err(&dir))?;
+        chain_id(&dir).map_err(io_err(&dir))?;
         let recovered = recover(&dir)?;
         let (seq, last_hash, broken) = match recovered.state {
             Chain::Intact { seq, hash } => (seq, hash, None),
