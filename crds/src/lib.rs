@@ -23,10 +23,12 @@ pub use policy::{
     Action, ApprovalSettings, Approvers, DatabaseAccessPolicy, DatabaseAccessPolicySpec,
     DatabaseAccessPolicyStatus, DatabaseTarget, DatabaseTls, Detector, Identity,
     KubernetesIdentity, Limits, LocalTrustIdentity, MaskStrategy, MaskingRule, OidcIdentity,
-    PostgresRecordingStore, PredicateUse, RecordingSettings, RecordingStore, Rule, StatementClass,
-    TlsMode, DEFAULT_PORT,
+    PodIdentity, PostgresRecordingStore, PredicateUse, RecordingSettings, RecordingStore, Rule,
+    StatementClass, TlsMode, DEFAULT_PORT,
 };
-pub use snapshot::{ConfigSnapshot, SecretBytes, SecretString, SnapshotCredential, SnapshotPolicy};
+pub use snapshot::{
+    ConfigSnapshot, SecretBytes, SecretString, SnapshotCredential, SnapshotPod, SnapshotPolicy,
+};
 pub use validate::FieldError;
 
 use kube::CustomResourceExt;

@@ -44,7 +44,7 @@ pub struct DatabaseAccessPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_selector: Option<LabelSelector>,
 
-    /// How clients prove who they are. Exactly one of `oidc`, `kubernetes`, `localTrust`.
+    /// How clients prove who they are. Exactly one of `oidc`, `kubernetes`, `localTrust`, `pod`.
     pub identity: Identity,
 
     /// The upstream database and the credential the proxy (never the client) logs in with.
@@ -111,6 +111,12 @@ pub struct Identity {
     /// Standalone mode only: loopback clients are trusted as `subject`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_trust: Option<LocalTrustIdentity>,
+
+    /// Injected sidecars: a client on the pod's loopback is the pod, with
+    /// subject `system:serviceaccount:NAMESPACE:NAME` of the pod's service
+    /// account as the operator verified it. No password, no token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodIdentity>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -144,6 +150,15 @@ pub struct OidcIdentity {
 pub struct KubernetesIdentity {
     /// Audience the projected token must carry.
     pub audience: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodIdentity {
+    /// Globs on the pod's service account name; empty means any. A policy
+    /// selecting pods by label can still admit only the accounts it names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -19,6 +19,20 @@ pub struct ConfigSnapshot {
     /// Key of the `Hash` masking strategy (base64 of at least 32 bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub masking_key: Option<SecretBytes>,
+    /// The pod this snapshot is for, as the operator verified it (the
+    /// sidecar token's binding and the pod object). `identity.pod` takes its
+    /// subject from here. None in standalone mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<SnapshotPod>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotPod {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub service_account: String,
 }
 
 /// One DatabaseAccessPolicy with what its Secrets hold.
@@ -130,6 +144,12 @@ mod tests {
                 source: None,
             }],
             masking_key: Some(SecretBytes(vec![7; 32])),
+            pod: Some(SnapshotPod {
+                namespace: "ci".into(),
+                name: "runner-1".into(),
+                uid: "0b6c".into(),
+                service_account: "ci-runner".into(),
+            }),
         };
         let json = serde_json::to_string(&snap).unwrap();
         assert!(json.contains("\"maskingKey\":\"BwcH"), "{json}");

@@ -193,6 +193,7 @@ mod tests {
                 source: None,
             }],
             masking_key: None,
+            pod: None,
         }
     }
 

@@ -101,6 +101,7 @@ impl DatabaseAccessPolicySpec {
             ("oidc", id.oidc.is_some()),
             ("kubernetes", id.kubernetes.is_some()),
             ("localTrust", id.local_trust.is_some()),
+            ("pod", id.pod.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, is_set)| is_set.then_some(name))
@@ -113,7 +114,9 @@ impl DatabaseAccessPolicySpec {
             };
             errs.push(
                 "spec.identity",
-                format!("exactly one of oidc, kubernetes, localTrust must be set (found {found})"),
+                format!(
+                    "exactly one of oidc, kubernetes, localTrust, pod must be set (found {found})"
+                ),
             );
         }
 
@@ -150,6 +153,9 @@ impl DatabaseAccessPolicySpec {
         }
         if let Some(local) = &id.local_trust {
             errs.non_empty("spec.identity.localTrust.subject", &local.subject);
+        }
+        if let Some(pod) = &id.pod {
+            errs.non_empty_items("spec.identity.pod.serviceAccounts", &pod.service_accounts);
         }
     }
 

@@ -1,7 +1,7 @@
 use super::*;
 use crate::{
     ApprovalSettings, DatabaseAccessPolicy, DatabaseTls, KubernetesIdentity, LocalTrustIdentity,
-    MaskingRule, OidcIdentity, Rule,
+    MaskingRule, OidcIdentity, PodIdentity, Rule,
 };
 
 type Mutate = fn(&mut DatabaseAccessPolicySpec);
@@ -68,6 +68,16 @@ fn accepted_variations() {
             s.identity.oidc = None;
             s.identity.local_trust = Some(LocalTrustIdentity {
                 subject: "dev".into(),
+            });
+        }),
+        ("pod identity", |s| {
+            s.identity.oidc = None;
+            s.identity.pod = Some(PodIdentity::default());
+        }),
+        ("pod identity limited to service accounts", |s| {
+            s.identity.oidc = None;
+            s.identity.pod = Some(PodIdentity {
+                service_accounts: vec!["ci-*".into()],
             });
         }),
         ("tls require without a CA", |s| {
@@ -198,6 +208,23 @@ fn each_check_reports_its_path() {
             |s| oidc(s).audiences.push("pgwarden.io/sidecar".into()),
             "spec.identity.oidc.audiences[1]",
             "reserved",
+        ),
+        (
+            "empty pod service account glob",
+            |s| {
+                s.identity.oidc = None;
+                s.identity.pod = Some(PodIdentity {
+                    service_accounts: vec!["".into()],
+                });
+            },
+            "spec.identity.pod.serviceAccounts[0]",
+            "empty",
+        ),
+        (
+            "oidc and pod",
+            |s| s.identity.pod = Some(PodIdentity::default()),
+            "spec.identity",
+            "oidc, pod",
         ),
         (
             "empty localTrust subject",

@@ -18,6 +18,20 @@ use crate::upstream::{tls::UpstreamTls, Credential, UpstreamTarget};
 
 /// Build every policy of a snapshot; all or nothing.
 pub fn build(snapshot: &ConfigSnapshot, opts: &LoadOptions) -> Result<GatewayConfig, ConfigErrors> {
+    // The operator verified the pod (its token's binding, the pod object):
+    // that beats anything the command line says about it.
+    let with_pod;
+    let opts = match &snapshot.pod {
+        None => opts,
+        Some(pod) => {
+            let mut o = opts.clone();
+            o.identity.pod_namespace = Some(pod.namespace.clone());
+            o.identity.pod_name = Some(pod.name.clone());
+            o.identity.service_account = Some(pod.service_account.clone());
+            with_pod = o;
+            &with_pod
+        }
+    };
     let mut errors = Vec::new();
     let key = snapshot.masking_key.as_ref().map(|k| k.0.as_slice());
     let mut built: Vec<Arc<PolicyConfig>> = Vec::new();

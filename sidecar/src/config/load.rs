@@ -169,6 +169,7 @@ pub fn snapshot_files(
         version,
         policies: Vec::new(),
         masking_key: masking_key.map(|k| SecretBytes(k.to_vec())),
+        pod: None,
     };
     for p in policies {
         if let Some(sp) = snapshot_policy(p, &secrets, &mut errors) {

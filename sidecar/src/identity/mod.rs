@@ -62,6 +62,9 @@ pub enum Authenticator {
     LocalTrust { subject: String },
     /// A JWT sent as the cleartext password (OIDC or Kubernetes tokens).
     Token(Arc<TokenAuthenticator>),
+    /// Injected sidecars (`identity.pod`): loopback clients are the pod.
+    /// `Err` holds why this pod's service account is not admitted.
+    Pod(Result<Identity, String>),
 }
 
 #[derive(Debug)]
@@ -84,6 +87,9 @@ impl Authenticator {
             return Ok(Authenticator::LocalTrust {
                 subject: lt.subject.clone(),
             });
+        }
+        if let Some(pod) = &id.pod {
+            return pod_authenticator(pod, opts);
         }
         let fetcher = || {
             let pems = opts
@@ -200,6 +206,16 @@ impl Authenticator {
                     expires_at: None,
                 })
             }
+            Authenticator::Pod(admitted) => {
+                // The pod's loopback is reachable only from inside the pod
+                // (the pod guard refuses hostNetwork).
+                if !transport.peer.ip().is_loopback() {
+                    return Err(PgError::not_authorized(
+                        "this policy admits the pod's own containers only (identity.pod), and the connection is not from the pod's loopback",
+                    ));
+                }
+                admitted.clone().map_err(PgError::not_authorized)
+            }
             Authenticator::Token(t) => {
                 let token = password.unwrap_or("");
                 let verified = t
@@ -248,6 +264,45 @@ impl TokenAuthenticator {
             other => other,
         }
     }
+}
+
+/// `identity.pod`: the pod's service account, as the operator sent it (or,
+/// standalone, as `--pod-namespace`/`--service-account` say).
+fn pod_authenticator(
+    pod: &pgwarden_api::PodIdentity,
+    opts: &IdentityOptions,
+) -> Result<Authenticator, (&'static str, String)> {
+    let (Some(ns), Some(sa)) = (&opts.pod_namespace, &opts.service_account) else {
+        return Err((
+            "spec.identity.pod",
+            "identity.pod needs the pod's namespace and service account: it is for sidecars the operator injected (the operator sends them), or pass --pod-namespace and --service-account".into(),
+        ));
+    };
+    if !pod.service_accounts.is_empty()
+        && !pod
+            .service_accounts
+            .iter()
+            .any(|g| crate::glob::glob_match(g, sa))
+    {
+        // The policy is fine; this pod is not admitted by it. Refuse its
+        // clients with the reason rather than refusing the whole config.
+        return Ok(Authenticator::Pod(Err(format!(
+            "the pod's service account {sa} is not in identity.pod.serviceAccounts"
+        ))));
+    }
+    let mut attributes = vec![
+        ("namespace".to_string(), ns.clone()),
+        ("serviceAccount".to_string(), sa.clone()),
+    ];
+    if let Some(name) = &opts.pod_name {
+        attributes.push(("pod".to_string(), name.clone()));
+    }
+    Ok(Authenticator::Pod(Ok(Identity {
+        subject: format!("system:serviceaccount:{ns}:{sa}"),
+        method: "pod",
+        attributes,
+        expires_at: None,
+    })))
 }
 
 pub fn unix_now() -> u64 {
@@ -301,6 +356,71 @@ mod tests {
             assert!(err.is_fatal());
             assert!(err.message.contains("loopback"));
         }
+    }
+
+    fn pod_spec(accounts: &str) -> DatabaseAccessPolicySpec {
+        serde_yaml_ng::from_str(&format!(
+            "identity: {{pod: {{serviceAccounts: [{accounts}]}}}}\n\
+             database: {{host: db, name: shop, credentialsSecret: s}}\n\
+             defaultAction: Deny\n"
+        ))
+        .unwrap()
+    }
+
+    fn pod_opts() -> IdentityOptions {
+        IdentityOptions {
+            pod_namespace: Some("ci".into()),
+            pod_name: Some("nightly-x7k2p".into()),
+            service_account: Some("ci-runner".into()),
+            ..IdentityOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn pod_identity_is_the_pods_service_account_on_loopback_only() {
+        let auth = Authenticator::from_spec(&pod_spec(""), Path::new("."), &pod_opts()).unwrap();
+        assert!(!auth.wants_password(), "no password, no token");
+        let local = ClientTransport {
+            peer: "127.0.0.1:4000".parse().unwrap(),
+            tls: false,
+        };
+        let id = auth.authenticate(local, None).await.unwrap();
+        assert_eq!(id.subject, "system:serviceaccount:ci:ci-runner");
+        assert_eq!(id.method, "pod");
+        assert!(id
+            .attributes
+            .contains(&("pod".to_string(), "nightly-x7k2p".to_string())));
+        let remote = ClientTransport {
+            peer: "10.0.0.9:4000".parse().unwrap(),
+            tls: true,
+        };
+        let err = auth.authenticate(remote, None).await.unwrap_err();
+        assert!(err.is_fatal() && err.message.contains("loopback"), "{}", err.message);
+    }
+
+    #[tokio::test]
+    async fn pod_identity_admits_only_the_listed_service_accounts() {
+        let local = ClientTransport {
+            peer: "127.0.0.1:4000".parse().unwrap(),
+            tls: false,
+        };
+        let ok = Authenticator::from_spec(&pod_spec("\"ci-*\""), Path::new("."), &pod_opts())
+            .unwrap();
+        assert!(ok.authenticate(local, None).await.is_ok());
+        let other = Authenticator::from_spec(&pod_spec("deployer"), Path::new("."), &pod_opts())
+            .unwrap();
+        let err = other.authenticate(local, None).await.unwrap_err();
+        assert!(err.is_fatal());
+        assert!(err.message.contains("ci-runner"), "{}", err.message);
+    }
+
+    #[test]
+    fn pod_identity_without_a_pod_is_a_config_error() {
+        let (path, message) =
+            Authenticator::from_spec(&pod_spec(""), Path::new("."), &IdentityOptions::default())
+                .unwrap_err();
+        assert_eq!(path, "spec.identity.pod");
+        assert!(message.contains("--service-account"), "{message}");
     }
 
     #[test]

@@ -303,3 +303,41 @@ fn recording_needs_a_state_dir_and_its_store_a_valid_dsn() {
     assert_eq!((target.port, table.as_str()), (5999, "pgwarden_records"));
     assert!(state.path().join("recordings/chain").exists());
 }
+
+#[tokio::test]
+async fn pod_identity_takes_the_pod_the_operator_verified() {
+    use crate::identity::ClientTransport;
+    let pod = with_identity("identity: {pod: {}}");
+    let (_d, paths) = files(&[&pod, SECRET]);
+    // Standalone without the pod's facts: a config error that says what to pass.
+    let errs = errors(&[&pod, SECRET]);
+    assert!(
+        errs.iter()
+            .any(|e| e.path.as_deref() == Some("spec.identity.pod")),
+        "{errs:?}"
+    );
+    // The snapshot's pod wins over the command line's.
+    let mut snapshot = snapshot_files(&paths, None, 1).unwrap();
+    snapshot.pod = Some(pgwarden_api::SnapshotPod {
+        namespace: "ci".into(),
+        name: "nightly-x7k2p".into(),
+        uid: "3f1c".into(),
+        service_account: "ci-runner".into(),
+    });
+    let mut opts = LoadOptions::default();
+    opts.identity.pod_namespace = Some("spoofed".into());
+    opts.identity.service_account = Some("admin".into());
+    let cfg = crate::config::build(&snapshot, &opts).unwrap();
+    let id = cfg.policies[0]
+        .authenticator
+        .authenticate(
+            ClientTransport {
+                peer: "127.0.0.1:4000".parse().unwrap(),
+                tls: false,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(id.subject, "system:serviceaccount:ci:ci-runner");
+}
