@@ -395,7 +395,11 @@ mod tests {
             tls: true,
         };
         let err = auth.authenticate(remote, None).await.unwrap_err();
-        assert!(err.is_fatal() && err.message.contains("loopback"), "{}", err.message);
+        assert!(
+            err.is_fatal() && err.message.contains("loopback"),
+            "{}",
+            err.message
+        );
     }
 
     #[tokio::test]
@@ -404,11 +408,11 @@ mod tests {
             peer: "127.0.0.1:4000".parse().unwrap(),
             tls: false,
         };
-        let ok = Authenticator::from_spec(&pod_spec("\"ci-*\""), Path::new("."), &pod_opts())
-            .unwrap();
+        let ok =
+            Authenticator::from_spec(&pod_spec("\"ci-*\""), Path::new("."), &pod_opts()).unwrap();
         assert!(ok.authenticate(local, None).await.is_ok());
-        let other = Authenticator::from_spec(&pod_spec("deployer"), Path::new("."), &pod_opts())
-            .unwrap();
+        let other =
+            Authenticator::from_spec(&pod_spec("deployer"), Path::new("."), &pod_opts()).unwrap();
         let err = other.authenticate(local, None).await.unwrap_err();
         assert!(err.is_fatal());
         assert!(err.message.contains("ci-runner"), "{}", err.message);
