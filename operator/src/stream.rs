@@ -40,6 +40,70 @@ use auth::{BoundToken, Refusal};
 /// How often an idle stream carries a heartbeat.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
 
+/// The stream's flags (flattened into the operator's).
+#[derive(Debug, Clone, clap::Args)]
+pub struct StreamArgs {
+    /// Where sidecars connect (HTTPS).
+    #[arg(long, env = "PGWARDEN_STREAM_ADDR", default_value = "0.0.0.0:8443")]
+    pub stream_addr: std::net::SocketAddr,
+    /// PEM certificate chain the stream serves; sidecars verify it with the
+    /// CA that injection gives them. Without it (and --stream-key) no stream
+    /// is served.
+    #[arg(long, env = "PGWARDEN_STREAM_CERT", requires = "stream_key")]
+    pub stream_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --stream-cert.
+    #[arg(long, env = "PGWARDEN_STREAM_KEY", requires = "stream_cert")]
+    pub stream_key: Option<std::path::PathBuf>,
+    /// Heartbeat interval of an idle stream (sidecars give up after 45 s of
+    /// silence, so keep it well below).
+    #[arg(long, env = "PGWARDEN_STREAM_HEARTBEAT", default_value = "15s", value_parser = parse_duration)]
+    pub stream_heartbeat: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = s
+        .parse::<pgwarden_api::Duration>()
+        .map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d.as_std())
+}
+
+/// Starts the index and serves the stream until `shutdown` (when
+/// --stream-cert is given); the listener is bound before this returns.
+pub async fn start(
+    args: &StreamArgs,
+    client: Client,
+    keys: Arc<dyn KeySource>,
+    sidecars: Arc<Sidecars>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let (Some(cert), Some(key)) = (&args.stream_cert, &args.stream_key) else {
+        warn!("no --stream-cert/--stream-key: the config stream is not served; sidecars get no configuration from this replica");
+        return Ok(());
+    };
+    let read =
+        |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let tls = tls_config(&read(cert)?, &read(key)?).context("the stream's TLS")?;
+    let listener = TcpListener::bind(args.stream_addr)
+        .await
+        .with_context(|| format!("listening on --stream-addr {}", args.stream_addr))?;
+    info!(addr = %listener.local_addr()?, "serving the config stream");
+    let index = Index::start(client.clone());
+    let server = StreamServer::new(
+        client,
+        index,
+        keys,
+        sidecars,
+        args.stream_heartbeat,
+        shutdown.clone(),
+    );
+    tokio::spawn(serve(listener, tls, server, shutdown));
+    Ok(())
+}
+
 type Body = BoxBody<Bytes, Infallible>;
 
 /// Snapshot versions. A sidecar must see versions grow across reconnects,
