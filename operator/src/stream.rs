@@ -28,7 +28,9 @@ use pgwarden_api::stream::{
     encode_event, Ack, AppliedAnnotation, ErrorAnnotation, StreamEvent, ACK_PATH,
     CONFIG_APPLIED_ANNOTATION, CONFIG_ERROR_ANNOTATION, CONFIG_PATH, CONTENT_TYPE, MAX_ACK_BYTES,
 };
-use pgwarden_api::{ConfigSnapshot, SecretBytes, INJECTED_ANNOTATION, SIDECAR_AUDIENCE};
+use pgwarden_api::{
+    ConfigSnapshot, SecretBytes, SnapshotPod, INJECTED_ANNOTATION, SIDECAR_AUDIENCE,
+};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
@@ -301,7 +303,14 @@ impl StreamServer {
                     version,
                     policies: content.0.values().map(|r| r.policy.clone()).collect(),
                     masking_key: content.1.clone(),
-                    ..ConfigSnapshot::default()
+                    // What the token's review and the pod object proved
+                    // (`identity.pod` takes its subject from it).
+                    pod: Some(SnapshotPod {
+                        namespace: key.namespace.clone(),
+                        name: key.name.clone(),
+                        uid: bound.pod_uid.clone(),
+                        service_account: bound.service_account.clone(),
+                    }),
                 };
                 let line = encode_event(&StreamEvent::Snapshot { snapshot });
                 if tx.send(Bytes::from(line)).await.is_err() {
