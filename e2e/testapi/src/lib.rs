@@ -32,6 +32,7 @@ pub mod discovery;
 pub mod gc;
 pub mod handlers;
 pub mod jobs;
+pub mod kubelet;
 pub mod openapi;
 pub mod patch;
 pub mod pki;
