@@ -70,8 +70,8 @@ pub struct Args {
     /// Secret (in --namespace) holding the masking and fingerprint keys; created if missing.
     #[arg(long, env = "PGWARDEN_KEYS_SECRET", default_value = "pgwarden-keys")]
     pub keys_secret: String,
-    // The config stream's flags join here:
-    // #[command(flatten)] pub stream: crate::stream::StreamArgs,
+    #[command(flatten)]
+    pub stream: crate::stream::StreamArgs,
 }
 
 impl Args {

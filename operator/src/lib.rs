@@ -13,6 +13,7 @@
 //! - `sidecars`: which sidecars are connected and what each acknowledged.
 //! - `observe`: /metrics, /healthz, /readyz.
 
+pub mod admission;
 pub mod args;
 pub mod controller;
 pub mod index;
@@ -102,10 +103,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .context("loading the keys Secret")?,
     );
-    // The config stream serves on every replica; it takes `keys`, `sidecars`
-    // and `shutdown` (issue 16, the stream half):
-    // tokio::spawn(stream::serve(...));
-    let _ = &keys;
+    // The config stream serves on every replica.
+    stream::start(
+        &args.stream,
+        client.clone(),
+        keys.clone(),
+        sidecars.clone(),
+        shutdown.clone(),
+    )
+    .await?;
 
     let (leading_tx, leading) = watch::channel(false);
     let election = match args.leader_election {
