@@ -2,10 +2,9 @@
 //! (built-in checks, a CRD's schema) → validating plugins. Only the two plugin
 //! stages live here; [`crate::handlers`] runs schema validation between them.
 //!
-//! No plugins are registered yet: the webhook client (Mutating/Validating
-//! WebhookConfigurations called over HTTPS with AdmissionReview v1, JSON Patch
-//! responses, failurePolicy, reinvocation) is the next session's work and plugs in
-//! as one [`AdmissionPlugin`].
+//! The one plugin registered is [`crate::webhooks::Webhooks`] (Mutating/Validating
+//! WebhookConfigurations called over HTTPS). Plugins get the server [`State`] to
+//! read what they need under the store lock, never holding it across an await.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,6 +13,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::auth::UserInfo;
+use crate::handlers::State;
 use crate::status::ApiResult;
 
 /// What an admission plugin learns about a write (AdmissionRequest's fields).
@@ -39,12 +39,14 @@ pub trait AdmissionPlugin: Send + Sync {
     /// May change `object`; an error refuses the request.
     fn mutate<'a>(
         &'a self,
+        state: &'a State,
         attrs: &'a AdmissionAttributes,
         object: &'a mut Value,
     ) -> BoxFuture<'a, ApiResult<()>>;
     /// May only refuse.
     fn validate<'a>(
         &'a self,
+        state: &'a State,
         attrs: &'a AdmissionAttributes,
         object: &'a Value,
     ) -> BoxFuture<'a, ApiResult<()>>;
@@ -60,16 +62,26 @@ impl Admission {
         self.plugins.push(p);
     }
 
-    pub async fn mutate(&self, attrs: &AdmissionAttributes, object: &mut Value) -> ApiResult<()> {
+    pub async fn mutate(
+        &self,
+        state: &State,
+        attrs: &AdmissionAttributes,
+        object: &mut Value,
+    ) -> ApiResult<()> {
         for p in &self.plugins {
-            p.mutate(attrs, object).await?;
+            p.mutate(state, attrs, object).await?;
         }
         Ok(())
     }
 
-    pub async fn validate(&self, attrs: &AdmissionAttributes, object: &Value) -> ApiResult<()> {
+    pub async fn validate(
+        &self,
+        state: &State,
+        attrs: &AdmissionAttributes,
+        object: &Value,
+    ) -> ApiResult<()> {
         for p in &self.plugins {
-            p.validate(attrs, object).await?;
+            p.validate(state, attrs, object).await?;
         }
         Ok(())
     }

@@ -233,7 +233,7 @@ fn now() -> String {
         .unwrap_or_default()
 }
 
-fn new_uid() -> String {
+pub(crate) fn new_uid() -> String {
     let b: [u8; 16] = rand::random();
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
     format!(
@@ -1014,7 +1014,7 @@ async fn write_once(
         old_object: old.clone(),
         dry_run,
     };
-    state.admission.mutate(&attrs, &mut obj).await?;
+    state.admission.mutate(state, &attrs, &mut obj).await?;
     let mut causes = Vec::new();
     validate_metadata(rt, &obj, &mut causes);
     validate_builtin(rt, &obj, &mut causes);
@@ -1036,7 +1036,7 @@ async fn write_once(
     if !causes.is_empty() {
         return Err(ApiError::invalid(&rt.kind, &rt.group, &name, causes));
     }
-    state.admission.validate(&attrs, &obj).await?;
+    state.admission.validate(state, &attrs, &obj).await?;
 
     // 6. generation, CRD status, commit
     if rt.has_generation {

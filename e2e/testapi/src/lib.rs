@@ -45,6 +45,7 @@ pub mod status;
 pub mod storage;
 pub mod table;
 pub mod tokens;
+pub mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -76,6 +77,9 @@ pub struct Options {
     pub min_token_expiration: Duration,
     /// Clock skew tolerated on service-account token times (real: 1 minute).
     pub token_leeway: Duration,
+    /// Where webhooks' `clientConfig.service` (`NAME.NAMESPACE.svc`) are reached:
+    /// there is no cluster DNS. [`TestApiServer::set_service_endpoint`] adds later.
+    pub service_endpoints: std::collections::HashMap<String, std::net::SocketAddr>,
 }
 
 impl Default for Options {
@@ -88,6 +92,7 @@ impl Default for Options {
             bookmark_interval: Duration::from_secs(1),
             min_token_expiration: Duration::from_secs(600),
             token_leeway: Duration::from_secs(60),
+            service_endpoints: Default::default(),
         }
     }
 }
@@ -99,6 +104,7 @@ pub struct TestApiServer {
     dir: PathBuf,
     kubeconfig: PathBuf,
     users: Vec<StaticUser>,
+    endpoints: webhooks::ServiceEndpoints,
     _tmp: Option<tempfile::TempDir>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -161,12 +167,20 @@ impl TestApiServer {
         let mut store = Store::new(Registry::with_builtins(), opts.history);
         bootstrap(&mut store);
         let issuer = tokens::Issuer::generate(&url, opts.min_token_expiration, opts.token_leeway)?;
+        let endpoints: webhooks::ServiceEndpoints =
+            Arc::new(Mutex::new(opts.service_endpoints.clone()));
         let state = Arc::new(State {
             issuer,
             store: Mutex::new(store),
             authenticators: vec![Box::new(auth::StaticTokens::new(&opts.users))],
             audit: audit::Audit::new(Some(&dir.join("audit.log")))?,
-            admission: admission::Admission::default(),
+            admission: {
+                let mut a = admission::Admission::default();
+                a.add(Arc::new(webhooks::Webhooks {
+                    endpoints: endpoints.clone(),
+                }));
+                a
+            },
             server_addr: addr.to_string(),
             bookmark_interval: opts.bookmark_interval,
         });
@@ -213,6 +227,7 @@ impl TestApiServer {
             dir,
             kubeconfig,
             users: opts.users,
+            endpoints,
             _tmp: tmp,
             shutdown: Some(tx),
             thread: Some(thread),
@@ -274,6 +289,22 @@ impl TestApiServer {
             .as_str()
             .unwrap_or_default()
             .to_string())
+    }
+
+    /// Makes webhooks with `clientConfig.service` `NAME.NAMESPACE.svc` reach
+    /// `addr` (what cluster DNS and the service proxy do on a real cluster).
+    pub fn set_service_endpoint(&self, host: &str, addr: std::net::SocketAddr) {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(host.to_string(), addr);
+    }
+
+    /// Issues a serving certificate for `names` (DNS names or IPs) from this
+    /// server's CA, as `(cert PEM, key PEM)`: for webhooks a test runs, whose
+    /// `caBundle` is then [`TestApiServer::ca_cert`].
+    pub fn issue_serving_cert(&self, names: &[&str]) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+        pki::issue_serving_cert(&self.dir, names)
     }
 
     /// The service-account token issuer (`iss`, the JWKS).

@@ -83,3 +83,55 @@ impl Pki {
         Ok(pki)
     }
 }
+
+/// A serving certificate for `names` signed by the CA in `dir` (`ca.crt`, `ca.key`):
+/// `(cert PEM, key PEM)`. Each call writes into its own temp dir under `dir`.
+pub fn issue_serving_cert(dir: &Path, names: &[&str]) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+    let work = tempfile::Builder::new().prefix("cert-").tempdir_in(dir)?;
+    let san: Vec<String> = names
+        .iter()
+        .map(|n| {
+            if n.parse::<std::net::IpAddr>().is_ok() {
+                format!("IP:{n}")
+            } else {
+                format!("DNS:{n}")
+            }
+        })
+        .collect();
+    let (ca, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    let (cert, key) = (work.path().join("tls.crt"), work.path().join("tls.key"));
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    openssl(
+        work.path(),
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            &format!("/CN={}", names.first().unwrap_or(&"webhook")),
+            "-CA",
+            &s(&ca),
+            "-CAkey",
+            &s(&ca_key),
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "keyUsage=critical,digitalSignature,keyEncipherment",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+            "-addext",
+            &format!("subjectAltName={}", san.join(",")),
+            "-keyout",
+            &s(&key),
+            "-out",
+            &s(&cert),
+        ],
+    )?;
+    Ok((std::fs::read(cert)?, std::fs::read(key)?))
+}
