@@ -8,12 +8,14 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use pgwire::messages::{
+    extendedquery::Parse as ParseMessage,
     response::{ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus},
     simplequery::Query,
     startup::{
         Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, Password,
         SASLInitialResponse, SASLResponse, SecretKey,
     },
+    terminate::Terminate,
     Message,
 };
 
@@ -566,6 +568,21 @@ pub fn put_negotiate_protocol_version(minor: i32, unsupported: Vec<String>, out:
 
 pub fn put_query(sql: &str, out: &mut BytesMut) {
     put(&Query::new(sql.into()), out);
+}
+
+/// Parse of `query` under `statement`, declaring no parameter types (the
+/// refusal sentinel: a refused Parse keeps the client's statement name, so a
+/// later Bind to it fails as it should).
+pub fn put_parse(statement: &str, query: &str, out: &mut BytesMut) {
+    put(
+        &ParseMessage::new(Some(statement.into()), query.into(), Vec::new()),
+        out,
+    );
+}
+
+/// Terminate: the proxy's goodbye to the server, so it logs no unexpected EOF.
+pub fn put_terminate(out: &mut BytesMut) {
+    put(&Terminate::new(), out);
 }
 
 pub fn put_password(password: &str, out: &mut BytesMut) {

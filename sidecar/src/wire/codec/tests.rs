@@ -252,3 +252,23 @@ fn bind_params_reads_formats_and_values() {
     neg[4 + 2 + 2..4 + 2 + 2 + 2].copy_from_slice(&(-5i16).to_be_bytes());
     assert!(bind_params(&neg).is_err());
 }
+
+#[test]
+fn proxy_built_parse_and_terminate_are_what_the_server_expects() {
+    let mut out = BytesMut::new();
+    put_parse("s1", "pgwarden_refused_ab_7", &mut out);
+    assert_eq!(out[0], b'P');
+    let len = i32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize;
+    assert_eq!(len + 1, out.len());
+    let p = parse(&out[5..]).unwrap();
+    assert_eq!((p.statement, p.query), ("s1", "pgwarden_refused_ab_7"));
+    assert!(p.param_types.is_empty());
+    // The unnamed statement is an empty name, not a missing one.
+    out.clear();
+    put_parse("", "x", &mut out);
+    assert_eq!(parse(&out[5..]).unwrap().statement, "");
+
+    out.clear();
+    put_terminate(&mut out);
+    assert_eq!(&out[..], &[b'X', 0, 0, 0, 4]);
+}
