@@ -1,0 +1,3 @@
+//! The operator's admission webhooks (DESIGN §4 "Admission").
+
+pub mod inject;
