@@ -1,23 +1,30 @@
-//! `pgwarden-testapi --kubeconfig FILE [--dir DIR] [--port N]`: starts the test API
-//! server, copies its kubeconfig (contexts admin, alice, bob) to FILE, prints one
-//! line `ready`, and runs until SIGTERM/SIGINT.
+//! `pgwarden-testapi --kubeconfig FILE [--dir DIR] [--port N] [--run-pods
+//! --pgwarden-bin PATH]`: starts the test API server, copies its kubeconfig
+//! (contexts admin, alice, bob) to FILE, prints one line `ready`, and runs until
+//! SIGTERM/SIGINT. With `--run-pods` the pod runner runs every pod that appears:
+//! pgwarden sidecars as the binary at PATH, other containers played.
 
 use std::path::PathBuf;
 
 fn usage() -> ! {
-    eprintln!("usage: pgwarden-testapi --kubeconfig FILE [--dir DIR] [--port N]");
+    eprintln!(
+        "usage: pgwarden-testapi --kubeconfig FILE [--dir DIR] [--port N] [--run-pods --pgwarden-bin PATH]"
+    );
     std::process::exit(2)
 }
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let (mut kubeconfig, mut opts) = (None::<PathBuf>, pgwarden_testapi::Options::default());
+    let (mut run_pods, mut pgwarden_bin) = (false, None::<PathBuf>);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
         match a.as_str() {
             "--kubeconfig" => kubeconfig = Some(PathBuf::from(val())),
             "--dir" => opts.dir = Some(PathBuf::from(val())),
             "--port" => opts.port = val().parse().unwrap_or_else(|_| usage()),
+            "--run-pods" => run_pods = true,
+            "--pgwarden-bin" => pgwarden_bin = Some(PathBuf::from(val())),
             _ => usage(),
         }
     }
@@ -30,6 +37,28 @@ fn main() {
             eprintln!("pgwarden-testapi: {e}");
             std::process::exit(1)
         }
+    };
+    let kubelet = if run_pods {
+        let Some(bin) = pgwarden_bin else { usage() };
+        // Containers run in their pod's directory: a relative path would not resolve.
+        let bin = std::fs::canonicalize(&bin).unwrap_or_else(|e| {
+            eprintln!("pgwarden-testapi: --pgwarden-bin {}: {e}", bin.display());
+            std::process::exit(1)
+        });
+        let opts = pgwarden_testapi::kubelet::KubeletOptions {
+            pgwarden_bin: Some(bin),
+            run_all: true,
+            ..Default::default()
+        };
+        match pgwarden_testapi::kubelet::Kubelet::start(&server, opts) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                eprintln!("pgwarden-testapi: pod runner: {e}");
+                std::process::exit(1)
+            }
+        }
+    } else {
+        None
     };
     if let Err(e) = std::fs::copy(server.kubeconfig(), &kubeconfig) {
         eprintln!("pgwarden-testapi: writing {}: {e}", kubeconfig.display());
@@ -51,5 +80,7 @@ fn main() {
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     });
+    // Pods' processes stop (SIGTERM, grace) before the server goes.
+    drop(kubelet);
     drop(server);
 }
