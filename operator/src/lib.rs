@@ -14,7 +14,7 @@
 //! - `observe`: /metrics, /healthz, /readyz.
 
 pub mod admission;
-pub mod admission;
+pub mod approvals;
 pub mod args;
 pub mod controller;
 pub mod index;
