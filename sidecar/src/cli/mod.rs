@@ -149,8 +149,29 @@ pub struct CheckArgs {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// YAML file(s) with DatabaseAccessPolicy and v1 Secret objects (multi-document allowed).
-    #[arg(short = 'f', long = "file", required = true)]
+    #[arg(short = 'f', long = "file", required_unless_present = "operator")]
     pub files: Vec<PathBuf>,
+    /// Operator mode (set by injection): follow the operator's config stream
+    /// at this URL (https://HOST:PORT) instead of reading -f files. Clients
+    /// get 57P03 until the first configuration arrives.
+    #[arg(
+        long,
+        env = "PGWARDEN_OPERATOR",
+        conflicts_with = "files",
+        requires = "operator_ca"
+    )]
+    pub operator: Option<String>,
+    /// PEM CA that verifies the operator (the only CA trusted for it).
+    #[arg(long, env = "PGWARDEN_OPERATOR_CA")]
+    pub operator_ca: Option<PathBuf>,
+    /// The sidecar's projected service-account token (audience
+    /// pgwarden.io/sidecar); read again at every connect.
+    #[arg(long, env = "PGWARDEN_OPERATOR_TOKEN_FILE", default_value = crate::config::stream::DEFAULT_TOKEN_FILE)]
+    pub operator_token_file: PathBuf,
+    /// How long the stream may be down before the configuration is stale:
+    /// statements are then refused (57P03) until the operator is back.
+    #[arg(long, env = "PGWARDEN_OPERATOR_STALE_AFTER", default_value = "10m", value_parser = parse_duration)]
+    pub operator_stale_after: std::time::Duration,
     /// Address clients connect to.
     #[arg(long, default_value = "127.0.0.1:6432")]
     pub listen: SocketAddr,
@@ -214,6 +235,12 @@ pub struct RunArgs {
     /// at least 32 bytes). Equal values give equal pseudonyms under one key.
     #[arg(long, env = "PGWARDEN_MASKING_KEY_FILE")]
     pub masking_key_file: Option<PathBuf>,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<pgwarden_api::Duration>()
+        .map(|d| d.as_std())
+        .map_err(|e| e.to_string())
 }
 
 pub fn main_with(cli: Cli) -> anyhow::Result<std::process::ExitCode> {

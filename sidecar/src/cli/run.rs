@@ -59,7 +59,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Before the policies: each opens its approval store in it.
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating state dir {}", args.state_dir.display()))?;
-    let config = match config::load_files(&args.files, &opts) {
+    // Operator mode: no files; the stream brings the configuration.
+    let stream = match &args.operator {
+        None => None,
+        Some(url) => match operator_stream(&args, url) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                errln(&format!("pgwarden: {e}"));
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+        },
+    };
+    let loaded = match stream {
+        Some(_) => Ok(None),
+        None => config::load_files(&args.files, &opts).map(Some),
+    };
+    let config = match loaded {
         Ok(c) => c,
         Err(errors) => {
             // Another gateway writing this state directory's recording log
@@ -81,9 +96,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     // One log per gateway, opened by the first policy that records.
     let log_broken = config
-        .policies
         .iter()
         .find_map(|p| p.recording.as_ref())
+        .flat_map(|c| &c.policies)
         .is_some_and(|r| r.log_break().is_some());
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => match crate::transport::server_tls(c, k) {
@@ -107,7 +122,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
     let shared = Arc::new(Shared {
-        config: config::LiveConfig::new(Some(config)),
+        config: config::LiveConfig::new(config),
         tls,
         cancels: CancelRegistry::default(),
         metrics: Arc::new(Metrics::new()),
@@ -120,7 +135,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if log_broken {
         shared.metrics.recording_log_breaks.inc();
     }
-    runtime.block_on(serve(args, shared, Arc::new(opts), shutdown_tx))?;
+    runtime.block_on(serve(args, shared, Arc::new(opts), stream, shutdown_tx))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -129,6 +144,7 @@ async fn serve(
     shared: Arc<Shared>,
     opts: Arc<config::LoadOptions>,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
+    stream: Option<config::stream::StreamOptions>,
 ) -> anyhow::Result<()> {
     // Ready once listening and every policy's upstream took our login.
     let ready = Arc::new(observe::Readiness::default());
@@ -156,13 +172,27 @@ async fn serve(
     if let Some(cfg) = shared.config.current() {
         start_policies(&cfg, &args.state_dir, &shipping, shared.limits);
     }
-    tokio::spawn(reload_on_change(
-        args.files.clone(),
-        args.state_dir.clone(),
-        opts,
-        shared.clone(),
-        shipping.clone(),
-    ));
+    match stream {
+        None => {
+            tokio::spawn(reload_on_change(
+                args.files.clone(),
+                args.state_dir.clone(),
+                opts,
+                shared.clone(),
+                shipping.clone(),
+            ));
+        }
+        Some(stream) => {
+            let gateway = StreamedConfig {
+                opts,
+                state_dir: args.state_dir.clone(),
+                shared: shared.clone(),
+                shipping: shipping.clone(),
+            };
+            let metrics = shared.metrics.clone();
+            tokio::spawn(config::stream::follow(stream, gateway, metrics));
+        }
+    }
     info!(listen = %listener.local_addr()?, "pgwarden listening");
     ready.set_listening(true);
 
@@ -328,33 +358,82 @@ async fn reload_on_change(
         };
         version += 1;
         let (files_, opts_) = (files.clone(), opts.clone());
-        // File reads and the approval stores' directory work: off the loop.
-        let loaded = tokio::task::spawn_blocking(move || {
+        let build = move || {
             config::snapshot_files(&files_, opts_.masking_key.as_deref(), version)
                 .and_then(|snap| config::build(&snap, &opts_))
-        })
-        .await;
-        match loaded {
-            Ok(Ok(cfg)) => {
-                start_policies(&cfg, &state_dir, &shipping, shared.limits);
-                shared.config.replace(cfg);
-                shared
-                    .metrics
-                    .config_reloads
-                    .with_label_values(&["ok"])
-                    .inc();
-                info!(reason = why, version, "configuration reloaded");
-            }
-            Ok(Err(errors)) => {
-                shared
-                    .metrics
-                    .config_reloads
-                    .with_label_values(&["failed"])
-                    .inc();
-                warn!(reason = why, "configuration reload refused; the previous configuration stays in force: {errors}");
-            }
-            Err(e) => warn!(error = %e, "configuration reload failed"),
+        };
+        match put_in_force(build, &state_dir, &shipping, &shared).await {
+            Ok(()) => info!(reason = why, version, "configuration reloaded"),
+            Err(errors) => warn!(
+                reason = why,
+                "configuration reload refused; the previous configuration stays in force: {errors}"
+            ),
         }
+    }
+}
+
+/// The one way a new configuration goes into force, from files or the
+/// operator: built off the loop (file reads, the approval stores'
+/// directory work), its policies' background work started, swapped in
+/// whole. A bad one is refused whole and counted; the previous stays.
+async fn put_in_force(
+    build: impl FnOnce() -> Result<config::GatewayConfig, config::ConfigErrors> + Send + 'static,
+    state_dir: &std::path::Path,
+    shipping: &Shipping,
+    shared: &Shared,
+) -> Result<(), String> {
+    let result = match tokio::task::spawn_blocking(build).await {
+        Ok(Ok(cfg)) => {
+            start_policies(&cfg, state_dir, shipping, shared.limits);
+            shared.config.replace(cfg);
+            Ok(())
+        }
+        Ok(Err(errors)) => Err(errors.to_string().trim_end().to_owned()),
+        Err(e) => Err(format!("building the configuration failed: {e}")),
+    };
+    let label = if result.is_ok() { "ok" } else { "failed" };
+    shared
+        .metrics
+        .config_reloads
+        .with_label_values(&[label])
+        .inc();
+    result
+}
+
+/// `--operator URL --operator-ca FILE`: the stream's settings.
+fn operator_stream(args: &RunArgs, url: &str) -> Result<config::stream::StreamOptions, String> {
+    let ca_file = args
+        .operator_ca
+        .as_ref()
+        .ok_or("--operator needs --operator-ca FILE (the operator's CA)")?;
+    let ca =
+        std::fs::read(ca_file).map_err(|e| format!("--operator-ca {}: {e}", ca_file.display()))?;
+    config::stream::StreamOptions::new(
+        url,
+        &ca,
+        args.operator_token_file.clone(),
+        args.operator_stale_after,
+    )
+}
+
+/// The gateway as the operator's stream sees it: snapshots go into force
+/// through [`put_in_force`], as file reloads do.
+struct StreamedConfig {
+    opts: Arc<config::LoadOptions>,
+    state_dir: std::path::PathBuf,
+    shared: Arc<Shared>,
+    shipping: Shipping,
+}
+
+impl config::stream::Apply for StreamedConfig {
+    async fn apply(&self, snapshot: pgwarden_api::ConfigSnapshot) -> Result<(), String> {
+        let opts = self.opts.clone();
+        let build = move || config::stream::build_streamed(&snapshot, &opts);
+        put_in_force(build, &self.state_dir, &self.shipping, &self.shared).await
+    }
+
+    fn set_stale(&self, stale: bool) -> bool {
+        self.shared.config.set_stale(stale)
     }
 }
 

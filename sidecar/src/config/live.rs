@@ -2,8 +2,13 @@
 //! new sessions take the new one at once, open sessions notice the changed
 //! generation at their next statement (one atomic load) and move to it, or
 //! end when it no longer admits them.
+//!
+//! In operator mode the configuration can also go *stale*: the stream has
+//! been down longer than allowed, so policy changes and revocations may be
+//! missed. Stale, it still exists but is not served (new clients and the
+//! next statement of open sessions are refused) until the stream is back.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::GatewayConfig;
@@ -14,6 +19,7 @@ pub struct LiveConfig {
     /// operator): clients are refused with 57P03, never let through.
     current: RwLock<Option<Arc<GatewayConfig>>>,
     generation: AtomicU64,
+    stale: AtomicBool,
 }
 
 impl LiveConfig {
@@ -21,6 +27,7 @@ impl LiveConfig {
         LiveConfig {
             current: RwLock::new(initial.map(Arc::new)),
             generation: AtomicU64::new(0),
+            stale: AtomicBool::new(false),
         }
     }
 
@@ -44,5 +51,41 @@ impl LiveConfig {
         };
         self.generation.fetch_add(1, Ordering::AcqRel);
         old
+    }
+
+    /// Mark the configuration stale (or fresh again); returns whether that
+    /// changed anything. A change bumps the generation, so open sessions
+    /// look at their next statement.
+    pub fn set_stale(&self, stale: bool) -> bool {
+        let was = self.stale.swap(stale, Ordering::AcqRel);
+        if was != stale {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        was != stale
+    }
+
+    /// Whether the configuration must not be served (operator mode only).
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn going_stale_and_back_is_seen_by_open_sessions() {
+        let live = LiveConfig::new(None);
+        let g = live.generation();
+        assert!(!live.is_stale());
+        assert!(live.set_stale(true));
+        assert!(live.is_stale());
+        assert_ne!(live.generation(), g, "open sessions must look again");
+        let g = live.generation();
+        assert!(!live.set_stale(true), "already stale");
+        assert_eq!(live.generation(), g);
+        assert!(live.set_stale(false));
+        assert!(!live.is_stale());
     }
 }

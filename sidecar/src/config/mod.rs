@@ -7,6 +7,7 @@
 mod build;
 mod live;
 mod load;
+pub mod stream;
 
 use std::sync::Arc;
 

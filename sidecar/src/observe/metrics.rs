@@ -32,6 +32,12 @@ pub struct Metrics {
     /// The readiness check's own logins to each policy's upstream, by
     /// result (ok, or the failure's kind).
     pub upstream_checks: IntCounterVec,
+    /// Operator mode: 1 while the config stream is connected.
+    pub config_stream_connected: IntGauge,
+    /// Operator mode: snapshots received, by result (applied, refused).
+    pub config_snapshots: IntCounterVec,
+    /// Operator mode: the version of the snapshot last put in force.
+    pub config_version: IntGauge,
 }
 
 impl Default for Metrics {
@@ -136,6 +142,33 @@ impl Metrics {
                 "Client connections closed before login completed, by reason (timeout, per_source_limit)",
                 &["reason"],
             ),
+            config_stream_connected: {
+                let g = IntGauge::new(
+                    "config_stream_connected",
+                    "Operator mode: 1 while the config stream to the operator is connected",
+                )
+                .expect("static metric definition");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
+            config_snapshots: counter_vec(
+                "config_snapshots_total",
+                "Operator mode: configuration snapshots received, by result (applied; refused: NACKed, the previous configuration stays)",
+                &["result"],
+            ),
+            config_version: {
+                let g = IntGauge::new(
+                    "config_version",
+                    "Operator mode: version of the configuration snapshot last put in force",
+                )
+                .expect("static metric definition");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
             upstream_checks: counter_vec(
                 "upstream_login_checks_total",
                 "The readiness check's logins to the policies' upstreams, by result (ok, connect, tls, auth, refused, protocol, io)",

@@ -127,6 +127,9 @@ async fn serve_inner(
         // A sidecar waiting for its first configuration: never an open door.
         return refuse(&mut stream, PgError::not_ready()).await;
     };
+    if shared.config.is_stale() {
+        return refuse(&mut stream, PgError::config_stale()).await;
+    }
     let generation = shared.config.generation();
     let Some(policy) = config.select(startup.database.as_deref()).cloned() else {
         let asked = startup.database.as_deref().unwrap_or("(none)");

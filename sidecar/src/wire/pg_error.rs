@@ -215,6 +215,16 @@ impl PgError {
         )
     }
 
+    /// Operator mode: the config stream has been down longer than allowed,
+    /// so a policy change or revocation may have been missed.
+    pub fn config_stale() -> Self {
+        Self::new(
+            Severity::Fatal,
+            SqlState::CannotConnectNow,
+            "the gateway's configuration is stale: the operator has been unreachable for longer than --operator-stale-after; statements are refused until it is back",
+        )
+    }
+
     /// A new configuration no longer admits this session.
     pub fn access_revoked(why: impl Into<String>) -> Self {
         Self::new(
