@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// Label (namespace: `enabled`; pod: `"true"` / `"false"`) that opts in or out.
 pub const INJECT_LABEL: &str = "pgwarden.io/inject";

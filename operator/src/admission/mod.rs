@@ -1,3 +1,4 @@
 //! The operator's admission webhooks (DESIGN §4 "Admission").
 
+pub mod guard;
 pub mod inject;
