@@ -116,12 +116,96 @@ fn authenticate(state: &State, req: &Request<Incoming>) -> Result<UserInfo, ApiE
         .ok_or_else(ApiError::unauthorized)
 }
 
+/// `Impersonate-User`/`-Group`/`-Uid` headers: the request runs as that identity
+/// if the authenticated user may `impersonate` it (RBAC; `system:masters` may), as
+/// the real server's impersonation filter does. `kubectl --as`/`--as-group` and
+/// kube-rs's `impersonate` send these.
+fn impersonate(
+    state: &State,
+    req: &Request<Incoming>,
+    user: UserInfo,
+) -> Result<UserInfo, ApiError> {
+    let values = |n: &str| -> Vec<String> {
+        req.headers()
+            .get_all(n)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(String::from))
+            .collect()
+    };
+    let (names, groups, uids) = (
+        values("impersonate-user"),
+        values("impersonate-group"),
+        values("impersonate-uid"),
+    );
+    if names.is_empty() {
+        if groups.is_empty() && uids.is_empty() {
+            return Ok(user);
+        }
+        return Err(ApiError::new(
+            500,
+            "InternalError",
+            "Internal error occurred: requested impersonation of groups or uid without impersonating a user",
+        ));
+    }
+    let name = names[0].clone();
+    let check = |resource: &str, namespace: &str, obj: &str| -> Result<(), ApiError> {
+        let a = authz::Attributes {
+            verb: "impersonate".into(),
+            resource_request: true,
+            group: if resource == "uids" {
+                "authentication.k8s.io".into()
+            } else {
+                String::new()
+            },
+            resource: resource.into(),
+            namespace: namespace.into(),
+            name: obj.into(),
+            ..authz::Attributes::default()
+        };
+        if authz::authorize(&state.store(), &user, &a) {
+            Ok(())
+        } else {
+            Err(authz::forbidden(&user, &a))
+        }
+    };
+    let sa = name
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|r| r.split_once(':'));
+    match sa {
+        Some((ns, sa_name)) => check("serviceaccounts", ns, sa_name)?,
+        None => check("users", "", &name)?,
+    }
+    for g in &groups {
+        check("groups", "", g)?;
+    }
+    for u in &uids {
+        check("uids", "", u)?;
+    }
+    let mut all = groups;
+    if let Some((ns, _)) = sa {
+        if all.is_empty() {
+            all = vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{ns}"),
+            ];
+        }
+    }
+    if name != "system:anonymous" && !all.iter().any(|g| g == "system:authenticated") {
+        all.push("system:authenticated".into());
+    }
+    Ok(UserInfo {
+        username: name,
+        uid: uids.into_iter().next().unwrap_or_default(),
+        groups: all,
+    })
+}
+
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody> {
     let path = req.uri().path().to_string();
     let query = parse_query(req.uri().query());
     let info = handlers::request_info(req.method(), &path, &query);
     let uri = req.uri().to_string();
-    let user = authenticate(&state, &req);
+    let user = authenticate(&state, &req).and_then(|u| impersonate(&state, &req, u));
     let (code, resp) = match user {
         Err(ref e) => (e.code, json_response(e.code, &e.to_status(), &[])),
         Ok(ref user) => {

@@ -229,8 +229,13 @@ impl Store {
 
     /// Forgets all history: watches from any earlier resourceVersion get 410 Gone
     /// (what etcd compaction does; tests use it to drive reflectors through a relist).
+    /// Open watches end too (as when the API server's watch cache is reset), so a
+    /// client re-watches from the last version it saw — and relists on the 410 if
+    /// anything changed since.
     pub fn compact(&mut self) {
         self.history.clear();
         self.floor = self.rv;
+        // Dropping the sender closes every subscribed receiver.
+        self.tx = broadcast::channel(4096).0;
     }
 }
