@@ -484,3 +484,208 @@ fn native_sidecars_run_as_the_real_pgwarden_on_their_own_pod_ips() {
             .then_some(())
     });
 }
+
+#[test]
+fn init_containers_run_in_order_and_share_volumes_at_their_mount_paths() {
+    let api = TestApiServer::start().unwrap();
+    let k = kubelet(&api);
+    k.run_pod(
+        "default",
+        "steps",
+        RunOptions::new()
+            .as_specified("prepare")
+            .as_specified("main"),
+    );
+    let sh = |script: &str, var: &str| {
+        serde_json::json!({"name": if var == "OUT" { "prepare" } else { "main" }, "image": "busybox",
+            "command": ["sh", "-c", script],
+            "env": [{"name": var, "value": "/work/state"}],
+            "volumeMounts": [{"name": "work", "mountPath": "/work"}]})
+    };
+    apply(
+        &api,
+        &serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "steps"},
+            "spec": {"restartPolicy": "Never",
+                "initContainers": [sh("sleep 0.3; echo prepared > \"$OUT\"", "OUT")],
+                "containers": [sh("cat \"$IN\"", "IN")],
+                "volumes": [{"name": "work", "emptyDir": {}}]}}),
+    );
+    let p = eventually("steps Succeeded", Duration::from_secs(20), || {
+        let p = pod_json(&api, "steps");
+        (p["status"]["phase"] == "Succeeded").then_some(p)
+    });
+    // The main container read what the init container wrote before it started.
+    assert_eq!(k.pod_logs("default", "steps", "main"), "prepared\n");
+    assert_eq!(
+        p["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"], 0,
+        "{p}"
+    );
+    let ready = p["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .cloned()
+        .unwrap();
+    assert_eq!(ready["reason"], "PodCompleted", "{p}");
+
+    // A failing ordinary init container fails the pod; the main container never runs.
+    k.run_pod(
+        "default",
+        "broken",
+        RunOptions::new().as_specified("prepare"),
+    );
+    apply(
+        &api,
+        &serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "broken"},
+            "spec": {"restartPolicy": "Never",
+                "initContainers": [sh("exit 3", "OUT")],
+                "containers": [sh("echo must not run", "IN")],
+                "volumes": [{"name": "work", "emptyDir": {}}]}}),
+    );
+    let p = eventually("broken Failed", Duration::from_secs(20), || {
+        let p = pod_json(&api, "broken");
+        (p["status"]["phase"] == "Failed").then_some(p)
+    });
+    assert_eq!(
+        p["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"], 3,
+        "{p}"
+    );
+    assert!(
+        p["status"]["containerStatuses"][0]["state"]["waiting"].is_object(),
+        "{p}"
+    );
+    assert_eq!(k.pod_logs("default", "broken", "main"), "");
+}
+
+fn jwt_claims(token: &str) -> Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("a JWT");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .expect("base64url payload");
+    serde_json::from_slice(&bytes).expect("JSON claims")
+}
+
+#[test]
+fn projected_service_account_tokens_are_bound_to_the_pod_and_renewed() {
+    let api = TestApiServer::start_with(pgwarden_testapi::Options {
+        min_token_expiration: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .unwrap();
+    let k = kubelet(&api);
+    k.run_pod("default", "tok", RunOptions::new());
+    apply(
+        &api,
+        &serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "tok"},
+            "spec": {"containers": [{"name": "app", "image": "busybox",
+                "volumeMounts": [{"name": "sidecar-token", "mountPath": "/var/run/pgwarden"}]}],
+                "volumes": [{"name": "sidecar-token", "projected": {"sources": [
+                    {"serviceAccountToken": {"audience": "pgwarden.io/sidecar", "expirationSeconds": 8, "path": "token"}},
+                    {"downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.name"}}]}}]}}]}}),
+    );
+    ok(
+        &api,
+        &["wait", "--for=condition=Ready", "pod/tok", "--timeout=20s"],
+    );
+    let vol = k
+        .pod_dir("default", "tok")
+        .unwrap()
+        .join("volumes/sidecar-token");
+    let read = || std::fs::read_to_string(vol.join("token")).unwrap();
+    let first = read();
+    let c = jwt_claims(&first);
+    let uid = pod_json(&api, "tok")["metadata"]["uid"].clone();
+    assert_eq!(c["aud"], serde_json::json!(["pgwarden.io/sidecar"]), "{c}");
+    assert_eq!(c["kubernetes.io"]["pod"]["name"], "tok", "{c}");
+    assert_eq!(c["kubernetes.io"]["pod"]["uid"], uid, "{c}");
+    assert_eq!(
+        c["kubernetes.io"]["serviceaccount"]["name"], "default",
+        "{c}"
+    );
+    assert_eq!(std::fs::read_to_string(vol.join("labels")).unwrap(), "tok");
+    // Renewed at 80% of its 8 s lifetime, before it expires.
+    let second = eventually("a renewed token", Duration::from_secs(15), || {
+        let t = read();
+        (t != first).then_some(t)
+    });
+    let c2 = jwt_claims(&second);
+    assert!(c2["exp"].as_i64() > c["exp"].as_i64(), "{c} {c2}");
+    assert!(
+        c["exp"].as_i64().unwrap() >= jiff::Timestamp::now().as_second(),
+        "renewed before the first token expired"
+    );
+}
+
+#[test]
+fn run_all_mode_plays_app_containers_until_an_outside_tool_ends_them() {
+    let api = TestApiServer::start().unwrap();
+    let k = Kubelet::start(
+        &api,
+        KubeletOptions {
+            pgwarden_bin: Some(pgwarden_e2e::pgwarden_bin()),
+            run_all: true,
+            ..KubeletOptions::default()
+        },
+    )
+    .unwrap();
+    // A pod whose Secret does not exist yet waits in ContainerCreating.
+    let mut pod = agent_pod("late");
+    // An httpGet startup probe on the metrics port (rewritten to the pod IP too).
+    let side = &mut pod["spec"]["initContainers"][0];
+    side["args"]
+        .as_array_mut()
+        .unwrap()
+        .extend(["--metrics-listen".into(), "127.0.0.1:9090".into()]);
+    side["startupProbe"] = serde_json::json!({"httpGet": {"path": "/healthz", "port": 9090},
+        "periodSeconds": 1, "failureThreshold": 30});
+    apply(&api, &pod);
+    let waiting = eventually("a mount failure", Duration::from_secs(10), || {
+        let p = pod_json(&api, "late");
+        p["status"]["message"].as_str().map(String::from)
+    });
+    assert!(waiting.contains("pgwarden-config"), "{waiting}");
+    assert_eq!(pod_json(&api, "late")["status"]["phase"], "Pending");
+    sidecar_config(&api);
+    ok(
+        &api,
+        &["wait", "--for=condition=Ready", "pod/late", "--timeout=30s"],
+    );
+    let ip = k.pod_ip("default", "late").unwrap();
+    let (code, _) = http_status(&ip, 9090, "/healthz");
+    assert_eq!(code, 200);
+    ok(
+        &api,
+        &["annotate", "pod", "late", "testapi.pgwarden.io/exit-code=1"],
+    );
+    let p = eventually("late Failed", Duration::from_secs(20), || {
+        let p = pod_json(&api, "late");
+        (p["status"]["phase"] == "Failed").then_some(p)
+    });
+    assert_eq!(
+        p["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"], 1,
+        "{p}"
+    );
+    assert!(k
+        .pod_logs("default", "late", "pgwarden")
+        .contains("shutting down"));
+}
+
+fn http_status(ip: &str, port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect((ip, port)).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, out)
+}
