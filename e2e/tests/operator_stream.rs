@@ -1,0 +1,525 @@
+//! The config stream (issue 16): the real `pgwarden-operator` serves it, the
+//! real `pgwarden run --operator` follows it, on the test API server with the
+//! real kubectl and a real PostgreSQL.
+//!
+//! A policy applied with kubectl reaches the sidecar of the pod it selects
+//! (no password in the pod spec: the credential comes over the stream); an
+//! edit changes an open session's next verdict within 2 s; unselecting the pod
+//! ends its session with a FATAL that says why; deleting the Secret leaves the
+//! sidecar on its last good credential; the ACK shows on the pod. Tokens that
+//! must not fetch a configuration (another audience, expired, a deleted pod,
+//! a pod that was not injected) get nothing: the sidecar stays 57P03 and the
+//! operator logs why.
+//!
+//! Needs `cargo build -p pgwarden-sidecar -p pgwarden-operator` first.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pgwarden_e2e::{free_port, pgwarden_bin, wait_until, PgCluster, TestCa, APP_DATABASE};
+use pgwarden_testapi::{Options, TestApiServer};
+use serde_json::{json, Value};
+use tokio_postgres::NoTls;
+
+/// How fast a change must reach an open session (DESIGN §4, issue 16).
+const PUSH_WITHIN: Duration = Duration::from_secs(2);
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn kubectl(api: &TestApiServer, args: &[&str], stdin: Option<&str>) -> String {
+    let mut child = api
+        .kubectl_command("admin")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kubectl");
+    let mut input = child.stdin.take().expect("stdin");
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).expect("write stdin");
+    }
+    drop(input);
+    let o = child.wait_with_output().expect("kubectl");
+    assert!(o.status.success(), "kubectl {args:?}:\n{}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn bin_dir() -> PathBuf {
+    pgwarden_bin().parent().expect("binary dir").to_path_buf()
+}
+
+/// A child process killed on drop, its output in a file.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
+        let f = fs::File::create(&log).expect("log file");
+        let f2 = f.try_clone().expect("log file");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(f2))
+            .stderr(Stdio::from(f))
+            .env("RUST_LOG", "info")
+            .env_remove("KUBECONFIG");
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        Proc { child, log }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The test API server with the CRDs and namespace `ci`, a service account,
+/// the database's Secret, a policy selecting `app=agent`, an operator.
+struct Cluster {
+    api: TestApiServer,
+    operator: Proc,
+    stream_port: u16,
+    ca: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+const POD: &str = "agent-1";
+
+fn policy(pg_port: u16, rules: &str) -> String {
+    format!(
+        "apiVersion: pgwarden.io/v1alpha1
+kind: DatabaseAccessPolicy
+metadata: {{name: shop, namespace: ci}}
+spec:
+  podSelector: {{matchLabels: {{app: agent}}}}
+  identity: {{pod: {{}}}}
+  database: {{host: 127.0.0.1, port: {pg_port}, name: {APP_DATABASE}, credentialsSecret: pg-cred}}
+  defaultAction: Deny
+  rules:
+{rules}"
+    )
+}
+
+const READ_AND_DELETE: &str =
+    "    - {name: app, action: Allow, statements: [SELECT, DELETE], tables: [public.orders]}\n";
+
+impl Cluster {
+    fn start(pg: &PgCluster, opts: Options) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("pgwarden-e2e-stream-")
+            .tempdir()
+            .expect("temp dir");
+        let api = TestApiServer::start_with(opts).expect("test API server");
+        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+        for f in ["databaseaccesspolicies.yaml", "approvalrequests.yaml"] {
+            kubectl(&api, &["apply", "-f", crds.join(f).to_str().unwrap()], None);
+        }
+        kubectl(&api, &["create", "namespace", "ci"], None);
+        kubectl(&api, &["create", "namespace", "pgwarden-system"], None);
+        kubectl(
+            &api,
+            &["-n", "ci", "create", "serviceaccount", "runner"],
+            None,
+        );
+        kubectl(
+            &api,
+            &[
+                "-n",
+                "ci",
+                "create",
+                "secret",
+                "generic",
+                "pg-cred",
+                &format!("--from-literal=username={}", pgwarden_e2e::APP_USER),
+                &format!("--from-literal=password={}", pgwarden_e2e::APP_PASSWORD),
+            ],
+            None,
+        );
+        kubectl(
+            &api,
+            &["apply", "-f", "-"],
+            Some(&policy(pg.port(), READ_AND_DELETE)),
+        );
+        let ca = TestCa::generate(dir.path(), "operator");
+        let cert = ca.issue_server_cert(dir.path(), "stream");
+        let stream_port = free_port();
+        let mut cmd = Command::new(bin_dir().join("pgwarden-operator"));
+        cmd.arg("--kubeconfig")
+            .arg(api.kubeconfig())
+            .args(["--context", "admin", "--namespace", "pgwarden-system"])
+            .args(["--leader-election", "false"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--stream-addr", &format!("127.0.0.1:{stream_port}")])
+            .arg("--stream-cert")
+            .arg(&cert.cert)
+            .arg("--stream-key")
+            .arg(&cert.key);
+        let operator = Proc::spawn(cmd, dir.path().join("operator.log"));
+        let c = Cluster {
+            api,
+            operator,
+            stream_port,
+            ca: ca.cert_path().to_path_buf(),
+            dir,
+        };
+        assert!(
+            wait_until(Duration::from_secs(20), || c
+                .operator
+                .log()
+                .contains("serving the config stream")),
+            "the operator did not start its stream:\n{}",
+            c.operator.log()
+        );
+        c
+    }
+
+    fn create_pod(&self, name: &str, labels: Value, injected: bool) {
+        let mut annotations = json!({});
+        if injected {
+            annotations["pgwarden.io/injected"] = json!("true");
+        }
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "ci", "labels": labels, "annotations": annotations},
+            "spec": {"serviceAccountName": "runner",
+                "containers": [{"name": "app", "image": "busybox"}]}});
+        kubectl(&self.api, &["apply", "-f", "-"], Some(&pod.to_string()));
+    }
+
+    fn token(&self, pod: &str, audience: &str, ttl: Option<Duration>) -> PathBuf {
+        let token = self
+            .api
+            .token_request("ci", "runner", &[audience], Some(pod), ttl)
+            .expect("TokenRequest");
+        let path = self.dir.path().join(format!("token-{}", free_port()));
+        fs::write(&path, token).expect("write token");
+        path
+    }
+
+    /// `pgwarden run --operator` with this token file.
+    fn sidecar(&self, token: &Path) -> Sidecar {
+        let port = free_port();
+        let metrics_port = free_port();
+        let state = self.dir.path().join(format!("state-{port}"));
+        let mut cmd = Command::new(pgwarden_bin());
+        cmd.args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .args([
+                "--operator",
+                &format!("https://127.0.0.1:{}", self.stream_port),
+            ])
+            .arg("--operator-ca")
+            .arg(&self.ca)
+            .arg("--operator-token-file")
+            .arg(token);
+        let proc = Proc::spawn(cmd, self.dir.path().join(format!("pgwarden-{port}.log")));
+        Sidecar {
+            proc,
+            port,
+            metrics_port,
+        }
+    }
+
+    fn pod_annotation(&self, name: &str) -> Option<Value> {
+        let pod: Value = serde_json::from_str(&kubectl(
+            &self.api,
+            &["-n", "ci", "get", "pod", POD, "-o", "json"],
+            None,
+        ))
+        .expect("pod JSON");
+        let a = pod["metadata"]["annotations"][name].as_str()?;
+        serde_json::from_str(a).ok()
+    }
+}
+
+struct Sidecar {
+    proc: Proc,
+    port: u16,
+    metrics_port: u16,
+}
+
+impl Sidecar {
+    fn metrics(&self) -> String {
+        match pgwarden_e2e::http_get(self.metrics_port, "/metrics") {
+            Ok((200, body)) => body,
+            other => panic!("/metrics: {other:?}"),
+        }
+    }
+
+    fn conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=agent dbname={APP_DATABASE} connect_timeout=5",
+            self.port
+        )
+    }
+
+    async fn connect(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, conn) = tokio_postgres::connect(&self.conninfo(), NoTls).await?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
+    /// The first connection the gateway admits (57P03 before its first
+    /// configuration), within `timeout`.
+    async fn connect_when_ready(&self, timeout: Duration) -> tokio_postgres::Client {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.connect().await {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < deadline => {
+                    let not_ready = e.as_db_error().is_some_and(|d| d.code().code() == "57P03");
+                    assert!(
+                        not_ready || e.as_db_error().is_none(),
+                        "unexpected refusal: {e:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!(
+                    "the sidecar never served within {timeout:?}: {e:?}\n--- sidecar ---\n{}",
+                    self.proc.log()
+                ),
+            }
+        }
+    }
+}
+
+fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_owned())
+}
+
+fn fixture(pg: &PgCluster) {
+    pg.admin_sql(&format!(
+        "\\c {APP_DATABASE}\nCREATE TABLE orders (id int PRIMARY KEY, total int NOT NULL);\n\
+         INSERT INTO orders VALUES (1, 10), (2, 20);"
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_reaches_the_selected_pods_sidecar_and_follows_every_change() {
+    let pg = PgCluster::start();
+    fixture(&pg);
+    let c = Cluster::start(&pg, Options::default());
+    c.create_pod(POD, json!({"app": "agent"}), true);
+    let token = c.token(POD, "pgwarden.io/sidecar", None);
+    let sidecar = c.sidecar(&token);
+
+    // Served under the policy, with the credential from the stream.
+    let client = sidecar.connect_when_ready(Duration::from_secs(20)).await;
+    let rows = client
+        .query("SELECT total FROM orders ORDER BY id", &[])
+        .await
+        .expect("SELECT is allowed");
+    assert_eq!(rows.len(), 2);
+    let denied = client
+        .simple_query("UPDATE orders SET total = 0")
+        .await
+        .expect_err("UPDATE is not allowed");
+    assert_eq!(sqlstate(&denied).as_deref(), Some("42501"), "{denied:?}");
+    client
+        .simple_query("DELETE FROM orders WHERE id = 999")
+        .await
+        .expect("DELETE is allowed");
+
+    // The ACK shows on the pod: the version in force and the policy's generation.
+    let mut applied = None;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            applied = c.pod_annotation("pgwarden.io/config-applied");
+            applied.is_some()
+        }),
+        "no config-applied annotation\n--- operator ---\n{}",
+        c.operator.log()
+    );
+    let applied = applied.unwrap();
+    let version = applied["version"].as_u64().expect("version");
+    assert!(applied["policies"]["shop"].as_i64().is_some(), "{applied}");
+    let metrics = sidecar.metrics();
+    assert!(
+        metrics.contains("pgwarden_config_stream_connected 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("pgwarden_config_version {version}")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pgwarden_config_snapshots_total{result=\"applied\"} 1"),
+        "{metrics}"
+    );
+
+    // An edit reaches the open session's next statement within 2 s.
+    kubectl(
+        &c.api,
+        &[
+            "-n",
+            "ci",
+            "patch",
+            "dap",
+            "shop",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"rules":[{"name":"reads-only","action":"Allow","statements":["SELECT"],"tables":["public.orders"]}]}}"#,
+        ],
+        None,
+    );
+    let patched = Instant::now();
+    loop {
+        match client
+            .simple_query("DELETE FROM orders WHERE id = 999")
+            .await
+        {
+            Err(e) => {
+                assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{e:?}");
+                break;
+            }
+            Ok(_) => {
+                assert!(
+                    patched.elapsed() < PUSH_WITHIN,
+                    "the edit did not reach the open session within {PUSH_WITHIN:?}\n--- sidecar ---\n{}",
+                    sidecar.proc.log()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    println!("edit → verdict: {:?}", patched.elapsed());
+    assert!(wait_until(Duration::from_secs(5), || {
+        c.pod_annotation("pgwarden.io/config-applied")
+            .and_then(|a| a["version"].as_u64())
+            .is_some_and(|v| v > version)
+    }));
+
+    // The Secret is deleted: the sidecar keeps its last good credential.
+    kubectl(&c.api, &["-n", "ci", "delete", "secret", "pg-cred"], None);
+    assert!(
+        wait_until(Duration::from_secs(5), || c
+            .operator
+            .log()
+            .contains("Secret ci/pg-cred not found")),
+        "{}",
+        c.operator.log()
+    );
+    let fresh = sidecar
+        .connect()
+        .await
+        .expect("a new session after the Secret is gone");
+    fresh
+        .query("SELECT total FROM orders", &[])
+        .await
+        .expect("still served with the last good credential");
+    assert!(!sidecar.proc.log().contains(pgwarden_e2e::APP_PASSWORD));
+    assert!(!c.operator.log().contains(pgwarden_e2e::APP_PASSWORD));
+
+    // The pod is no longer selected: its open session ends, saying why.
+    kubectl(&c.api, &["-n", "ci", "label", "pod", POD, "app-"], None);
+    let unlabelled = Instant::now();
+    loop {
+        match client.simple_query("SELECT 1").await {
+            Err(e) => {
+                let db = e.as_db_error().unwrap_or_else(|| panic!("{e:?}"));
+                assert_eq!(db.severity(), "FATAL", "{db:?}");
+                assert!(db.message().contains("no policy serves database"), "{db:?}");
+                break;
+            }
+            Ok(_) => {
+                assert!(
+                    unlabelled.elapsed() < PUSH_WITHIN,
+                    "the open session outlived its policy\n--- sidecar ---\n{}",
+                    sidecar.proc.log()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_that_must_not_fetch_a_configuration_get_nothing() {
+    let pg = PgCluster::start();
+    fixture(&pg);
+    let c = Cluster::start(
+        &pg,
+        Options {
+            min_token_expiration: Duration::from_secs(1),
+            token_leeway: Duration::ZERO,
+            ..Options::default()
+        },
+    );
+    c.create_pod(POD, json!({"app": "agent"}), true);
+    c.create_pod("plain", json!({"app": "agent"}), false);
+    c.create_pod("doomed", json!({"app": "agent"}), true);
+
+    let expired = c.token(POD, "pgwarden.io/sidecar", Some(Duration::from_secs(1)));
+    let doomed = c.token("doomed", "pgwarden.io/sidecar", None);
+    kubectl(&c.api, &["-n", "ci", "delete", "pod", "doomed"], None);
+    std::thread::sleep(Duration::from_secs(2));
+    let cases = [
+        (
+            "a token for the client audience",
+            c.token(POD, "pgwarden", None),
+            "token not authenticated",
+        ),
+        ("an expired token", expired, "token not authenticated"),
+        (
+            "a token whose pod was deleted",
+            doomed,
+            "token not authenticated",
+        ),
+        (
+            "a pod that was not injected",
+            c.token("plain", "pgwarden.io/sidecar", None),
+            "was not injected by pgwarden",
+        ),
+    ];
+    for (case, token, reason) in cases {
+        let before = c.operator.log().matches("config stream refused").count();
+        let sidecar = c.sidecar(&token);
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                let log = c.operator.log();
+                log.matches("config stream refused").count() > before
+            }),
+            "{case}: the operator logged no refusal\n{}",
+            c.operator.log()
+        );
+        let log = c.operator.log();
+        let line = log
+            .lines()
+            .filter(|l| l.contains("config stream refused"))
+            .nth(before)
+            .unwrap_or_default()
+            .to_owned();
+        assert!(line.contains(reason), "{case}: {line}");
+        let token_text = fs::read_to_string(&token).unwrap();
+        assert!(
+            !log.contains(token_text.trim()),
+            "{case}: the token was logged"
+        );
+        // Still not ready: never an open door.
+        let err = sidecar.connect().await.expect_err(case);
+        assert_eq!(sqlstate(&err).as_deref(), Some("57P03"), "{case}: {err:?}");
+        assert!(
+            sidecar.proc.log().contains("the operator answered 40"),
+            "{case}: {}",
+            sidecar.proc.log()
+        );
+    }
+}
