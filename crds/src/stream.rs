@@ -7,6 +7,8 @@
 //! Both ends share these types and the line framing, so what the operator
 //! writes is what the sidecar reads.
 
+pub mod approvals;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -42,6 +44,11 @@ pub enum StreamEvent {
     Snapshot { snapshot: ConfigSnapshot },
     /// Nothing changed; the operator is alive.
     Heartbeat,
+    /// A request this pod opened was decided (or expired): the holding
+    /// session claims it now (`approvals::CLAIM_PATH`).
+    ApprovalDecided {
+        request: Box<crate::ApprovalRequest>,
+    },
     /// A type this build does not know (never sent by it).
     #[serde(other)]
     Unknown,

@@ -10,6 +10,7 @@
 //! The relay (session/relay.rs) decides *when* to hold; nothing here touches
 //! a socket.
 
+pub mod cluster;
 pub mod request;
 pub mod store;
 

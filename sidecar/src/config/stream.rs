@@ -51,6 +51,9 @@ pub struct StreamOptions {
     pub tls: TlsConnector,
     pub token_file: PathBuf,
     pub stale_after: Duration,
+    /// Where approval decisions announced on the stream go (the cluster
+    /// approval store), once the gateway made one.
+    pub approvals: Option<Arc<crate::approval::cluster::ClusterClient>>,
 }
 
 impl std::fmt::Debug for StreamOptions {
@@ -101,6 +104,7 @@ impl StreamOptions {
             tls: TlsConnector::from(Arc::new(config)),
             token_file,
             stale_after,
+            approvals: None,
         })
     }
 }
@@ -225,6 +229,12 @@ async fn read_stream<A: Apply>(
             };
             let snapshot = match decode_event(&line) {
                 Ok(StreamEvent::Snapshot { snapshot }) => snapshot,
+                Ok(StreamEvent::ApprovalDecided { request }) => {
+                    if let Some(a) = &opts.approvals {
+                        a.announce(*request);
+                    }
+                    continue;
+                }
                 Ok(StreamEvent::Heartbeat | StreamEvent::Unknown) => continue,
                 Err(e) => return e.to_string(),
             };
@@ -265,6 +275,15 @@ async fn read_stream<A: Apply>(
             }
         }
     }
+}
+
+/// A POST to the operator (the approval calls), on a fresh connection.
+pub(crate) async fn post(
+    opts: &StreamOptions,
+    path: &str,
+    body: Bytes,
+) -> Result<hyper::body::Incoming, String> {
+    connect(opts, path, Some(body)).await
 }
 
 /// One request to the operator on a fresh connection: GET the stream, or
