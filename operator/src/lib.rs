@@ -16,6 +16,7 @@
 pub mod admission;
 pub mod approvals;
 pub mod args;
+pub mod certs;
 pub mod controller;
 pub mod index;
 pub mod keys;

@@ -82,7 +82,7 @@ pub fn guard(
     Ok(())
 }
 
-fn list<'a>(v: &'a Value) -> impl Iterator<Item = &'a Value> {
+fn list(v: &Value) -> impl Iterator<Item = &Value> {
     v.as_array().into_iter().flatten()
 }
 
