@@ -72,6 +72,12 @@ pub struct ApprovalRequestSpec {
     #[schemars(extend("x-kubernetes-validations" = immutable()))]
     pub expires_at: String,
 
+    /// Who may decide, as the policy said when the request was opened
+    /// (standalone: `pgwarden approvals` checks the deciding OS user against it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = immutable()))]
+    pub approvers: Option<crate::policy::Approvers>,
+
     /// Set by a reviewer; `decidedBy`/`decidedAt` are stamped by the admission webhook.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<Decision>,
@@ -95,6 +101,11 @@ pub struct Requester {
     /// The requesting pod's service account; it may never approve.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account: Option<String>,
+
+    /// Standalone: the client's OS user as the kernel reported it (Unix-socket
+    /// peer credentials); it may never decide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os_user: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -70,8 +70,10 @@ fn cluster() -> PgCluster {
 /// indent) and `approval: {wait, expiresAfter}`.
 fn builder(pg: &PgCluster, wait: &str, expires_after: &str, extra: &str) -> GatewayBuilder {
     let spec = format!(
-        "{RULES}{extra}  approval:\n    approvers: {{users: [alice]}}\n    \
-         wait: {wait}\n    expiresAfter: {expires_after}\n"
+        "{RULES}{extra}  approval:\n    approvers: {{users: [alice, {me}]}}\n    \
+         wait: {wait}\n    expiresAfter: {expires_after}\n",
+        // The CLI decides as the user running the tests.
+        me = os_user()
     );
     Gateway::builder(pg).policy_yaml(policy_with_rules(pg.port(), None, &spec))
 }

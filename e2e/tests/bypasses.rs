@@ -49,8 +49,11 @@ fn cluster(fixture: &str) -> PgCluster {
 /// A gateway in front of `pg` with `decision` (the `defaultAction:` / `rules:` /
 /// `masking:` / `approval:` lines of `spec`, two-space indent).
 fn gateway(pg: &PgCluster, decision: &str) -> Gateway {
+    // The CLI decides as the user running the tests: an approver.
+    let me = pgwarden_e2e::approvals::os_user();
+    let decision = decision.replace("[alice]", &format!("[alice, {me}]"));
     Gateway::builder(pg)
-        .policy_yaml(policy_with_rules(pg.port(), None, decision))
+        .policy_yaml(policy_with_rules(pg.port(), None, &decision))
         .start()
 }
 

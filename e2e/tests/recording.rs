@@ -77,7 +77,9 @@ fn cluster() -> PgCluster {
 
 /// The policy spec: [`RULES`] plus `recording` (see [`recording_yaml`]).
 fn spec(recording: &str) -> String {
-    format!("{RULES}{recording}")
+    // The CLI decides as the user running the tests: an approver.
+    let rules = RULES.replace("[alice]", &format!("[alice, {}]", os_user()));
+    format!("{rules}{recording}")
 }
 
 /// A gateway under [`RULES`] + `recording`, keeping its state in `state`

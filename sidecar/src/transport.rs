@@ -1,5 +1,5 @@
-//! The byte pipe under the wire protocol: plain TCP, or TLS over TCP once a
-//! peer negotiated it. One enum instead of boxed trait objects keeps reads and
+//! The byte pipe under the wire protocol: plain TCP, TLS over TCP once a
+//! peer negotiated it, or (clients only) a Unix-domain socket. One enum instead of boxed trait objects keeps reads and
 //! writes statically dispatched on the hot path.
 
 use std::io;
@@ -7,11 +7,19 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 pub enum MaybeTls<T> {
     Plain(TcpStream),
+    /// A local client on the Unix-domain socket (never TLS, as in PostgreSQL).
+    Unix(UnixStream),
     Tls(Box<T>),
+}
+
+/// A client connection as accepted, before the startup packet.
+pub enum Accepted {
+    Tcp(TcpStream),
+    Unix(UnixStream),
 }
 
 /// A client connection (rustls server side).
@@ -33,6 +41,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Unix(s) => Pin::new(s).poll_read(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
@@ -46,6 +55,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Unix(s) => Pin::new(s).poll_write(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
@@ -53,6 +63,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Unix(s) => Pin::new(s).poll_flush(cx),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
@@ -60,6 +71,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MaybeTls::Unix(s) => Pin::new(s).poll_shutdown(cx),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
@@ -71,6 +83,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            MaybeTls::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
@@ -78,8 +91,61 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     fn is_write_vectored(&self) -> bool {
         match self {
             MaybeTls::Plain(s) => s.is_write_vectored(),
+            MaybeTls::Unix(s) => s.is_write_vectored(),
             MaybeTls::Tls(s) => s.is_write_vectored(),
         }
+    }
+}
+
+/// A listening Unix-domain socket file, removed when dropped.
+pub struct UnixSocketFile {
+    listener: tokio::net::UnixListener,
+    path: std::path::PathBuf,
+}
+
+impl UnixSocketFile {
+    /// Listen at `DIR/.s.PGSQL.PORT`. A socket file nothing answers on (a
+    /// gateway that died) is replaced; one something answers on is an
+    /// error. Any local user may connect (mode 0777, as PostgreSQL's
+    /// default): the policy's identity decides who logs in.
+    pub fn bind(dir: &std::path::Path, port: u16) -> Result<Self, String> {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let path = dir.join(format!(".s.PGSQL.{port}"));
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            if !meta.file_type().is_socket() {
+                return Err(format!("{} exists and is not a socket", path.display()));
+            }
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                return Err(format!(
+                    "{} is in use (another gateway or PostgreSQL listens on it)",
+                    path.display()
+                ));
+            }
+            std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        let listener = tokio::net::UnixListener::bind(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(UnixSocketFile { listener, path })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The next client and its uid, as the kernel reports it
+    /// (SO_PEERCRED, taken when it connected).
+    pub async fn accept(&self) -> io::Result<(UnixStream, u32)> {
+        let (stream, _) = self.listener.accept().await?;
+        let uid = stream.peer_cred()?.uid();
+        Ok((stream, uid))
+    }
+}
+
+impl Drop for UnixSocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

@@ -3,6 +3,7 @@
 //! - `request`: the `ApprovalRequest` model, sans-IO — fingerprint, the
 //!   parameters a reviewer sees, and every phase transition;
 //! - `store`: where requests live (the state directory standalone);
+//! - `os_user`: OS users by name (who asked, who decides, standalone);
 //! - this module: one policy's approvals as the data path uses them —
 //!   open a request for a held statement, follow it, claim an approval,
 //!   record the outcome — and the words the client reads.
@@ -11,6 +12,7 @@
 //! a socket.
 
 pub mod cluster;
+pub mod os_user;
 pub mod request;
 pub mod store;
 
@@ -18,7 +20,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use pgwarden_api::{ApprovalPhase, ApprovalRequest, ApprovalSettings, Requester};
+use pgwarden_api::{ApprovalPhase, ApprovalRequest, ApprovalSettings, Approvers, Requester};
 
 use crate::wire::PgError;
 use request::{Draft, Outcome, Param, Standing};
@@ -88,6 +90,8 @@ pub struct Approvals {
     /// The pod this sidecar serves, when known (downward API).
     pod: Option<String>,
     service_account: Option<String>,
+    /// Who may decide (recorded on each request; the CLI checks it).
+    approvers: Option<Approvers>,
 }
 
 /// What the data path hands over for a statement that needs approval.
@@ -98,6 +102,8 @@ pub struct Ask<'a> {
     /// The statement touches masked columns: its parameters are not shown.
     pub sensitive: bool,
     pub reason: &'a str,
+    /// The client's OS user, where the kernel told (it may never decide).
+    pub os_user: Option<&'a str>,
 }
 
 /// Where a held statement stands after asking.
@@ -157,6 +163,8 @@ impl Approvals {
             expires_after: settings.effective_expires_after().as_std(),
             pod,
             service_account,
+            approvers: Some(settings.approvers.clone())
+                .filter(|a| !a.users.is_empty() || !a.groups.is_empty()),
         })
     }
 
@@ -181,11 +189,13 @@ impl Approvals {
                 subject: ask.subject.to_owned(),
                 pod: self.pod.clone(),
                 service_account: self.service_account.clone(),
+                os_user: ask.os_user.map(str::to_owned),
             },
             statement: ask.statement.to_owned(),
             parameters: request::render_params(ask.params, ask.sensitive),
             fingerprint,
             reason: ask.reason.to_owned(),
+            approvers: self.approvers.clone(),
         };
         let (policy, namespace, expires_after) = (
             self.policy.clone(),

@@ -7,8 +7,8 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use pgwarden_api::{
-    ApprovalPhase, ApprovalRequest, ApprovalRequestSpec, ApprovalRequestStatus, Decision,
-    DecisionAction, Detector, Requester,
+    ApprovalPhase, ApprovalRequest, ApprovalRequestSpec, ApprovalRequestStatus, Approvers,
+    Decision, DecisionAction, Detector, Requester,
 };
 use serde::Serialize;
 
@@ -36,6 +36,8 @@ pub struct Draft {
     pub parameters: Vec<Option<String>>,
     pub fingerprint: String,
     pub reason: String,
+    /// Who may decide (the policy's `approval.approvers`), if it names any.
+    pub approvers: Option<Approvers>,
 }
 
 /// Shown instead of a sensitive parameter.
@@ -181,6 +183,7 @@ pub fn new_request(
             fingerprint: draft.fingerprint,
             reason: draft.reason,
             expires_at: rfc3339(expires),
+            approvers: draft.approvers,
             decision: None,
         },
     );
@@ -258,19 +261,44 @@ pub enum DecideError {
         phase: ApprovalPhase,
         by: String,
     },
-    #[error("{who} requested {id} and cannot decide it")]
+    #[error("{who} requested {id} and cannot decide it: you cannot decide your own request")]
     SelfApproval { id: String, who: String },
+    #[error("{who} may not decide {id}: the policy's approval.approvers allows {allowed}")]
+    NotAnApprover {
+        id: String,
+        who: String,
+        allowed: String,
+    },
+}
+
+/// Who decides: a name and, standalone, the OS groups it belongs to.
+#[derive(Debug, Clone, Copy)]
+pub struct Decider<'a> {
+    pub name: &'a str,
+    pub groups: &'a [String],
+}
+
+impl<'a> From<&'a str> for Decider<'a> {
+    fn from(name: &'a str) -> Self {
+        Decider { name, groups: &[] }
+    }
 }
 
 /// A reviewer's decision. On `Expired` the request is marked Expired (the
 /// caller persists it either way).
-pub fn decide(
+///
+/// Nobody is special (root included): the requester, by subject, service
+/// account or OS user, never decides; when the request names approvers,
+/// only those users (or members of those groups) do.
+pub fn decide<'a>(
     r: &mut ApprovalRequest,
     action: DecisionAction,
-    by: &str,
+    by: impl Into<Decider<'a>>,
     reason: Option<String>,
     now: Timestamp,
 ) -> Result<(), DecideError> {
+    let decider = by.into();
+    let by = decider.name;
     let id = id(r).to_owned();
     if expire(r, now) || stored_phase(r) == ApprovalPhase::Expired {
         return Err(DecideError::Expired {
@@ -293,11 +321,28 @@ pub fn decide(
         });
     }
     let req = &r.spec.requester;
-    if by == req.subject || req.service_account.as_deref() == Some(by) {
+    if by == req.subject
+        || req.service_account.as_deref() == Some(by)
+        || req.os_user.as_deref() == Some(by)
+    {
         return Err(DecideError::SelfApproval {
             id,
             who: by.to_owned(),
         });
+    }
+    if let Some(a) = &r.spec.approvers {
+        let listed = !a.users.is_empty() || !a.groups.is_empty();
+        let allowed =
+            a.users.iter().any(|u| u == by) || decider.groups.iter().any(|g| a.groups.contains(g));
+        if listed && !allowed {
+            let mut names: Vec<String> = a.users.iter().map(|u| format!("user {u}")).collect();
+            names.extend(a.groups.iter().map(|g| format!("group {g}")));
+            return Err(DecideError::NotAnApprover {
+                id,
+                who: by.to_owned(),
+                allowed: names.join(", "),
+            });
+        }
     }
     r.spec.decision = Some(Decision {
         action,
@@ -416,6 +461,8 @@ pub struct View<'a> {
     pub expires_at: &'a str,
     pub decision: Option<&'a Decision>,
     pub result: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approvers: Option<&'a Approvers>,
 }
 
 pub fn view(r: &ApprovalRequest, now: Timestamp) -> View<'_> {
@@ -434,6 +481,7 @@ pub fn view(r: &ApprovalRequest, now: Timestamp) -> View<'_> {
         expires_at: &r.spec.expires_at,
         decision: r.spec.decision.as_ref(),
         result: r.status.as_ref().and_then(|s| s.result.as_deref()),
+        approvers: r.spec.approvers.as_ref(),
     }
 }
 

@@ -264,6 +264,7 @@ mod tests {
             parameters: vec![],
             fingerprint: "fp".into(),
             reason: "r".into(),
+            approvers: None,
         };
         request::new_request(
             draft,

@@ -1,8 +1,10 @@
 //! `pgwarden approvals list|show|approve|deny`: the reviewer's side in
-//! standalone mode. The decider is the OS user running the command.
+//! standalone mode. The decider is the OS user running the command (its
+//! uid's name): never the requester's OS user, and one of the request's
+//! `approvers` when it names any (root is not special).
 //!
 //! Exit codes: 0 done, 1 refused (unknown id, already decided, expired,
-//! self-approval), 2 usage or store errors (a state directory that does not
+//! self-approval, not an approver), 2 usage or store errors (a state directory that does not
 //! exist or holds no store: nothing is ever created here).
 
 use std::fmt::Write as _;
@@ -13,7 +15,8 @@ use pgwarden_api::{ApprovalRequest, DecisionAction};
 
 use super::output::{errln, out, outln};
 use super::{ApprovalsArgs, ApprovalsCommand, OutputFormat};
-use crate::approval::request::{self, DecideError};
+use crate::approval::os_user;
+use crate::approval::request::{self, DecideError, Decider};
 use crate::approval::store::{DirStore, StoreError};
 
 const EXIT_REFUSED: u8 = 1;
@@ -68,9 +71,19 @@ fn decide(
     action: DecisionAction,
     reason: Option<String>,
 ) -> anyhow::Result<ExitCode> {
-    let by = os_user();
+    // Fail closed: a decider this machine cannot name decides nothing.
+    let Some((by, groups)) = os_user::current() else {
+        return Ok(fail(
+            EXIT_ERROR,
+            "cannot tell which OS user runs this command (/proc/self)",
+        ));
+    };
+    let decider = Decider {
+        name: &by,
+        groups: &groups,
+    };
     let result = store.update(id, |r| {
-        let outcome = request::decide(r, action, &by, reason, Timestamp::now());
+        let outcome = request::decide(r, action, decider, reason, Timestamp::now());
         // An expiry noticed here is written down too.
         let changed = outcome.is_ok() || matches!(outcome, Err(DecideError::Expired { .. }));
         (changed, outcome)
@@ -143,6 +156,15 @@ fn one(r: &ApprovalRequest, now: Timestamp) -> String {
     let _ = writeln!(t, "policy:      {}/{}", v.namespace, v.policy);
     let _ = writeln!(t, "database:    {}", v.database);
     let _ = writeln!(t, "requester:   {}", v.requester.subject);
+    if let Some(u) = &v.requester.os_user {
+        let _ = writeln!(t, "os user:     {u}");
+    }
+    if let Some(a) = v.approvers {
+        let who: Vec<String> = (a.users.iter().map(|u| format!("user {u}")))
+            .chain(a.groups.iter().map(|g| format!("group {g}")))
+            .collect();
+        let _ = writeln!(t, "approvers:   {}", who.join(", "));
+    }
     if let Some(p) = &v.requester.pod {
         let _ = writeln!(t, "pod:         {p}");
     }
@@ -167,26 +189,4 @@ fn one(r: &ApprovalRequest, now: Timestamp) -> String {
         let _ = writeln!(t, "result:      {res}");
     }
     t
-}
-
-/// The OS user running this command: the real uid's name from
-/// /etc/passwd, else `$USER`, else `uid N`.
-fn os_user() -> String {
-    use std::os::unix::fs::MetadataExt;
-    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
-    if let Some(uid) = uid {
-        if let Ok(passwd) = std::fs::read_to_string("/etc/passwd") {
-            for line in passwd.lines() {
-                let f: Vec<&str> = line.split(':').collect();
-                if f.len() > 2 && f[2].parse() == Ok(uid) && !f[0].is_empty() {
-                    return f[0].to_owned();
-                }
-            }
-        }
-    }
-    match (std::env::var("USER"), uid) {
-        (Ok(u), _) if !u.is_empty() => u,
-        (_, Some(uid)) => format!("uid {uid}"),
-        _ => "unknown".into(),
-    }
 }

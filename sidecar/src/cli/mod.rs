@@ -175,6 +175,12 @@ pub struct RunArgs {
     /// Address clients connect to.
     #[arg(long, default_value = "127.0.0.1:6432")]
     pub listen: SocketAddr,
+    /// Also listen on a Unix-domain socket in DIR, named as PostgreSQL
+    /// names it (DIR/.s.PGSQL.PORT, PORT from --listen), so `psql -h DIR -p
+    /// PORT` connects. The kernel tells the OS user of its clients: it is
+    /// recorded on their approval requests and may not decide them.
+    #[arg(long, value_name = "DIR")]
+    pub listen_unix: Option<PathBuf>,
     /// Where approvals and recordings are kept (created if missing).
     #[arg(long, env = STATE_DIR_ENV, default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,

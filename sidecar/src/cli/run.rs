@@ -15,6 +15,7 @@ use crate::config;
 use crate::identity::IdentityOptions;
 use crate::observe::{self, Metrics};
 use crate::session::{self, CancelRegistry, Shared};
+use crate::transport::Accepted;
 use crate::wire::{codec, Limits, PgError};
 
 /// Exit code for configuration errors (bad YAML, unsupported features).
@@ -97,8 +98,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // One log per gateway, opened by the first policy that records.
     let log_broken = config
         .iter()
-        .find_map(|p| p.recording.as_ref())
         .flat_map(|c| &c.policies)
+        .find_map(|p| p.recording.as_ref())
         .is_some_and(|r| r.log_break().is_some());
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => match crate::transport::server_tls(c, k) {
@@ -143,8 +144,8 @@ async fn serve(
     args: RunArgs,
     shared: Arc<Shared>,
     opts: Arc<config::LoadOptions>,
-    shutdown_tx: tokio::sync::watch::Sender<bool>,
     stream: Option<config::stream::StreamOptions>,
+    shutdown_tx: tokio::sync::watch::Sender<bool>,
 ) -> anyhow::Result<()> {
     // Ready once listening and every policy's upstream took our login.
     let ready = Arc::new(observe::Readiness::default());
@@ -193,7 +194,18 @@ async fn serve(
             tokio::spawn(config::stream::follow(stream, gateway, metrics));
         }
     }
-    info!(listen = %listener.local_addr()?, "pgwarden listening");
+    let local = listener.local_addr()?;
+    let unix = match &args.listen_unix {
+        Some(dir) => Some(
+            crate::transport::UnixSocketFile::bind(dir, local.port())
+                .map_err(|e| anyhow::anyhow!("binding --listen-unix: {e}"))?,
+        ),
+        None => None,
+    };
+    match &unix {
+        Some(u) => info!(listen = %local, listen.unix = %u.path().display(), "pgwarden listening"),
+        None => info!(listen = %local, "pgwarden listening"),
+    }
     ready.set_listening(true);
 
     let permits = Arc::new(Semaphore::new(args.max_connections));
@@ -203,17 +215,19 @@ async fn serve(
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let accepted = tokio::select! {
+            a = listener.accept() => a.map(|(tcp, addr)| (Accepted::Tcp(tcp), session::Peer::tcp(addr))),
+            a = accept_unix(unix.as_ref()) => a,
             _ = &mut shutdown => break,
+        };
+        let (conn, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             shared
@@ -221,26 +235,27 @@ async fn serve(
                 .connections_rejected
                 .with_label_values(&["too_many"])
                 .inc();
-            tokio::spawn(refuse(tcp, PgError::too_many_connections()));
+            tokio::spawn(refuse(conn, PgError::too_many_connections()));
             continue;
         };
-        let Some(slot) = login_slots.enter(peer.ip()) else {
+        let Some(slot) = login_slots.enter(peer.addr.ip()) else {
             shared
                 .metrics
                 .startup_aborted
                 .with_label_values(&["per_source_limit"])
                 .inc();
-            tokio::spawn(refuse(tcp, PgError::too_many_logins_from_source()));
+            tokio::spawn(refuse(conn, PgError::too_many_logins_from_source()));
             continue;
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            session::serve(tcp, peer, shared, slot).await;
+            session::serve(conn, peer, shared, slot).await;
             drop(permit);
         });
     }
     ready.set_listening(false);
     drop(listener);
+    drop(unix);
     // Idle sessions close now; busy ones after their request completes.
     let _ = shutdown_tx.send(true);
     info!("shutting down: waiting for open sessions");
@@ -441,11 +456,36 @@ impl config::stream::Apply for StreamedConfig {
 const RELOAD_POLL: Duration = Duration::from_secs(1);
 
 /// A client over a limit still gets a reason, not a reset.
-async fn refuse(mut tcp: tokio::net::TcpStream, err: PgError) {
+async fn refuse(conn: Accepted, err: PgError) {
     use tokio::io::AsyncWriteExt;
     let mut out = bytes::BytesMut::new();
     codec::put_error(&err, &mut out);
-    let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(&out)).await;
+    let write = async {
+        match conn {
+            Accepted::Tcp(mut s) => s.write_all(&out).await,
+            Accepted::Unix(mut s) => s.write_all(&out).await,
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), write).await;
+}
+
+/// The next client on the Unix socket, named by its uid; never, without one.
+async fn accept_unix(
+    unix: Option<&crate::transport::UnixSocketFile>,
+) -> std::io::Result<(Accepted, session::Peer)> {
+    let Some(unix) = unix else {
+        return std::future::pending().await;
+    };
+    let (stream, uid) = unix.accept().await?;
+    let os_user = crate::approval::os_user::name_of(uid);
+    let peer = session::Peer {
+        // Local, as PostgreSQL's `local` lines: loopback for identity and
+        // for the per-source login cap.
+        addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        label: format!("{} (OS user {os_user})", unix.path().display()),
+        os_user: Some(os_user),
+    };
+    Ok((Accepted::Unix(stream), peer))
 }
 
 /// SIGTERM, SIGINT and SIGQUIT shut down (flushing the recording log);

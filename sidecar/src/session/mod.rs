@@ -20,7 +20,6 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
@@ -31,7 +30,7 @@ pub use relay::End;
 use crate::config::{LiveConfig, PolicyConfig};
 use crate::identity::{ClientTransport, Identity};
 use crate::observe::Metrics;
-use crate::transport::ClientStream;
+use crate::transport::{Accepted, ClientStream};
 use crate::upstream;
 use crate::wire::codec;
 use crate::wire::conn::FrameBuf;
@@ -53,44 +52,71 @@ pub struct Shared {
 
 /// Serve one accepted client connection to its end. Never panics on input;
 /// every failure is logged at the level its cause deserves.
-pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, slot: LoginSlot) {
+pub async fn serve(conn: Accepted, peer: Peer, shared: Arc<Shared>, slot: LoginSlot) {
     let id = format!("{:016x}", rand::random::<u64>());
-    let span = tracing::info_span!("session", session.id = %id, client.addr = %peer, subject = tracing::field::Empty);
+    let span = tracing::info_span!("session", session.id = %id, client.addr = %peer.label, subject = tracing::field::Empty);
     async move {
-        // Small request/response messages: never wait for Nagle.
-        let _ = tcp.set_nodelay(true);
+        if let Accepted::Tcp(tcp) = &conn {
+            // Small request/response messages: never wait for Nagle.
+            let _ = tcp.set_nodelay(true);
+        }
         shared.metrics.connections_total.inc();
         shared.metrics.connections_active.inc();
-        serve_inner(tcp, peer, &shared, &id, slot).await;
+        serve_inner(conn, peer, &shared, &id, slot).await;
         shared.metrics.connections_active.dec();
     }
     .instrument(span)
     .await
 }
 
+/// Who connected, as the listener and the kernel tell it.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// For identity and per-source limits: a Unix-socket client is local
+    /// (127.0.0.1 port 0), as PostgreSQL's `local` lines treat it.
+    pub addr: SocketAddr,
+    /// What the logs and the recording call the client.
+    pub label: String,
+    /// The client's OS user, where the kernel tells (Unix-socket peer
+    /// credentials): recorded on approval requests, and it never decides.
+    pub os_user: Option<String>,
+}
+
+impl Peer {
+    pub fn tcp(addr: SocketAddr) -> Self {
+        Peer {
+            addr,
+            label: addr.to_string(),
+            os_user: None,
+        }
+    }
+}
+
 async fn serve_inner(
-    tcp: TcpStream,
-    peer: SocketAddr,
+    conn: Accepted,
+    peer: Peer,
     shared: &Shared,
     session_id: &str,
     slot: LoginSlot,
 ) {
     let login_deadline = tokio::time::Instant::now() + shared.startup_timeout;
-    let negotiated =
-        match tokio::time::timeout_at(login_deadline, startup::negotiate(tcp, shared.tls.as_ref()))
-            .await
-        {
-            Ok(n) => n,
-            Err(_) => {
-                debug!("no startup packet before the startup timeout");
-                shared
-                    .metrics
-                    .startup_aborted
-                    .with_label_values(&["timeout"])
-                    .inc();
-                return;
-            }
-        };
+    let negotiated = match tokio::time::timeout_at(
+        login_deadline,
+        startup::negotiate(conn, shared.tls.as_ref()),
+    )
+    .await
+    {
+        Ok(n) => n,
+        Err(_) => {
+            debug!("no startup packet before the startup timeout");
+            shared
+                .metrics
+                .startup_aborted
+                .with_label_values(&["timeout"])
+                .inc();
+            return;
+        }
+    };
     let negotiated = match negotiated {
         Ok(n) => n,
         Err(e) => {
@@ -151,11 +177,14 @@ async fn serve_inner(
     }
     let authenticated = tokio::time::timeout_at(
         login_deadline,
-        authenticate(&mut stream, peer, &policy, shared.limits),
+        authenticate(&mut stream, peer.addr, &policy, shared.limits),
     )
     .await;
     let login = match authenticated {
-        Ok(Ok(login)) => login,
+        Ok(Ok(login)) => Login {
+            os_user: peer.os_user.clone(),
+            ..login
+        },
         Err(_) => {
             debug!("client did not log in before the startup timeout");
             shared
@@ -245,7 +274,7 @@ async fn serve_inner(
             &identity.subject,
             identity.method,
             &identity.attributes,
-            &peer.to_string(),
+            &peer.label,
             startup.application_name.as_deref().unwrap_or(""),
             &policy.id,
             &policy.upstream.database,
@@ -372,6 +401,8 @@ pub struct Login {
     pub identity: Identity,
     pub transport: ClientTransport,
     pub token: Option<pgwarden_api::SecretString>,
+    /// See [`Peer::os_user`].
+    pub os_user: Option<String>,
 }
 
 impl Login {
@@ -415,6 +446,7 @@ async fn authenticate(
             identity,
             transport,
             token: None,
+            os_user: None,
         });
     }
     let mut ask = BytesMut::new();
@@ -452,6 +484,7 @@ async fn authenticate(
         identity,
         transport,
         token: Some(pgwarden_api::SecretString::new(token.to_owned())),
+        os_user: None,
     })
 }
 

@@ -7,10 +7,9 @@
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::transport::{ClientStream, MaybeTls};
+use crate::transport::{Accepted, ClientStream, MaybeTls};
 use crate::wire::codec::{self, StartupPacket};
 use crate::wire::frame;
 use crate::wire::PgError;
@@ -90,15 +89,20 @@ async fn read_packet<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Result<Bytes
 }
 
 pub async fn negotiate(
-    tcp: TcpStream,
+    conn: Accepted,
     tls: Option<&TlsAcceptor>,
 ) -> Result<Negotiated, StartupError> {
+    let tcp = match conn {
+        Accepted::Tcp(tcp) => tcp,
+        // Local: no TLS (libpq never asks for it on a Unix socket).
+        Accepted::Unix(unix) => return startup(MaybeTls::Unix(unix), tls).await,
+    };
     let mut first = [0u8; 1];
     let n = tcp.peek(&mut first).await?;
     if n == 0 {
         return Err(StartupError::Closed);
     }
-    let mut stream: ClientStream = if first[0] == TLS_HANDSHAKE_RECORD {
+    let stream: ClientStream = if first[0] == TLS_HANDSHAKE_RECORD {
         let Some(acceptor) = tls else {
             // No certificate: nothing sensible to answer a ClientHello with.
             return Err(StartupError::Closed);
@@ -115,7 +119,14 @@ pub async fn negotiate(
     } else {
         MaybeTls::Plain(tcp)
     };
+    startup(stream, tls).await
+}
 
+/// SSLRequest, GSSENCRequest and CancelRequest until the startup packet.
+async fn startup(
+    mut stream: ClientStream,
+    tls: Option<&TlsAcceptor>,
+) -> Result<Negotiated, StartupError> {
     loop {
         let packet = match read_packet(&mut stream).await {
             Ok(p) => p,
@@ -140,6 +151,10 @@ pub async fn negotiate(
                     (MaybeTls::Plain(mut tcp), None) => {
                         tcp.write_all(b"N").await?;
                         MaybeTls::Plain(tcp)
+                    }
+                    (MaybeTls::Unix(mut unix), _) => {
+                        unix.write_all(b"N").await?;
+                        MaybeTls::Unix(unix)
                     }
                     (s @ MaybeTls::Tls(_), _) => {
                         let e = PgError::protocol_violation(

@@ -11,11 +11,13 @@ fn draft(statement: &str, fingerprint: &str) -> Draft {
             subject: "repo:acme/shop:ref:refs/heads/main".into(),
             pod: Some("ci/agent-1".into()),
             service_account: Some("ci-runner".into()),
+            os_user: Some("agent".into()),
         },
         statement: statement.into(),
         parameters: vec![],
         fingerprint: fingerprint.into(),
         reason: "approval required by rule \"schema-changes\": DDL".into(),
+        approvers: None,
     }
 }
 
@@ -122,6 +124,66 @@ fn requesters_cannot_approve_themselves() {
         assert!(matches!(e, DecideError::SelfApproval { .. }), "{e}");
     }
     assert_eq!(stored_phase(&r), ApprovalPhase::Pending);
+}
+
+#[test]
+fn the_requesting_os_user_cannot_decide_either_way() {
+    let mut r = pending("nightly-000001", T0, "fp");
+    for action in [DecisionAction::Approve, DecisionAction::Deny] {
+        let e = decide(&mut r, action, "agent", None, ts(T0)).unwrap_err();
+        assert!(
+            e.to_string().contains("you cannot decide your own request"),
+            "{e}"
+        );
+    }
+    assert_eq!(stored_phase(&r), ApprovalPhase::Pending);
+}
+
+#[test]
+fn only_listed_approvers_decide_and_root_is_not_special() {
+    let with = |approvers: Approvers| {
+        let mut r = pending("nightly-000001", T0, "fp");
+        r.spec.approvers = Some(approvers);
+        r
+    };
+    let users = Approvers {
+        users: vec!["alice".into()],
+        groups: vec![],
+    };
+    for who in ["root", "bob"] {
+        let mut r = with(users.clone());
+        let e = decide(&mut r, DecisionAction::Approve, who, None, ts(T0)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{who} may not decide nightly-000001: the policy's approval.approvers allows user alice")
+        );
+        assert_eq!(stored_phase(&r), ApprovalPhase::Pending);
+    }
+    let mut r = with(users);
+    decide(&mut r, DecisionAction::Approve, "alice", None, ts(T0)).unwrap();
+
+    // A group member decides; the group name alone is no user.
+    let dba = Approvers {
+        users: vec![],
+        groups: vec!["dba".into()],
+    };
+    let groups = ["staff".to_owned(), "dba".to_owned()];
+    let mut r = with(dba.clone());
+    let member = Decider {
+        name: "carol",
+        groups: &groups,
+    };
+    decide(&mut r, DecisionAction::Deny, member, None, ts(T0)).unwrap();
+    let mut r = with(dba);
+    assert!(decide(&mut r, DecisionAction::Approve, "dba", None, ts(T0)).is_err());
+
+    // Listed, but the requester: still refused.
+    let mut r = with(Approvers {
+        users: vec!["agent".into()],
+        groups: vec![],
+    });
+    let e = decide(&mut r, DecisionAction::Approve, "agent", None, ts(T0)).unwrap_err();
+    assert!(matches!(e, DecideError::SelfApproval { .. }), "{e}");
 }
 
 #[test]
