@@ -473,6 +473,27 @@ fn native_sidecars_run_as_the_real_pgwarden_on_their_own_pod_ips() {
     let log = k.pod_logs("default", "agent-a", "pgwarden");
     assert!(log.contains("shutting down"), "{log}");
     assert!(std::net::TcpStream::connect((a.as_str(), 5432)).is_err());
+    // Secret changes reach a running pod's volume files (the sidecar's hot reload).
+    ok(
+        &api,
+        &[
+            "patch",
+            "secret",
+            "pgwarden-config",
+            "--type=merge",
+            "-p",
+            r#"{"stringData":{"note.txt":"v2"}}"#,
+        ],
+    );
+    let note = k
+        .pod_dir("default", "agent-b")
+        .unwrap()
+        .join("volumes/config/note.txt");
+    eventually(
+        "the updated Secret in agent-b's volume",
+        Duration::from_secs(10),
+        || (std::fs::read_to_string(&note).ok()? == "v2").then_some(()),
+    );
     // The other pod is untouched.
     std::net::TcpStream::connect((b.as_str(), 5432)).expect("agent-b still serves");
     assert_eq!(pod_json(&api, "agent-b")["status"]["phase"], "Running");
@@ -688,4 +709,34 @@ fn http_status(ip: &str, port: u16, path: &str) -> (u16, String) {
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     (code, out)
+}
+
+#[test]
+fn a_sidecar_that_exits_before_its_startup_probe_passes_fails_the_pod() {
+    let api = TestApiServer::start().unwrap();
+    let k = kubelet(&api);
+    k.run_pod("default", "bad-config", RunOptions::new());
+    // The policy file the sidecar is told to read is not in the Secret.
+    let secret = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "pgwarden-config"}, "stringData": {"other.yaml": "x: 1"}});
+    apply(&api, &secret);
+    let mut pod = agent_pod("bad-config");
+    pod["metadata"]["labels"] = serde_json::json!({"app": "broken"});
+    apply(&api, &pod);
+    let p = eventually("bad-config Failed", Duration::from_secs(20), || {
+        let p = pod_json(&api, "bad-config");
+        (p["status"]["phase"] == "Failed").then_some(p)
+    });
+    let msg = p["status"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("before its startup probe passed"), "{p}");
+    let side = &p["status"]["initContainerStatuses"][0];
+    assert_ne!(side["state"]["terminated"]["exitCode"], 0, "{p}");
+    // The app container never started.
+    assert!(
+        p["status"]["containerStatuses"][0]["state"]["waiting"].is_object(),
+        "{p}"
+    );
+    assert!(k
+        .pod_logs("default", "bad-config", "pgwarden")
+        .contains("policy.yaml"));
 }

@@ -60,14 +60,18 @@ pub struct Client {
 
 impl Client {
     pub fn new(state: Arc<State>, username: &str) -> Client {
-        let groups = if username.starts_with("system:node:") {
-            vec!["system:nodes".into(), "system:authenticated".into()]
+        let mut groups: Vec<String> = if username.starts_with("system:node:") {
+            vec!["system:nodes".into()]
         } else {
-            vec![
-                "system:serviceaccounts".into(),
-                "system:authenticated".into(),
-            ]
+            vec!["system:serviceaccounts".into()]
         };
+        if let Some(ns) = username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|r| r.split(':').next())
+        {
+            groups.push(format!("system:serviceaccounts:{ns}"));
+        }
+        groups.push("system:authenticated".into());
         Client {
             state,
             user: UserInfo {

@@ -1,7 +1,9 @@
 //! Container probes as the kubelet runs them: `httpGet` (HTTP only; 200–399
 //! passes), `tcpSocket` (a connection passes) and `exec` (exit 0 passes), against
 //! the pod's IP, with `initialDelaySeconds`, `periodSeconds` (default 10),
-//! `timeoutSeconds` (default 1) and `failureThreshold` (default 3).
+//! `timeoutSeconds` (default 1) and `failureThreshold` (default 3). An `exec`
+//! probe runs on the host in the pod's directory with the runner's environment
+//! (there is no container to exec into).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
