@@ -96,6 +96,7 @@ struct Cluster {
     operator: Proc,
     stream_port: u16,
     ca: PathBuf,
+    cert: pgwarden_e2e::ServerCert,
     dir: tempfile::TempDir,
 }
 
@@ -118,6 +119,34 @@ spec:
 
 const READ_AND_DELETE: &str =
     "    - {name: app, action: Allow, statements: [SELECT, DELETE], tables: [public.orders]}\n";
+
+fn start_operator(
+    api: &TestApiServer,
+    cert: &pgwarden_e2e::ServerCert,
+    stream_port: u16,
+    log: &Path,
+) -> Proc {
+    let mut cmd = Command::new(bin_dir().join("pgwarden-operator"));
+    cmd.arg("--kubeconfig")
+        .arg(api.kubeconfig())
+        .args(["--context", "admin", "--namespace", "pgwarden-system"])
+        .args(["--leader-election", "false"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--stream-addr", &format!("127.0.0.1:{stream_port}")])
+        .arg("--stream-cert")
+        .arg(&cert.cert)
+        .arg("--stream-key")
+        .arg(&cert.key);
+    let operator = Proc::spawn(cmd, log.to_path_buf());
+    assert!(
+        wait_until(Duration::from_secs(20), || operator
+            .log()
+            .contains("serving the config stream")),
+        "the operator did not start its stream:\n{}",
+        operator.log()
+    );
+    operator
+}
 
 impl Cluster {
     fn start(pg: &PgCluster, opts: Options) -> Cluster {
@@ -159,34 +188,30 @@ impl Cluster {
         let ca = TestCa::generate(dir.path(), "operator");
         let cert = ca.issue_server_cert(dir.path(), "stream");
         let stream_port = free_port();
-        let mut cmd = Command::new(bin_dir().join("pgwarden-operator"));
-        cmd.arg("--kubeconfig")
-            .arg(api.kubeconfig())
-            .args(["--context", "admin", "--namespace", "pgwarden-system"])
-            .args(["--leader-election", "false"])
-            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
-            .args(["--stream-addr", &format!("127.0.0.1:{stream_port}")])
-            .arg("--stream-cert")
-            .arg(&cert.cert)
-            .arg("--stream-key")
-            .arg(&cert.key);
-        let operator = Proc::spawn(cmd, dir.path().join("operator.log"));
-        let c = Cluster {
+        let operator = start_operator(&api, &cert, stream_port, &dir.path().join("operator.log"));
+        Cluster {
             api,
             operator,
             stream_port,
             ca: ca.cert_path().to_path_buf(),
+            cert,
             dir,
-        };
-        assert!(
-            wait_until(Duration::from_secs(20), || c
-                .operator
-                .log()
-                .contains("serving the config stream")),
-            "the operator did not start its stream:\n{}",
-            c.operator.log()
-        );
-        c
+        }
+    }
+
+    /// Stop the operator (SIGKILL: as a crash) and later start another on
+    /// the same address.
+    fn kill_operator(&mut self) {
+        let _ = self.operator.child.kill();
+        let _ = self.operator.child.wait();
+    }
+
+    fn restart_operator(&mut self) {
+        let log = self
+            .dir
+            .path()
+            .join(format!("operator-{}.log", free_port()));
+        self.operator = start_operator(&self.api, &self.cert, self.stream_port, &log);
     }
 
     fn create_pod(&self, name: &str, labels: Value, injected: bool) {
@@ -213,6 +238,10 @@ impl Cluster {
 
     /// `pgwarden run --operator` with this token file.
     fn sidecar(&self, token: &Path) -> Sidecar {
+        self.sidecar_with(token, &[])
+    }
+
+    fn sidecar_with(&self, token: &Path, extra: &[&str]) -> Sidecar {
         let port = free_port();
         let metrics_port = free_port();
         let state = self.dir.path().join(format!("state-{port}"));
@@ -228,7 +257,8 @@ impl Cluster {
             .arg("--operator-ca")
             .arg(&self.ca)
             .arg("--operator-token-file")
-            .arg(token);
+            .arg(token)
+            .args(extra);
         let proc = Proc::spawn(cmd, self.dir.path().join(format!("pgwarden-{port}.log")));
         Sidecar {
             proc,
@@ -522,4 +552,66 @@ async fn tokens_that_must_not_fetch_a_configuration_get_nothing() {
             sidecar.proc.log()
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_operator_gone_the_sidecar_serves_its_last_snapshot_then_refuses_until_it_is_back()
+{
+    const STALE_AFTER: Duration = Duration::from_secs(3);
+    let pg = PgCluster::start();
+    fixture(&pg);
+    let mut c = Cluster::start(&pg, Options::default());
+    c.create_pod(POD, json!({"app": "agent"}), true);
+    let token = c.token(POD, "pgwarden.io/sidecar", None);
+    let sidecar = c.sidecar_with(&token, &["--operator-stale-after", "3s"]);
+    let client = sidecar.connect_when_ready(Duration::from_secs(20)).await;
+
+    c.kill_operator();
+    let killed = Instant::now();
+    // Within the bound: the last good snapshot keeps serving, old and new sessions.
+    client
+        .query("SELECT total FROM orders", &[])
+        .await
+        .expect("served while the operator is briefly gone");
+    let other = sidecar
+        .connect()
+        .await
+        .expect("a new session while the operator is gone");
+    other.simple_query("SELECT 1").await.expect("served");
+    assert!(
+        wait_until(Duration::from_secs(5), || sidecar
+            .metrics()
+            .contains("pgwarden_config_stream_connected 0")),
+        "{}",
+        sidecar.metrics()
+    );
+    assert!(
+        killed.elapsed() < STALE_AFTER,
+        "the checks above took too long"
+    );
+
+    // Past the bound: statements are refused, saying why.
+    tokio::time::sleep(STALE_AFTER.saturating_sub(killed.elapsed()) + Duration::from_millis(500))
+        .await;
+    let err = client
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("stale: refused");
+    let db = err.as_db_error().unwrap_or_else(|| panic!("{err:?}"));
+    assert_eq!(db.code().code(), "57P03", "{db:?}");
+    assert!(db.message().contains("configuration is stale"), "{db:?}");
+    let err = sidecar
+        .connect()
+        .await
+        .expect_err("stale: new sessions refused");
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P03"), "{err:?}");
+    assert!(sidecar.proc.log().contains("configuration is stale"));
+
+    // The operator is back: the stream resumes and statements are served again.
+    c.restart_operator();
+    let back = sidecar.connect_when_ready(Duration::from_secs(40)).await;
+    back.query("SELECT total FROM orders", &[])
+        .await
+        .expect("served again once the stream is back");
+    assert!(sidecar.proc.log().contains("config stream is back"));
 }

@@ -191,6 +191,10 @@ impl Frontend<'_> {
     /// approvals and user-code knowledge carry over; a changed upstream or
     /// masking cannot be switched under an open connection.
     pub(super) async fn reconfigure(&mut self) -> Result<(), PgError> {
+        // Operator mode, stream down too long: changes may have been missed.
+        if self.live.is_stale() {
+            return Err(PgError::config_stale());
+        }
         let generation = self.live.generation();
         let Some(config) = self.live.current() else {
             return Err(PgError::access_revoked("the gateway has no configuration"));
