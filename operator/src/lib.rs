@@ -166,9 +166,12 @@ async fn supervise_controller(
 ) {
     let metrics = &ctx.observe.metrics;
     loop {
+        // Biased: shutdown wins over a leadership change seen at the same
+        // time (the election ends on shutdown too, closing `leading`).
         tokio::select! {
-            r = leading.wait_for(|l| *l) => if r.is_err() { return },
+            biased;
             _ = shutdown.wait_for(|s| *s) => return,
+            r = leading.wait_for(|l| *l) => if r.is_err() { return },
         }
         metrics.is_leader.set(1);
         tracing::info!("starting the policy controller");
@@ -179,8 +182,9 @@ async fn supervise_controller(
             stopped(stop_rx),
         ));
         let done = tokio::select! {
-            _ = leading.wait_for(|l| !*l) => false,
+            biased;
             _ = shutdown.wait_for(|s| *s) => true,
+            r = leading.wait_for(|l| !*l) => r.is_err(),
             _ = &mut task => {
                 tracing::error!("the policy controller ended by itself");
                 false
