@@ -371,13 +371,20 @@ fn impersonation_works_as_on_a_real_cluster() {
         e.contains("User \"bob\" cannot list resource \"databaseaccesspolicies\""),
         "{e}"
     );
+    // A Role of its own (a real cluster's `view` does not aggregate pgwarden.io
+    // unless the chart's aggregation roles are installed).
+    let role = serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "dap-reader"},
+        "rules": [{"apiGroups": ["pgwarden.io"], "resources": ["databaseaccesspolicies"], "verbs": ["get", "list"]}]});
+    let o = c.kubectl(User::Admin, &["apply", "-f", "-"], Some(&role.to_string()));
+    assert!(o.status.success(), "{}", testapi_cluster::text(&o));
     c.ok(
         User::Admin,
         &[
             "create",
             "rolebinding",
-            "oncall-view",
-            "--clusterrole=view",
+            "oncall-read",
+            "--role=dap-reader",
             "--group=dba-oncall",
         ],
     );

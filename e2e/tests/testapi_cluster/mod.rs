@@ -8,7 +8,7 @@
 //! `bob` (no groups). The test API server has them as kubeconfig contexts; on a
 //! real cluster only the admin credential exists, so alice and bob are
 //! impersonated (`--as`/`--as-group`, kube-rs `impersonate`) — which the test API
-//! server honours too, and `User::via_impersonation` makes local runs use it.
+//! server honours too; `PGWARDEN_E2E_IMPERSONATE=1` makes local runs use it.
 
 #![allow(dead_code)]
 
@@ -110,21 +110,17 @@ impl Cluster {
             backend,
             ns,
             cache,
-            impersonate: false,
+            // PGWARDEN_E2E_IMPERSONATE=1 runs the local suite the way a real
+            // cluster must be driven (admin credential + impersonation).
+            impersonate: std::env::var_os("PGWARDEN_E2E_IMPERSONATE").is_some(),
         };
         let crds = [
             repo("crds/databaseaccesspolicies.yaml"),
             repo("crds/approvalrequests.yaml"),
         ];
-        let mut args = vec![
-            "apply".to_string(),
-            "--server-side".into(),
-            "--force-conflicts".into(),
-        ];
-        if c.is_local() {
-            // The test API server does not implement server-side apply.
-            args = vec!["apply".into()];
-        }
+        // Client-side apply on both (the CRDs are far below the annotation limit;
+        // the test API server has no server-side apply).
+        let mut args = vec!["apply".to_string()];
         for f in &crds {
             args.push("-f".into());
             args.push(f.to_string_lossy().into_owned());
