@@ -2,8 +2,10 @@
 //! `--token-auth-file` of a real API server) resolve to a [`UserInfo`]; every
 //! authenticated user also gets `system:authenticated`, as the real server adds.
 //!
-//! Service-account JWTs (TokenRequest/TokenReview, the issuer's JWKS) are a later
-//! step: they slot in as a second [`Authenticator`] tried after the static tokens.
+//! Service-account JWTs are checked after the static tokens by
+//! [`crate::tokens::Issuer::authenticate`] (it needs the store: the service account
+//! and a bound pod must still exist); impersonation headers are applied after
+//! authentication in [`crate::server`].
 
 use std::collections::HashMap;
 

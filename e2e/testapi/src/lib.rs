@@ -14,16 +14,16 @@
 //! (tokens, kubeconfig), [`authz`] (RBAC), [`discovery`], [`registry`] (served
 //! types, CRD → type), [`storage`] (objects, resourceVersion, watch history),
 //! [`handlers`] (verbs, write pipeline), [`schema`] (CRD structural schemas),
-//! [`patch`], [`selectors`], [`table`], [`admission`] (plugin stages), [`audit`];
+//! [`patch`], [`selectors`], [`table`], [`admission`] (plugin stages), [`webhooks`]
+//! (the admission webhook plugin), [`tokens`] (service-account tokens: TokenRequest,
+//! TokenReview, issuer discovery and JWKS), [`audit`];
 //! the control plane: [`controllers`] (their audited in-process client), [`gc`]
 //! (ownerReference garbage collection), [`jobs`] (Job controller), and
 //! [`kubelet`] (the pod runner tests start with [`kubelet::Kubelet::start`]).
 //!
-//! Not yet here (later sessions): service-account tokens (TokenRequest,
-//! TokenReview, issuer discovery/JWKS — a second [`auth::Authenticator`]),
-//! admission webhooks (an [`admission::AdmissionPlugin`]), OpenAPI documents
-//! (`kubectl explain`), server-side apply, list pagination, strategic-merge list
-//! merge keys.
+//! Not here: OpenAPI schemas (`kubectl explain`) and OpenAPI v2, server-side
+//! apply, list pagination, strategic-merge list merge keys, CEL, admission of
+//! DELETE.
 #![forbid(unsafe_code)]
 
 pub mod admission;
