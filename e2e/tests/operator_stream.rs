@@ -131,6 +131,8 @@ fn start_operator(
         .arg(api.kubeconfig())
         .args(["--context", "admin", "--namespace", "pgwarden-system"])
         .args(["--leader-election", "false"])
+        // Watches per namespace, as with the chart's per-namespace RBAC.
+        .args(["--namespaces", "ci"])
         .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
         .args(["--stream-addr", &format!("127.0.0.1:{stream_port}")])
         .arg("--stream-cert")

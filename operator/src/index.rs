@@ -175,11 +175,18 @@ pub fn compose(
         .collect()
 }
 
+/// One scope's stores: all namespaces, or one.
+struct Stores {
+    policies: Store<DatabaseAccessPolicy>,
+    secrets: Store<Secret>,
+    pods: Store<Pod>,
+}
+
 /// The reflectors' stores and the per-namespace wakeups.
 pub struct Index {
-    pub policies: Store<DatabaseAccessPolicy>,
-    pub secrets: Store<Secret>,
-    pub pods: Store<Pod>,
+    /// `None`: every namespace; else one entry per watched namespace (the
+    /// operator's RBAC may cover only those).
+    scopes: Vec<(Option<String>, Stores)>,
     wakers: Mutex<HashMap<String, watch::Sender<u64>>>,
 }
 
@@ -190,35 +197,73 @@ impl std::fmt::Debug for Index {
 }
 
 impl Index {
-    /// Starts the three watches (all namespaces) on the current runtime. The
+    /// Starts the watches (policies, Secrets, pods) on the current runtime:
+    /// cluster-wide when `namespaces` is empty, else per namespace. The
     /// index is usable at once; [`Index::ready`] waits for the first lists.
-    pub fn start(client: Client) -> Arc<Index> {
-        let (policies, pw) = reflector::store();
-        let (secrets, sw) = reflector::store();
-        let (pods, podw) = reflector::store();
+    pub fn start(client: Client, namespaces: &[String]) -> Arc<Index> {
+        let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+            vec![None]
+        } else {
+            namespaces.iter().cloned().map(Some).collect()
+        };
+        let mut writers = Vec::new();
+        let mut stores = Vec::new();
+        for scope in scopes {
+            let (policies, pw) = reflector::store();
+            let (secrets, sw) = reflector::store();
+            let (pods, podw) = reflector::store();
+            writers.push((scope.clone(), pw, sw, podw));
+            stores.push((
+                scope,
+                Stores {
+                    policies,
+                    secrets,
+                    pods,
+                },
+            ));
+        }
         let index = Arc::new(Index {
-            policies,
-            secrets,
-            pods,
+            scopes: stores,
             wakers: Mutex::default(),
         });
-        let cfg = watcher::Config::default;
-        let i = index.clone();
-        let s = watcher(Api::<DatabaseAccessPolicy>::all(client.clone()), cfg())
-            .default_backoff()
-            .reflect(pw);
-        tokio::spawn(async move { i.follow(s).await });
-        let i = index.clone();
-        let s = watcher(Api::<Secret>::all(client.clone()), cfg())
-            .default_backoff()
-            .reflect(sw);
-        tokio::spawn(async move { i.follow(s).await });
-        let i = index.clone();
-        let s = watcher(Api::<Pod>::all(client), cfg())
-            .default_backoff()
-            .reflect(podw);
-        tokio::spawn(async move { i.follow(s).await });
+        for (scope, pw, sw, podw) in writers {
+            fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+            where
+                K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+                K::DynamicType: Default,
+            {
+                match ns {
+                    Some(ns) => Api::namespaced(client.clone(), ns),
+                    None => Api::all(client.clone()),
+                }
+            }
+            let ns = scope.as_deref();
+            let cfg = watcher::Config::default;
+            let i = index.clone();
+            let s = watcher(api::<DatabaseAccessPolicy>(&client, ns), cfg())
+                .default_backoff()
+                .reflect(pw);
+            tokio::spawn(async move { i.follow(s).await });
+            let i = index.clone();
+            let s = watcher(api::<Secret>(&client, ns), cfg())
+                .default_backoff()
+                .reflect(sw);
+            tokio::spawn(async move { i.follow(s).await });
+            let i = index.clone();
+            let s = watcher(api::<Pod>(&client, ns), cfg())
+                .default_backoff()
+                .reflect(podw);
+            tokio::spawn(async move { i.follow(s).await });
+        }
         index
+    }
+
+    /// The stores that hold `namespace`, if it is watched.
+    fn stores(&self, namespace: &str) -> Option<&Stores> {
+        self.scopes
+            .iter()
+            .find(|(scope, _)| scope.as_deref().is_none_or(|s| s == namespace))
+            .map(|(_, s)| s)
     }
 
     async fn follow<K: kube::Resource>(
@@ -241,9 +286,11 @@ impl Index {
 
     /// Waits until every store holds its first full list.
     pub async fn ready(&self) {
-        let _ = self.policies.wait_until_ready().await;
-        let _ = self.secrets.wait_until_ready().await;
-        let _ = self.pods.wait_until_ready().await;
+        for (_, s) in &self.scopes {
+            let _ = s.policies.wait_until_ready().await;
+            let _ = s.secrets.wait_until_ready().await;
+            let _ = s.pods.wait_until_ready().await;
+        }
     }
 
     /// Changes whenever something in `namespace` changes.
@@ -276,7 +323,9 @@ impl Index {
 
     /// The pod as the watch last saw it.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {
-        self.pods.get(&ObjectRef::new(name).within(namespace))
+        self.stores(namespace)?
+            .pods
+            .get(&ObjectRef::new(name).within(namespace))
     }
 
     /// The policies `pod` is owed now (see [`resolve_for_pod`]).
@@ -286,10 +335,14 @@ impl Index {
         keys: &dyn KeySource,
     ) -> BTreeMap<String, Result<Resolved, Unresolved>> {
         let ns = pod.namespace().unwrap_or_default();
-        let policies = self
+        // An unwatched namespace has no policies for its pods.
+        let Some(stores) = self.stores(&ns) else {
+            return BTreeMap::new();
+        };
+        let policies = stores
             .policies
             .state_filter(|p| p.namespace().as_deref() == Some(ns.as_str()));
-        let secret = |ns: &str, name: &str| self.secrets.get(&ObjectRef::new(name).within(ns));
+        let secret = |ns: &str, name: &str| stores.secrets.get(&ObjectRef::new(name).within(ns));
         resolve_for_pod(pod, &policies, &secret, keys)
     }
 }

@@ -108,6 +108,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // The config stream serves on every replica.
     stream::start(
         &args.stream,
+        &args.namespaces,
         client.clone(),
         keys.clone(),
         sidecars.clone(),
