@@ -72,6 +72,8 @@ pub struct Args {
     pub keys_secret: String,
     #[command(flatten)]
     pub stream: crate::stream::StreamArgs,
+    #[command(flatten)]
+    pub admission: crate::admission::AdmissionArgs,
 }
 
 impl Args {

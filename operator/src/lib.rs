@@ -105,10 +105,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .context("loading the keys Secret")?,
     );
+    // Admission webhooks (injection, pod guard) on every replica.
+    admission::start(
+        &args.admission,
+        &args.namespace,
+        client.clone(),
+        Vec::new(),
+        shutdown.clone(),
+    )
+    .await?;
     // The config stream serves on every replica.
     stream::start(
         &args.stream,
-        &args.namespaces,
         client.clone(),
         keys.clone(),
         sidecars.clone(),
