@@ -497,13 +497,19 @@ fn native_sidecars_run_as_the_real_pgwarden_on_their_own_pod_ips() {
     // The other pod is untouched.
     std::net::TcpStream::connect((b.as_str(), 5432)).expect("agent-b still serves");
     assert_eq!(pod_json(&api, "agent-b")["status"]["phase"], "Running");
-    // Deleting a running pod stops its sidecar too.
-    ok(&api, &["delete", "pod", "agent-b"]);
-    eventually("agent-b's sidecar stopped", Duration::from_secs(20), || {
-        std::net::TcpStream::connect((b.as_str(), 5432))
-            .is_err()
-            .then_some(())
-    });
+    // Deleting a running pod is graceful: kubectl returns once the sidecar is down.
+    ok(&api, &["delete", "pod", "agent-b", "--timeout=30s"]);
+    assert!(
+        std::net::TcpStream::connect((b.as_str(), 5432)).is_err(),
+        "the sidecar was stopped before the pod went"
+    );
+    assert!(k
+        .pod_logs("default", "agent-b", "pgwarden")
+        .contains("shutting down"));
+    assert!(api.audit().iter().any(|e| e.user == "system:node:testnode"
+        && e.verb == "delete"
+        && e.name == "agent-b"
+        && e.code == 200));
 }
 
 #[test]

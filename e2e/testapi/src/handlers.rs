@@ -1135,6 +1135,16 @@ async fn delete(
     if dry_run {
         return Ok(Reply::ok(200, present(rt, old)));
     }
+    // A running pod is marked and stays until its kubelet has stopped it.
+    if let Some(o) = crate::kubelet::graceful_deletion(rt, &old, &opts) {
+        if o == old {
+            return Ok(Reply::ok(200, present(rt, old)));
+        }
+        let o = store
+            .update(&key, ns, name, rv_of(&old), o)
+            .map_err(|e| write_err(e, rt, name))?;
+        return Ok(Reply::ok(200, present(rt, o)));
+    }
     // Orphan/Foreground propagation: the garbage collector's finalizer keeps the
     // object (marked for deletion) until it has dealt with the dependents.
     let mut old = old;

@@ -32,12 +32,15 @@
 //! When every main container has finished, the sidecars are stopped as a kubelet
 //! does (in reverse order: SIGTERM, `terminationGracePeriodSeconds` — overridable
 //! per pod — then SIGKILL) and the phase becomes Succeeded (all main containers
-//! exited 0) or Failed. A deleted pod's containers are stopped the same way.
+//! exited 0) or Failed. Deleting a running pod is graceful as on a real cluster
+//! ([`graceful_deletion`]): the server marks it, the runner stops every container
+//! the same way (grace = the deletion's) and then deletes it with grace 0, so
+//! `kubectl delete pod` returns once the sidecar has shut down.
 //!
 //! Not here: restarts (a failed container is not restarted, whatever the
 //! restartPolicy: a failing ordinary init container or startup probe fails the
 //! pod), readiness/liveness probes (ready = running), `spec.nodeName` binding,
-//! graceful pod deletion on the API side, `pods/log`, resource limits, images.
+//! `pods/log`, resource limits, images.
 
 pub mod probe;
 pub mod spec;
@@ -143,7 +146,10 @@ pub(crate) struct PodControl {
     pub uid: String,
     /// Exit code for the played main containers.
     pub finish: Mutex<Option<i32>>,
+    /// Gone from the store.
     pub deleted: AtomicBool,
+    /// Marked for deletion (graceful): the grace period in seconds.
+    pub deleting: Mutex<Option<u64>>,
     pub dir: Mutex<Option<PathBuf>>,
     pub ip: Mutex<Option<String>>,
 }
@@ -285,6 +291,50 @@ impl Drop for Kubelet {
     }
 }
 
+/// The API server's half of graceful pod deletion: a pod a kubelet runs (it has a
+/// `hostIP`: there is no scheduler binding `spec.nodeName` here) that has not
+/// finished is not removed at once but marked — `deletionTimestamp` = now + grace,
+/// `deletionGracePeriodSeconds` = grace (DeleteOptions' `gracePeriodSeconds`, else
+/// the pod's `terminationGracePeriodSeconds`) — and the runner deletes it with
+/// grace 0 once its containers have stopped. Returns the object to store, or the
+/// stored one when it is already marked; `None`: delete as usual.
+pub fn graceful_deletion(
+    rt: &crate::registry::ResourceType,
+    old: &Value,
+    opts: &Value,
+) -> Option<Value> {
+    let bound_pod =
+        rt.group.is_empty() && rt.plural == "pods" && old["status"]["hostIP"].is_string();
+    if !bound_pod {
+        return None;
+    }
+    if matches!(
+        old["status"]["phase"].as_str(),
+        Some("Succeeded" | "Failed")
+    ) {
+        return None;
+    }
+    let grace = opts["gracePeriodSeconds"]
+        .as_u64()
+        .or_else(|| old["spec"]["terminationGracePeriodSeconds"].as_u64())
+        .unwrap_or(30);
+    if grace == 0 {
+        return None;
+    }
+    if old["metadata"]["deletionTimestamp"].is_string() {
+        return Some(old.clone());
+    }
+    let at = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_secs(grace as i64))
+        .ok()?
+        .round(jiff::Unit::Second)
+        .ok()?;
+    let mut o = old.clone();
+    o["metadata"]["deletionTimestamp"] = Value::String(at.to_string());
+    o["metadata"]["deletionGracePeriodSeconds"] = Value::from(grace);
+    Some(o)
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -340,6 +390,12 @@ fn consider(
             .and_then(|s| s.parse::<i32>().ok());
         if let Some(code) = code {
             lock(&c.finish).get_or_insert(code);
+        }
+        if pod["metadata"]["deletionTimestamp"].is_string() {
+            let grace = pod["metadata"]["deletionGracePeriodSeconds"]
+                .as_u64()
+                .unwrap_or(0);
+            lock(&c.deleting).get_or_insert(grace);
         }
         return;
     }

@@ -182,6 +182,9 @@ struct Pod {
     start_time: String,
     message: Option<String>,
     tokens: HashMap<String, (String, Instant)>,
+    /// [`RunOptions::grace`], else the pod's terminationGracePeriodSeconds.
+    run_grace: Option<Duration>,
+    spec_grace: Duration,
 }
 
 pub(crate) fn run(shared: Arc<Shared>, obj: Value, run: RunOptions, ctl: Arc<PodControl>) {
@@ -220,6 +223,11 @@ pub(crate) fn run(shared: Arc<Shared>, obj: Value, run: RunOptions, ctl: Arc<Pod
             })
             .collect()
     };
+    let spec_grace = Duration::from_secs(
+        obj["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .unwrap_or(30),
+    );
     let mut pod = Pod {
         path: format!("/api/v1/namespaces/{ns}/pods/{name}/status"),
         init: ctrs("initContainers", &run),
@@ -234,14 +242,9 @@ pub(crate) fn run(shared: Arc<Shared>, obj: Value, run: RunOptions, ctl: Arc<Pod
         start_time: now(),
         message: None,
         tokens: HashMap::new(),
+        run_grace: run.grace,
+        spec_grace,
     };
-    let grace = run.grace.unwrap_or_else(|| {
-        Duration::from_secs(
-            pod.obj["spec"]["terminationGracePeriodSeconds"]
-                .as_u64()
-                .unwrap_or(30),
-        )
-    });
     let Some(ip) = alloc_ip(&pod.obj) else {
         pod.fail("no free loopback address for the pod");
         return;
@@ -258,7 +261,20 @@ pub(crate) fn run(shared: Arc<Shared>, obj: Value, run: RunOptions, ctl: Arc<Pod
     }
     *lock(&ctl.dir) = Some(dir);
     pod.write();
-    pod.live(grace);
+    pod.live();
+    // Deleted through the API: the containers are stopped, the pod object goes now
+    // (what the kubelet's status manager does once a terminating pod is down).
+    if lock(&ctl.deleting).is_some() && !shared.stop.load(Ordering::SeqCst) {
+        let grace = pod.grace();
+        pod.stop_all(grace);
+        let path = pod.path.trim_end_matches("/status").to_string();
+        let opts = json!({"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0,
+            "preconditions": {"uid": uid}});
+        let client = shared.client.clone();
+        let _ = shared
+            .rt
+            .block_on(async move { client.delete(&path, &opts).await });
+    }
 }
 
 fn exec_for(shared: &Shared, run: &RunOptions, c: &Value) -> Option<Vec<String>> {
@@ -270,15 +286,27 @@ fn exec_for(shared: &Shared, run: &RunOptions, c: &Value) -> Option<Vec<String>>
     }
     if spec::is_pgwarden(c) {
         // Without a binary the container cannot start: an empty argv fails it.
-        let bin = shared.opts.pgwarden_bin.as_ref()?;
-        return Some(spec::pgwarden_argv(&bin.to_string_lossy(), c));
+        return Some(match &shared.opts.pgwarden_bin {
+            Some(bin) => spec::pgwarden_argv(&bin.to_string_lossy(), c),
+            None => Vec::new(),
+        });
     }
     None
 }
 
 impl Pod {
     fn gone(&self) -> bool {
-        self.ctl.deleted.load(Ordering::SeqCst) || self.shared.stop.load(Ordering::SeqCst)
+        self.ctl.deleted.load(Ordering::SeqCst)
+            || lock(&self.ctl.deleting).is_some()
+            || self.shared.stop.load(Ordering::SeqCst)
+    }
+
+    /// How long a container may take after SIGTERM: the test's override, else the
+    /// deletion's grace period, else the pod's terminationGracePeriodSeconds.
+    fn grace(&self) -> Duration {
+        self.run_grace
+            .or_else(|| lock(&self.ctl.deleting).map(Duration::from_secs))
+            .unwrap_or(self.spec_grace)
     }
 
     fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
@@ -370,7 +398,7 @@ impl Pod {
         self.block_on(async move { client.get(&path).await.ok() })
     }
 
-    fn live(&mut self, grace: Duration) {
+    fn live(&mut self) {
         // Volumes, retried while something they need is missing (ContainerCreating).
         loop {
             match self.sync_volumes() {
@@ -405,7 +433,7 @@ impl Pod {
             };
             if let Err(e) = result {
                 if self.gone() {
-                    return self.stop_all(grace);
+                    return self.stop_all(self.grace());
                 }
                 return self.fail(&e);
             }
@@ -423,7 +451,7 @@ impl Pod {
         let mut last_sync = Instant::now();
         loop {
             if self.gone() {
-                return self.stop_all(grace);
+                return self.stop_all(self.grace());
             }
             let finish = *lock(&self.ctl.finish);
             let mut changed = false;
@@ -451,6 +479,7 @@ impl Pod {
         }
         // Main containers done: sidecars stop in reverse order.
         self.write();
+        let grace = self.grace();
         for c in self.init.iter_mut().rev().filter(|c| c.sidecar) {
             c.stop(grace);
         }
@@ -572,7 +601,10 @@ impl Pod {
         let shared = self.shared.clone();
         let child_exit = std::cell::RefCell::new(self.init[i].child.take());
         let keep_going = || -> Result<(), String> {
-            if ctl.deleted.load(Ordering::SeqCst) || shared.stop.load(Ordering::SeqCst) {
+            if ctl.deleted.load(Ordering::SeqCst)
+                || lock(&ctl.deleting).is_some()
+                || shared.stop.load(Ordering::SeqCst)
+            {
                 return Err("pod deleted".into());
             }
             if let Some(c) = child_exit.borrow_mut().as_mut() {
@@ -601,7 +633,7 @@ impl Pod {
             return Ok(());
         }
         loop {
-            if self.ctl.deleted.load(Ordering::SeqCst) || self.shared.stop.load(Ordering::SeqCst) {
+            if self.gone() {
                 return Err("pod deleted".into());
             }
             let c = &mut self.init[i];
