@@ -8,6 +8,7 @@
 //! with a heartbeat in between. ACK/NACK go to `sidecars` and to the pod's
 //! annotations, which every replica's sidecars count by.
 
+pub mod approvals;
 pub mod auth;
 
 use std::collections::BTreeMap;
@@ -32,7 +33,7 @@ use pgwarden_api::{
     ConfigSnapshot, SecretBytes, SnapshotPod, INJECTED_ANNOTATION, SIDECAR_AUDIENCE,
 };
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{info, warn};
 
 use crate::index::{compose, Index, KeySource, Resolved};
@@ -153,6 +154,8 @@ pub struct StreamServer {
     heartbeat: Duration,
     versions: VersionClock,
     shutdown: watch::Receiver<bool>,
+    /// Decided ApprovalRequests, for the streams of the pods that opened them.
+    approvals: Arc<approvals::Feed>,
 }
 
 impl std::fmt::Debug for StreamServer {
@@ -175,13 +178,14 @@ impl StreamServer {
         shutdown: watch::Receiver<bool>,
     ) -> Arc<StreamServer> {
         Arc::new(StreamServer {
-            client,
+            client: client.clone(),
             index,
             keys,
             sidecars,
             heartbeat,
             versions: VersionClock::default(),
             shutdown,
+            approvals: approvals::Feed::start(client.clone()),
         })
     }
 
@@ -190,6 +194,9 @@ impl StreamServer {
         let result = match (&route.0, route.1.as_str()) {
             (&Method::GET, CONFIG_PATH) => self.open_stream(&req).await,
             (&Method::POST, ACK_PATH) => self.ack(req).await,
+            (&Method::POST, approvals::OPEN_PATH) => self.open_approval(req).await,
+            (&Method::POST, approvals::CLAIM_PATH) => self.claim_approval(req).await,
+            (&Method::POST, approvals::FINISH_PATH) => self.finish_approval(req).await,
             (_, CONFIG_PATH | ACK_PATH) => Err(Refusal {
                 status: 405,
                 reason: "method not allowed".into(),
@@ -255,8 +262,19 @@ impl StreamServer {
         let key = bound.pod.clone();
         let _registered = Registered::new(&self.sidecars, &key);
         let mut wake = self.index.subscribe(&key.namespace);
+        let mut decided = self.approvals.subscribe();
         let mut shutdown = self.shutdown.clone();
         self.index.ready().await;
+        // Decisions made while this sidecar was away (or before an operator
+        // restart) reach it now.
+        for r in self.approvals.decided_for(&bound).await {
+            let line = encode_event(&StreamEvent::ApprovalDecided {
+                request: Box::new((*r).clone()),
+            });
+            if tx.send(Bytes::from(line)).await.is_err() {
+                return;
+            }
+        }
         let mut last: Option<(BTreeMap<String, Resolved>, Option<SecretBytes>)> = None;
         let mut problems: BTreeMap<String, String> = BTreeMap::new();
         let mut seen_in_store = false;
@@ -346,6 +364,21 @@ impl StreamServer {
                     }
                     _ = tx.closed() => return,
                     _ = shutdown.changed() => return,
+                    r = decided.recv() => {
+                        let requests = match r {
+                            Ok(r) if approvals::Feed::is_for(&r, &bound) => vec![r],
+                            Ok(_) => continue,
+                            // Missed some: send this pod's decided ones again.
+                            Err(broadcast::error::RecvError::Lagged(_)) => self.approvals.decided_for(&bound).await,
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        };
+                        for r in requests {
+                            let line = encode_event(&StreamEvent::ApprovalDecided { request: Box::new((*r).clone()) });
+                            if tx.send(Bytes::from(line)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -93,3 +93,22 @@ pub enum FinishOutcome {
     /// The server's error, or why it never ran.
     Failed(String),
 }
+
+/// The command a reviewer runs to approve request `id` (the NOTICE a held
+/// client reads, the Event on the request).
+pub fn approve_command(namespace: &str, id: &str) -> String {
+    format!(
+        "kubectl patch apr -n {namespace} {id} --type merge -p '{{\"spec\":{{\"decision\":{{\"action\":\"Approve\",\"reason\":\"…\"}}}}}}'"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_approve_command_is_a_plain_kubectl_patch_of_spec_decision() {
+        assert_eq!(
+            super::approve_command("ci", "nightly-5f2c9a"),
+            r#"kubectl patch apr -n ci nightly-5f2c9a --type merge -p '{"spec":{"decision":{"action":"Approve","reason":"…"}}}'"#
+        );
+    }
+}
