@@ -414,3 +414,85 @@ fn impersonation_works_as_on_a_real_cluster() {
         assert!(!o.status.success() && e.contains("User \"bob\" cannot impersonate resource \"users\" in API group \"\" at the cluster scope"), "{e}");
     }
 }
+
+#[test]
+fn token_request_and_review_through_kube_rs() {
+    use k8s_openapi::api::authentication::v1::{
+        BoundObjectReference, TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
+    };
+    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+
+    let c = Cluster::new("kube-tokens");
+    runtime().block_on(async {
+        let client = c.client(User::Admin).await;
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &c.ns);
+        let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "agent"}})).unwrap();
+        sas.create(&PostParams::default(), &sa).await.unwrap();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &c.ns);
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "ci"},
+            "spec": {"serviceAccountName": "agent", "containers": [{"name": "app", "image": "busybox"}]}}))
+        .unwrap();
+        let pod = pods.create(&PostParams::default(), &pod).await.unwrap();
+
+        let req = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec!["pgwarden".into()],
+                expiration_seconds: Some(600),
+                bound_object_ref: Some(BoundObjectReference {
+                    kind: Some("Pod".into()),
+                    api_version: Some("v1".into()),
+                    name: Some("ci".into()),
+                    uid: pod.metadata.uid.clone(),
+                }),
+            },
+            ..Default::default()
+        };
+        let issued = sas
+            .create_token_request("agent", &PostParams::default(), &req)
+            .await
+            .unwrap();
+        let token = issued.status.expect("status").token;
+
+        let reviews: Api<TokenReview> = Api::all(client.clone());
+        let review = |auds: Vec<String>| {
+            let reviews = reviews.clone();
+            let token = token.clone();
+            async move {
+                let tr = TokenReview {
+                    spec: TokenReviewSpec {
+                        token: Some(token),
+                        audiences: Some(auds),
+                    },
+                    ..Default::default()
+                };
+                reviews.create(&PostParams::default(), &tr).await.unwrap().status.expect("status")
+            }
+        };
+        let st = review(vec!["pgwarden".into()]).await;
+        assert_eq!(st.authenticated, Some(true), "{st:?}");
+        let user = st.user.expect("user");
+        assert_eq!(user.username.as_deref(), Some(format!("system:serviceaccount:{}:agent", c.ns).as_str()));
+        let extra = user.extra.expect("extra");
+        assert_eq!(extra["authentication.kubernetes.io/pod-name"], ["ci"]);
+        assert_eq!(Some(&extra["authentication.kubernetes.io/pod-uid"][0]), pod.metadata.uid.as_ref());
+        assert_eq!(st.audiences, Some(vec!["pgwarden".to_string()]));
+
+        let st = review(vec!["vault".into()]).await;
+        assert_ne!(st.authenticated, Some(true), "{st:?}");
+        assert!(st.error.is_some_and(|e| e.contains("invalid")));
+
+        // The bound pod is deleted: the token no longer reviews (a real cluster
+        // deletes pods gracefully, so wait for it to be gone).
+        pods.delete("ci", &kube::api::DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
+            .await
+            .unwrap();
+        for _ in 0..100 {
+            if pods.get_opt("ci").await.unwrap().is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let st = review(vec!["pgwarden".into()]).await;
+        assert_ne!(st.authenticated, Some(true), "{st:?}");
+    });
+}

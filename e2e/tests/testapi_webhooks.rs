@@ -3,8 +3,8 @@
 //! certificate from the API server's CA, which is the configurations' caBundle):
 //! a mutating webhook's JSON Patch, a validating refusal as kubectl prints it,
 //! failurePolicy Fail vs Ignore for a webhook that is down, namespaceSelector and
-//! objectSelector, sideEffects on dry run, reinvocation, and the AdmissionReview
-//! the webhook receives.
+//! objectSelector, sideEffects on dry run, reinvocation, the AdmissionReview the
+//! webhook receives, and the same round trip from the kube-rs client.
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -520,4 +520,60 @@ fn dry_run_side_effects_and_reinvocation() {
         "{e}"
     );
     assert!(wh.reviews("/deny").is_empty());
+}
+
+#[test]
+fn kube_rs_round_trip_through_webhooks() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, PostParams};
+
+    let api = TestApiServer::start().unwrap();
+    let wh = Webhook::start(&api);
+    apply(
+        &api,
+        &mutating(
+            "label",
+            vec![hook(&api, "label.pgwarden.test", "/label", json!({}))],
+        ),
+    );
+    apply(
+        &api,
+        &validating(
+            "deny",
+            vec![hook(&api, "deny.pgwarden.test", "/deny", json!({}))],
+        ),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use kube::config::{KubeConfigOptions, Kubeconfig};
+        let kc = Kubeconfig::read_from(api.kubeconfig()).unwrap();
+        let opts = KubeConfigOptions { context: Some("alice".into()), ..Default::default() };
+        let config = kube::Config::from_custom_kubeconfig(kc, &opts).await.unwrap();
+        let client = kube::Client::try_from(config).unwrap();
+        // alice may write configmaps in default (the bootstrap `edit` role).
+        let o = run(&api, &["create", "rolebinding", "alice-edit", "--clusterrole=edit", "--user=alice"], None);
+        assert!(o.status.success(), "{}", text(&o));
+        let cms: Api<ConfigMap> = Api::namespaced(client, "default");
+        let cm: ConfigMap = serde_json::from_value(configmap("via-kube", "default", json!({"a": "b"}))).unwrap();
+        let made = cms.create(&PostParams::default(), &cm).await.unwrap();
+        assert_eq!(made.metadata.labels.unwrap().get("injected").map(String::as_str), Some("true"));
+        let seen = wh.reviews("/label").pop().unwrap();
+        assert_eq!(seen["request"]["userInfo"]["username"], "alice");
+        assert_eq!(seen["request"]["userInfo"]["groups"], json!(["dba-oncall", "system:authenticated"]));
+
+        let bad: ConfigMap = serde_json::from_value(configmap("bad", "default", json!({"forbidden": "1"}))).unwrap();
+        match cms.create(&PostParams::default(), &bad).await {
+            Err(kube::Error::Api(s)) => {
+                assert_eq!(s.code, 403, "{s:?}");
+                assert_eq!(
+                    s.message,
+                    "admission webhook \"deny.pgwarden.test\" denied the request: objects labelled forbidden are refused"
+                );
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    });
 }

@@ -205,15 +205,31 @@ fn endpoint(
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-                h,
-                p.parse::<u16>()
-                    .map_err(|_| format!("bad port in {url:?}"))?,
-            ),
-            _ => (hostport, 443),
+        // `host`, `host:port`, `[v6]`, `[v6]:port`
+        let (host, port) = match hostport.strip_prefix('[') {
+            Some(v6) => {
+                let (h, rest) = v6
+                    .split_once(']')
+                    .ok_or_else(|| format!("bad host in {url:?}"))?;
+                match rest.strip_prefix(':') {
+                    Some(p) => (
+                        h,
+                        p.parse::<u16>()
+                            .map_err(|_| format!("bad port in {url:?}"))?,
+                    ),
+                    None if rest.is_empty() => (h, 443),
+                    None => return Err(format!("bad host in {url:?}")),
+                }
+            }
+            None => match hostport.split_once(':') {
+                Some((h, p)) => (
+                    h,
+                    p.parse::<u16>()
+                        .map_err(|_| format!("bad port in {url:?}"))?,
+                ),
+                None => (hostport, 443),
+            },
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
         use std::net::ToSocketAddrs;
         let addr = (host, port)
             .to_socket_addrs()
@@ -541,6 +557,43 @@ mod tests {
             &attrs("UPDATE", "pods", ""),
             true
         ));
+    }
+
+    #[test]
+    fn webhook_urls() {
+        let eps: ServiceEndpoints = Arc::default();
+        let ep = |u: &str| endpoint(&eps, &json!({"url": u}));
+        let (addr, host, path, _) = ep("https://127.0.0.1:8443/mutate").unwrap();
+        assert_eq!(
+            (addr.port(), host.as_str(), path.as_str()),
+            (8443, "127.0.0.1", "/mutate")
+        );
+        let (addr, host, path, _) = ep("https://[::1]").unwrap();
+        assert_eq!(
+            (addr.port(), host.as_str(), path.as_str()),
+            (443, "::1", "/")
+        );
+        assert_eq!(ep("https://[::1]:9/x").unwrap().0.port(), 9);
+        for bad in [
+            "http://127.0.0.1/",
+            "https://[::1",
+            "https://h:port/",
+            "https://[::1]x/",
+        ] {
+            assert!(ep(bad).is_err(), "{bad}");
+        }
+        let svc = json!({"service": {"name": "w", "namespace": "n", "path": "/v"}});
+        assert!(endpoint(&eps, &svc)
+            .unwrap_err()
+            .contains("service \"w\" not found"));
+        eps.lock()
+            .unwrap()
+            .insert("w.n.svc".into(), "127.0.0.1:1".parse().unwrap());
+        let (_, host, path, url) = endpoint(&eps, &svc).unwrap();
+        assert_eq!(
+            (host.as_str(), path.as_str(), url.as_str()),
+            ("w.n.svc", "/v", "https://w.n.svc:443/v")
+        );
     }
 
     #[test]
