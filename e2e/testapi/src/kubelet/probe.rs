@@ -128,3 +128,63 @@ pub fn wait(
         sleep(period)?;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::net::TcpListener;
+
+    /// A one-shot HTTP server answering `status`; returns its port.
+    fn http_once(status: u16) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf);
+                let _ = write!(s, "HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n");
+            }
+        });
+        port
+    }
+
+    fn no_exec(_: &[String]) -> Result<(), String> {
+        Err("no exec here".into())
+    }
+
+    #[test]
+    fn http_get_passes_on_2xx_3xx_by_named_port_and_fails_otherwise() {
+        let port = http_once(204);
+        let c = json!({"ports": [{"name": "metrics", "containerPort": port}]});
+        let p = json!({"httpGet": {"path": "/healthz", "port": "metrics"}});
+        assert_eq!(once(&p, "127.0.0.1", &c, &no_exec), Ok(()));
+        let port = http_once(503);
+        let p = json!({"httpGet": {"path": "/readyz", "port": port}});
+        let e = once(&p, "127.0.0.1", &json!({}), &no_exec).unwrap_err();
+        assert!(e.contains("503"), "{e}");
+        let p = json!({"httpGet": {"port": "nope"}});
+        assert!(once(&p, "127.0.0.1", &json!({}), &no_exec).is_err());
+    }
+
+    #[test]
+    fn tcp_and_exec_probes() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let p = json!({"tcpSocket": {"port": port}});
+        assert_eq!(once(&p, "127.0.0.1", &json!({}), &no_exec), Ok(()));
+        drop(l);
+        assert!(once(&p, "127.0.0.1", &json!({}), &no_exec).is_err());
+        let p = json!({"exec": {"command": ["true"]}});
+        let exec = |argv: &[String]| -> Result<(), String> {
+            (argv == ["true"])
+                .then_some(())
+                .ok_or("ran something else".into())
+        };
+        assert_eq!(once(&p, "127.0.0.1", &json!({}), &exec), Ok(()));
+        // failureThreshold failures end the wait with the last error.
+        let p = json!({"tcpSocket": {"port": port}, "periodSeconds": 1, "failureThreshold": 1});
+        let e = wait(&p, "127.0.0.1", &json!({}), &no_exec, &|| Ok(())).unwrap_err();
+        assert!(e.starts_with("Startup probe failed"), "{e}");
+    }
+}

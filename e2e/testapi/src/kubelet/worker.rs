@@ -316,7 +316,11 @@ impl Pod {
     fn write(&mut self) {
         let ready = self.phase == "Running"
             && self.main.iter_mut().all(|c| c.running())
-            && self.init.iter().filter(|c| c.sidecar).all(|c| c.started);
+            && self
+                .init
+                .iter_mut()
+                .filter(|c| c.sidecar)
+                .all(|c| c.running() && c.started);
         let cond = |t: &str, ok: bool, reason: Option<&str>| {
             let mut c = json!({"type": t, "status": if ok { "True" } else { "False" },
                 "lastProbeTime": null, "lastTransitionTime": self.start_time});
