@@ -548,8 +548,12 @@ async fn tokens_that_must_not_fetch_a_configuration_get_nothing() {
         // Still not ready: never an open door.
         let err = sidecar.connect().await.expect_err(case);
         assert_eq!(sqlstate(&err).as_deref(), Some("57P03"), "{case}: {err:?}");
+        // The sidecar logs the refusal when the answer arrives.
         assert!(
-            sidecar.proc.log().contains("the operator answered 40"),
+            wait_until(Duration::from_secs(5), || sidecar
+                .proc
+                .log()
+                .contains("the operator answered 40")),
             "{case}: {}",
             sidecar.proc.log()
         );
@@ -616,4 +620,13 @@ async fn with_the_operator_gone_the_sidecar_serves_its_last_snapshot_then_refuse
         .await
         .expect("served again once the stream is back");
     assert!(sidecar.proc.log().contains("config stream is back"));
+    // The new operator's snapshot holds what was in force: no rebuild.
+    assert!(
+        wait_until(Duration::from_secs(5), || sidecar
+            .proc
+            .log()
+            .contains("unchanged; ACKed without a rebuild")),
+        "{}",
+        sidecar.proc.log()
+    );
 }

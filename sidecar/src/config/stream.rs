@@ -154,6 +154,9 @@ pub fn backoff(attempt: u32, jitter: f64) -> Duration {
 /// Follows the operator's stream for the life of the gateway.
 pub async fn follow<A: Apply>(opts: StreamOptions, apply: A, metrics: Arc<Metrics>) {
     let mut down_since = Instant::now();
+    // What was last put in force, version aside: after a reconnect (or
+    // another replica) the same content comes again under a new version.
+    let mut in_force: Option<ConfigSnapshot> = None;
     let mut attempt = 0u32;
     loop {
         match connect(&opts, CONFIG_PATH, None).await {
@@ -164,7 +167,7 @@ pub async fn follow<A: Apply>(opts: StreamOptions, apply: A, metrics: Arc<Metric
                 }
                 info!(operator = %opts.url, "config stream connected");
                 attempt = 0;
-                let why = read_stream(body, &opts, &apply, &metrics).await;
+                let why = read_stream(body, &opts, &apply, &metrics, &mut in_force).await;
                 metrics.config_stream_connected.set(0);
                 warn!(error = %why, "config stream lost; reconnecting");
                 down_since = Instant::now();
@@ -206,6 +209,7 @@ async fn read_stream<A: Apply>(
     opts: &StreamOptions,
     apply: &A,
     metrics: &Metrics,
+    in_force: &mut Option<ConfigSnapshot>,
 ) -> Ended {
     let mut lines = LineDecoder::new(MAX_LINE_BYTES);
     loop {
@@ -239,7 +243,21 @@ async fn read_stream<A: Apply>(
                 Err(e) => return e.to_string(),
             };
             let version = snapshot.version;
-            let result = apply.apply(snapshot).await;
+            let unchanged = in_force
+                .as_ref()
+                .is_some_and(|cur| same_content(cur, &snapshot));
+            // The same content is ACKed without a rebuild: open sessions and
+            // the policies' background work stay as they are.
+            let result = if unchanged {
+                Ok(())
+            } else {
+                let content = snapshot.clone();
+                let r = apply.apply(snapshot).await;
+                if r.is_ok() {
+                    *in_force = Some(content);
+                }
+                r
+            };
             let ack = match result {
                 Ok(()) => {
                     metrics
@@ -249,7 +267,14 @@ async fn read_stream<A: Apply>(
                     metrics
                         .config_version
                         .set(i64::try_from(version).unwrap_or(i64::MAX));
-                    info!(version, "configuration from the operator in force");
+                    if unchanged {
+                        info!(
+                            version,
+                            "configuration from the operator unchanged; ACKed without a rebuild"
+                        );
+                    } else {
+                        info!(version, "configuration from the operator in force");
+                    }
                     Ack {
                         version,
                         error: None,
@@ -284,6 +309,13 @@ pub(crate) async fn post(
     body: Bytes,
 ) -> Result<hyper::body::Incoming, String> {
     connect(opts, path, Some(body)).await
+}
+
+fn same_content(a: &ConfigSnapshot, b: &ConfigSnapshot) -> bool {
+    ConfigSnapshot {
+        version: b.version,
+        ..a.clone()
+    } == *b
 }
 
 /// One request to the operator on a fresh connection: GET the stream, or
@@ -416,6 +448,25 @@ up/Uk1eGRXWeTLSrLlWF1m39\n\
         }
         let err = StreamOptions::new("https://op", b"nothing", tf, d).unwrap_err();
         assert!(err.contains("no certificate"), "{err}");
+    }
+
+    #[test]
+    fn snapshots_differing_only_in_version_have_the_same_content() {
+        let a = ConfigSnapshot {
+            version: 1,
+            masking_key: Some(pgwarden_api::SecretBytes(vec![1; 32])),
+            ..ConfigSnapshot::default()
+        };
+        let b = ConfigSnapshot {
+            version: 2,
+            ..a.clone()
+        };
+        assert!(same_content(&a, &b));
+        let c = ConfigSnapshot {
+            masking_key: None,
+            ..b.clone()
+        };
+        assert!(!same_content(&a, &c));
     }
 
     #[test]
