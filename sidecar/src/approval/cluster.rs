@@ -7,19 +7,21 @@
 //! without polling.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use pgwarden_api::stream::approvals::{
-    Claim, Claimed, Finish, FinishOutcome, OpenApproval, Opened, CLAIM_PATH, FINISH_PATH,
-    MAX_BODY_BYTES, OPEN_PATH,
+    Claim, ClaimOutcome, Claimed, Finish, FinishOutcome, OpenApproval, OpenOutcome, Opened,
+    CLAIM_PATH, FINISH_PATH, MAX_BODY_BYTES, OPEN_PATH,
 };
-use pgwarden_api::ApprovalRequest;
+use pgwarden_api::{ApprovalRequest, ApprovalSettings};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use super::request::{self, Outcome};
+use super::store::StoreError;
+use super::{Approvals, Ask, Opened as Open, Store, Waited};
 use crate::config::stream::{post, StreamOptions};
 
 /// Decisions seen on the stream and not yet taken by a waiting session.
@@ -142,5 +144,101 @@ impl ClusterClient {
             url: self.opts.url.to_string(),
             message,
         }
+    }
+}
+
+// === impl Approvals (the cluster half) ===
+
+impl Approvals {
+    /// One policy's approvals in the cluster: requests are the operator's
+    /// ApprovalRequests; `key` is the policy's fingerprint key from the
+    /// snapshot.
+    #[allow(clippy::too_many_arguments)]
+    pub fn in_cluster(
+        client: Arc<ClusterClient>,
+        key: Vec<u8>,
+        settings: Option<&ApprovalSettings>,
+        policy: &str,
+        namespace: &str,
+        database: &str,
+        pod: Option<String>,
+        service_account: Option<String>,
+    ) -> Self {
+        let defaults = ApprovalSettings::default();
+        let settings = settings.unwrap_or(&defaults);
+        Approvals {
+            store: Store::Cluster(client),
+            key,
+            policy: policy.to_owned(),
+            namespace: namespace.to_owned(),
+            database: database.to_owned(),
+            wait: settings.effective_wait().as_std(),
+            expires_after: settings.effective_expires_after().as_std(),
+            pod,
+            service_account,
+            approvers: Some(settings.approvers.clone())
+                .filter(|a| !a.users.is_empty() || !a.groups.is_empty()),
+        }
+    }
+
+    pub(super) async fn open_in_cluster(
+        &self,
+        client: &ClusterClient,
+        ask: Ask<'_>,
+    ) -> Result<Open, StoreError> {
+        let fingerprint = request::fingerprint(
+            &self.key,
+            &format!("{}/{}", self.namespace, self.policy),
+            &self.database,
+            ask.subject,
+            ask.statement,
+            ask.params,
+        );
+        let body = OpenApproval {
+            policy: self.policy.clone(),
+            subject: ask.subject.to_owned(),
+            statement: ask.statement.to_owned(),
+            parameters: request::render_params(ask.params, ask.sensitive),
+            fingerprint: fingerprint.clone(),
+            reason: ask.reason.to_owned(),
+        };
+        let opened = client.open(&body).await?;
+        let r = *opened.request;
+        // Exact binding is the sidecar's to keep: whatever the operator
+        // answers, only a request for exactly this statement, these
+        // parameters and this subject is ever run.
+        if r.spec.fingerprint != fingerprint || r.spec.requester.subject != ask.subject {
+            return Err(StoreError::Operator(format!(
+                "the operator answered with request {}, which is not for this statement",
+                request::id(&r)
+            )));
+        }
+        Ok(match opened.outcome {
+            OpenOutcome::Released => Open::Released(r),
+            OpenOutcome::Pending => Open::Pending(r),
+            OpenOutcome::Denied => Open::Denied(r),
+        })
+    }
+
+    pub(super) async fn check_in_cluster(
+        &self,
+        client: &ClusterClient,
+        id: &str,
+    ) -> Result<Waited, StoreError> {
+        let claimed = client.claim(id).await?;
+        let r = *claimed.request;
+        Ok(match claimed.outcome {
+            ClaimOutcome::Released => Waited::Released(r),
+            ClaimOutcome::Pending => Waited::Pending,
+            ClaimOutcome::Denied => Waited::Denied(r),
+            ClaimOutcome::Expired => Waited::Expired(r),
+            ClaimOutcome::UsedElsewhere => Waited::UsedElsewhere(r),
+        })
+    }
+}
+
+impl From<OperatorError> for StoreError {
+    fn from(e: OperatorError) -> Self {
+        StoreError::Operator(e.to_string())
     }
 }

@@ -31,16 +31,19 @@ use store::{DirStore, StoreError};
 #[derive(Debug, Clone)]
 pub enum Store {
     Dir(DirStore),
+    /// The operator's ApprovalRequests (`cluster`).
+    Cluster(std::sync::Arc<cluster::ClusterClient>),
 }
 
 impl Store {
-    /// The command a reviewer runs to approve `id`.
-    pub fn approve_command(&self, id: &str) -> String {
+    /// The command a reviewer runs to approve `id` (in `namespace`).
+    pub fn approve_command(&self, namespace: &str, id: &str) -> String {
         match self {
             Store::Dir(d) => format!(
                 "pgwarden approvals approve {id} --state-dir {}",
                 shell_word(&d.state_dir().display().to_string())
             ),
+            Store::Cluster(_) => pgwarden_api::stream::approvals::approve_command(namespace, id),
         }
     }
 
@@ -61,6 +64,9 @@ impl Store {
                     }),
                 }
             }
+            Store::Cluster(_) => Err(StoreError::Operator(
+                "the cluster store has no directory".into(),
+            )),
         }
     }
 }
@@ -169,12 +175,15 @@ impl Approvals {
     }
 
     pub fn approve_command(&self, id: &str) -> String {
-        self.store.approve_command(id)
+        self.store.approve_command(&self.namespace, id)
     }
 
     /// Find or open the request for a held statement. A matching approval
     /// is claimed here, under the store's lock: it releases one execution.
     pub async fn open(&self, ask: Ask<'_>) -> Result<Opened, StoreError> {
+        if let Store::Cluster(c) = &self.store {
+            return self.open_in_cluster(c, ask).await;
+        }
         let fingerprint = request::fingerprint(
             &self.key,
             &format!("{}/{}", self.namespace, self.policy),
@@ -246,6 +255,9 @@ impl Approvals {
     /// `check` then claims. The directory store learns of a decision by
     /// looking every 200 ms (the reviewer's CLI is another process).
     pub async fn decided(&self, id: &str) {
+        if let Store::Cluster(c) = &self.store {
+            return c.decided(id).await;
+        }
         loop {
             let id = id.to_owned();
             let pending = self
@@ -264,6 +276,9 @@ impl Approvals {
 
     /// Look at a request once; claims it when it has been approved.
     pub async fn check(&self, id: &str) -> Result<Waited, StoreError> {
+        if let Store::Cluster(c) = &self.store {
+            return self.check_in_cluster(c, id).await;
+        }
         let id = id.to_owned();
         self.store
             .blocking(move |s| {
@@ -291,6 +306,12 @@ impl Approvals {
 
     /// Record what the released statement did.
     pub async fn finish(&self, id: String, outcome: Outcome) {
+        if let Store::Cluster(c) = &self.store {
+            if let Err(e) = c.finish(&id, &outcome).await {
+                tracing::warn!(error = %e, "recording the outcome of an approved statement failed");
+            }
+            return;
+        }
         let result = self
             .store
             .blocking(move |s| {

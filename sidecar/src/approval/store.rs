@@ -54,6 +54,9 @@ pub enum StoreError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    /// The cluster store: the operator could not be asked, or refused.
+    #[error("{0}")]
+    Operator(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {

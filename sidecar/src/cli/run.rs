@@ -71,6 +71,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
         },
     };
+    // In a cluster, held statements become the operator's ApprovalRequests
+    // (the decisions come down the stream).
+    let mut opts = opts;
+    opts.cluster_approvals = stream.as_ref().and_then(|s| s.approvals.clone());
     let loaded = match stream {
         Some(_) => Ok(None),
         None => config::load_files(&args.files, &opts).map(Some),
@@ -423,12 +427,16 @@ fn operator_stream(args: &RunArgs, url: &str) -> Result<config::stream::StreamOp
         .ok_or("--operator needs --operator-ca FILE (the operator's CA)")?;
     let ca =
         std::fs::read(ca_file).map_err(|e| format!("--operator-ca {}: {e}", ca_file.display()))?;
-    config::stream::StreamOptions::new(
+    let mut stream = config::stream::StreamOptions::new(
         url,
         &ca,
         args.operator_token_file.clone(),
         args.operator_stale_after,
-    )
+    )?;
+    stream.approvals = Some(Arc::new(crate::approval::cluster::ClusterClient::new(
+        stream.clone(),
+    )));
+    Ok(stream)
 }
 
 /// The gateway as the operator's stream sees it: snapshots go into force

@@ -175,13 +175,33 @@ fn build_policy(
             upstream.clone(),
         ))
     });
-    let approvals = match &opts.state_dir {
-        None => None,
-        Some(dir) => {
-            let pod = match (&opts.identity.pod_namespace, &opts.identity.pod_name) {
-                (Some(ns), Some(n)) => Some(format!("{ns}/{n}")),
-                _ => None,
+    let pod = match (&opts.identity.pod_namespace, &opts.identity.pod_name) {
+        (Some(ns), Some(n)) => Some(format!("{ns}/{n}")),
+        _ => None,
+    };
+    let approvals = match (&opts.cluster_approvals, &opts.state_dir) {
+        (Some(client), _) => {
+            // The operator's per-policy key; without it no fingerprint binds.
+            let Some(key) = &p.fingerprint_key else {
+                errors.push(err(
+                    "spec.approval",
+                    "the operator sent no fingerprint key for this policy".into(),
+                ));
+                return None;
             };
+            Some(Arc::new(Approvals::in_cluster(
+                client.clone(),
+                key.0.clone(),
+                p.spec.approval.as_ref(),
+                &p.name,
+                &p.namespace,
+                &db.name,
+                pod,
+                opts.identity.service_account.clone(),
+            )))
+        }
+        (None, None) => None,
+        (None, Some(dir)) => {
             match Approvals::open_dir(
                 dir,
                 p.fingerprint_key.as_ref().map(|k| k.0.clone()),

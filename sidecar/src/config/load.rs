@@ -113,6 +113,8 @@ pub struct LoadOptions {
     /// The gateway's one recording log, opened by the first policy that
     /// records.
     pub recorder: std::sync::OnceLock<Result<Recorder, String>>,
+    /// Operator mode: approvals are the operator's ApprovalRequests.
+    pub cluster_approvals: Option<std::sync::Arc<crate::approval::cluster::ClusterClient>>,
 }
 
 impl LoadOptions {
@@ -134,6 +136,7 @@ impl Default for LoadOptions {
             masking_key: None,
             state_dir: None,
             recorder: Default::default(),
+            cluster_approvals: None,
         }
     }
 }
