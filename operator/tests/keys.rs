@@ -23,17 +23,47 @@ async fn keys_are_created_once_shared_by_racing_replicas_and_recreated_when_dele
     let api = TestApiServer::start().unwrap();
     let client = admin(&api).await;
 
-    // Two replicas start at once: one creates, the other reads the winner's.
-    let (a, b) = tokio::join!(
-        Keys::load_or_create(client.clone(), "default", "pgwarden-keys"),
-        Keys::load_or_create(client.clone(), "default", "pgwarden-keys"),
-    );
-    let (a, b) = (a.unwrap(), b.unwrap());
-    assert_eq!(a.masking_key(), b.masking_key());
-    assert_eq!(
-        a.fingerprint_key("ci", "nightly"),
-        b.fingerprint_key("ci", "nightly")
-    );
+    // Replicas start at once: one creates, the others' creates get 409 and
+    // they read the winner's keys. A race is not certain in one round, so
+    // race a few rounds (deleting between them) until one produced a 409.
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(admin(&api).await);
+    }
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    let mut a = None;
+    for round in 0..20 {
+        if round > 0 {
+            secrets
+                .delete("pgwarden-keys", &DeleteParams::default())
+                .await
+                .unwrap();
+        }
+        let seen = api.audit().len();
+        let loads = clients
+            .iter()
+            .map(|c| tokio::spawn(Keys::load_or_create(c.clone(), "default", "pgwarden-keys")));
+        let all: Vec<Keys> = futures_util::future::join_all(loads)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().unwrap())
+            .collect();
+        for k in &all {
+            assert_eq!(k.masking_key(), all[0].masking_key());
+            assert_eq!(
+                k.fingerprint_key("ci", "nightly"),
+                all[0].fingerprint_key("ci", "nightly")
+            );
+        }
+        let lost_race = api.audit()[seen..]
+            .iter()
+            .any(|e| e.resource == "secrets" && e.verb == "create" && e.code == 409);
+        if lost_race {
+            a = Some(all[0].clone());
+            break;
+        }
+    }
+    let a = a.expect("no load lost a create race in 20 rounds");
 
     // A restart reads the same keys.
     let again = Keys::load_or_create(client.clone(), "default", "pgwarden-keys")
@@ -41,7 +71,6 @@ async fn keys_are_created_once_shared_by_racing_replicas_and_recreated_when_dele
         .unwrap();
     assert_eq!(again.masking_key(), a.masking_key());
 
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
     let stored = secrets.get("pgwarden-keys").await.unwrap();
     let data = stored.data.unwrap();
     assert_eq!(data[MASKING_KEY].0, a.masking_key().0);
