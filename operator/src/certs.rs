@@ -359,7 +359,10 @@ impl Certs {
             for (kind, hooks) in [("Mutating", m), ("Validating", v)] {
                 let hooks = match hooks {
                     Ok(Some(h)) => h,
-                    Ok(None) => continue,
+                    Ok(None) => {
+                        tracing::debug!(config = %name, kind, "no such webhook configuration");
+                        continue;
+                    }
                     Err(e) => {
                         warn!(error = %e, config = %name, kind, "reading a webhook configuration");
                         continue;
