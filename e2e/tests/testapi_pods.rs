@@ -470,6 +470,15 @@ fn native_sidecars_run_as_the_real_pgwarden_on_their_own_pod_ips() {
     });
     let side = &pa["status"]["initContainerStatuses"][0];
     assert_eq!(side["state"]["terminated"]["exitCode"], 0, "{pa}");
+    // The kubelet's Events, as `kubectl describe pod` shows them.
+    let described = ok(&api, &["describe", "pod", "agent-a"]);
+    for want in [
+        "Started container pgwarden",
+        "Started container agent (played",
+        "Stopping container pgwarden",
+    ] {
+        assert!(described.contains(want), "{want:?} not in\n{described}");
+    }
     let log = k.pod_logs("default", "agent-a", "pgwarden");
     assert!(log.contains("shutting down"), "{log}");
     assert!(std::net::TcpStream::connect((a.as_str(), 5432)).is_err());
@@ -673,6 +682,18 @@ fn run_all_mode_plays_app_containers_until_an_outside_tool_ends_them() {
         p["status"]["message"].as_str().map(String::from)
     });
     assert!(waiting.contains("pgwarden-config"), "{waiting}");
+    let events = json_of(&ok(
+        &api,
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=late,reason=FailedMount",
+            "-o",
+            "json",
+        ],
+    ));
+    assert_eq!(events["items"][0]["type"], "Warning", "{events}");
     assert_eq!(pod_json(&api, "late")["status"]["phase"], "Pending");
     sidecar_config(&api);
     ok(

@@ -16,7 +16,9 @@
 //! - runs init containers in order: native sidecars (`restartPolicy: Always`)
 //!   start and must pass their startupProbe (httpGet, tcpSocket or exec) before
 //!   the next one; ordinary init containers run to completion;
-//! - then starts the main containers.
+//! - then starts the main containers;
+//! - records Events on the pod as a kubelet does (Started, Killing, Unhealthy,
+//!   FailedMount), which `kubectl describe pod` lists.
 //!
 //! Which containers execute: pgwarden's sidecar (see [`spec::is_pgwarden`]) runs as
 //! the real binary ([`KubeletOptions::pgwarden_bin`]); a container the test names

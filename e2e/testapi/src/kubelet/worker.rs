@@ -380,12 +380,53 @@ impl Pod {
     }
 
     fn stop_all(&mut self, grace: Duration) {
-        for c in self.main.iter_mut() {
-            c.stop(grace);
+        for i in 0..self.main.len() {
+            self.stop_one(false, i, grace);
         }
-        for c in self.init.iter_mut().rev() {
-            c.stop(grace);
+        for i in (0..self.init.len()).rev() {
+            self.stop_one(true, i, grace);
         }
+    }
+
+    fn stop_one(&mut self, init: bool, i: usize, grace: Duration) {
+        let c = self.ctr(init, i);
+        if !c.running() {
+            return;
+        }
+        let name = c.spec["name"].as_str().unwrap_or_default().to_string();
+        self.event(
+            "Normal",
+            "Killing",
+            &name,
+            &format!("Stopping container {name}"),
+        );
+        self.ctr(init, i).stop(grace);
+    }
+
+    /// A core/v1 Event about the pod (what `kubectl describe pod` lists).
+    fn event(&self, type_: &str, reason: &str, container: &str, message: &str) {
+        let m = &self.obj["metadata"];
+        let ns = m["namespace"].as_str().unwrap_or_default().to_string();
+        let node = self.shared.opts.node_name.clone();
+        let mut involved = json!({"kind": "Pod", "apiVersion": "v1", "namespace": ns,
+            "name": m["name"], "uid": m["uid"]});
+        if !container.is_empty() {
+            let list = if self.init.iter().any(|c| c.spec["name"] == container) {
+                "initContainers"
+            } else {
+                "containers"
+            };
+            involved["fieldPath"] = json!(format!("spec.{list}{{{container}}}"));
+        }
+        let ev = json!({"apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": format!("{}.", m["name"].as_str().unwrap_or_default())},
+            "involvedObject": involved, "reason": reason, "message": message, "type": type_,
+            "source": {"component": "kubelet", "host": node},
+            "reportingComponent": "kubelet", "reportingInstance": node,
+            "firstTimestamp": now(), "lastTimestamp": now(), "count": 1});
+        let client = self.shared.client.clone();
+        let path = format!("/api/v1/namespaces/{ns}/events");
+        let _ = self.block_on(async move { client.create(&path, &ev).await });
     }
 
     fn get(&self, kind: &str, name: &str) -> Option<Value> {
@@ -410,6 +451,7 @@ impl Pod {
                 Err(e) => {
                     let msg = format!("MountVolume.SetUp failed: {e}");
                     if self.message.as_deref() != Some(&msg) {
+                        self.event("Warning", "FailedMount", "", &msg);
                         self.message = Some(msg);
                         self.write();
                     }
@@ -484,8 +526,10 @@ impl Pod {
         // Main containers done: sidecars stop in reverse order.
         self.write();
         let grace = self.grace();
-        for c in self.init.iter_mut().rev().filter(|c| c.sidecar) {
-            c.stop(grace);
+        for i in (0..self.init.len()).rev() {
+            if self.init[i].sidecar {
+                self.stop_one(true, i, grace);
+            }
         }
         let ok = self
             .main
@@ -514,6 +558,12 @@ impl Pod {
             let c = self.ctr(init, i);
             c.started_at = Some(now());
             c.started = true;
+            self.event(
+                "Normal",
+                "Started",
+                &name,
+                &format!("Started container {name} (played, not executed)"),
+            );
             return Ok(());
         };
         if argv.is_empty() {
@@ -574,6 +624,12 @@ impl Pod {
         c.child = Some(child);
         c.started_at = Some(now());
         c.started = !c.sidecar || c.spec["startupProbe"].is_null();
+        self.event(
+            "Normal",
+            "Started",
+            &name,
+            &format!("Started container {name}"),
+        );
         Ok(())
     }
 
@@ -622,10 +678,13 @@ impl Pod {
         };
         let r = probe::wait(&probe_spec, &ip, &c_spec, &exec, &keep_going);
         self.init[i].child = child_exit.into_inner();
-        if r.is_ok() {
-            self.init[i].started = true;
-        } else {
-            self.init[i].running();
+        match &r {
+            Ok(()) => self.init[i].started = true,
+            Err(e) => {
+                self.init[i].running();
+                let name = c_spec["name"].as_str().unwrap_or_default();
+                self.event("Warning", "Unhealthy", name, e);
+            }
         }
         r
     }
