@@ -1,7 +1,7 @@
 //! kubectl conformance that runs unchanged on the test API server and on a real
 //! cluster (`PGWARDEN_E2E_KUBECONFIG`, see tests/testapi_cluster): what a user of
-//! pgwarden's CRDs sees from the real `kubectl` — apply/get/patch/wait/delete of a
-//! policy, a schema refusal with its field path, a 409 on a stale replace, RBAC
+//! pgwarden's CRDs sees from the real `kubectl` — apply/get/describe/explain/
+//! patch/edit/wait/delete of a policy, a schema refusal with its field path, a 409 on a stale replace, RBAC
 //! 403s and `auth can-i` for people bound through a group. Tests that need the
 //! test server's own hooks (audit, compaction) live in tests/testapi.rs.
 
@@ -45,6 +45,20 @@ fn policy_lifecycle_with_kubectl() {
     );
     let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(&row[..3], ["github-actions", "shop", "Deny"], "{table}");
+
+    // describe, explain (the CRD's published schema)
+    let d = c.ok(User::Admin, &["describe", "dap", "github-actions"]);
+    assert!(
+        d.contains("Name:         github-actions") && d.contains("Default Action:  Deny"),
+        "{d}"
+    );
+    let e = c.ok(User::Admin, &["explain", "dap.spec.defaultAction"]);
+    assert!(
+        e.contains("FIELD: defaultAction <string>")
+            && e.contains("RequireApproval")
+            && e.contains("Decides any access that no rule matches."),
+        "{e}"
+    );
 
     let obj = json_of(&c.ok(User::Admin, &["get", "dap", "github-actions", "-o", "json"]));
     assert_eq!(obj["metadata"]["generation"], 1);
@@ -117,6 +131,40 @@ fn policy_lifecycle_with_kubectl() {
         ],
     );
     assert_eq!(action, "Allow");
+
+    // kubectl edit through KUBE_EDITOR (a script that rewrites the file)
+    let dir = tempfile::tempdir().unwrap();
+    let editor = dir.path().join("editor.sh");
+    std::fs::write(
+        &editor,
+        "#!/bin/sh\nsed -i 's/maxRows: 10000/maxRows: 500/' \"$1\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&editor, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = c
+        .kubectl_command(User::Admin)
+        .args(["edit", "dap", "github-actions"])
+        .env("KUBE_EDITOR", &editor)
+        .output()
+        .expect("kubectl edit");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("edited"),
+        "{}",
+        text(&o)
+    );
+    let rows = c.ok(
+        User::Admin,
+        &[
+            "get",
+            "dap",
+            "github-actions",
+            "-o",
+            "jsonpath={.spec.limits.maxRows}",
+        ],
+    );
+    assert_eq!(rows, "500");
 
     let out = c.ok(User::Admin, &["delete", "dap", "github-actions"]);
     assert!(out.contains("deleted"), "{out}");

@@ -330,9 +330,7 @@ fn non_resource(state: &State, path: &str) -> Response<RespBody> {
             return typed_json("application/jwk-set+json", &state.issuer.jwks());
         }
         ["openapi", "v3"] => Some(crate::openapi::index(&store.registry)),
-        ["openapi", "v3", rest @ ..] => {
-            crate::openapi::group_version(&store.registry, &rest.join("/"))
-        }
+        ["openapi", "v3", rest @ ..] => crate::openapi::group_version(&store, &rest.join("/")),
         _ => None,
     };
     match doc {
