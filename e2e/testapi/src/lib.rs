@@ -21,9 +21,9 @@
 //! (ownerReference garbage collection), [`jobs`] (Job controller), and
 //! [`kubelet`] (the pod runner tests start with [`kubelet::Kubelet::start`]).
 //!
-//! Not here: OpenAPI schemas (`kubectl explain`) and OpenAPI v2, server-side
-//! apply, list pagination, strategic-merge list merge keys, CEL, admission of
-//! DELETE.
+//! Not here: OpenAPI schemas of built-in kinds (custom resources have theirs) and
+//! OpenAPI v2, server-side apply, list pagination, strategic-merge list merge keys,
+//! CEL, admission of DELETE.
 #![forbid(unsafe_code)]
 
 pub mod admission;
