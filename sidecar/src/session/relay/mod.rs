@@ -25,6 +25,10 @@ mod frontend;
 mod sentinel;
 mod watchdog;
 
+#[cfg(test)]
+mod harness;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
