@@ -4,6 +4,7 @@
 //!   may not happen), as pure functions;
 //! - `lifecycle`: the controller (leader only) that writes Approved/Denied,
 //!   Expired at `expiresAt`, deletes after the retention, and Events;
+//! - `webhooks`: those checks as the admission server's `/approvals/*`;
 //! - this module: the phase model both share with the stream endpoints.
 //!
 //! The phase lives in `status.phase`, written only by the operator; the
@@ -13,6 +14,7 @@
 
 pub mod admission;
 pub mod lifecycle;
+pub mod webhooks;
 
 use std::time::Duration;
 
@@ -36,6 +38,17 @@ pub struct ApprovalArgs {
     /// operator's service account, system:serviceaccount:<--namespace>:<its SA>.
     #[arg(long, env = "PGWARDEN_APPROVAL_CREATOR")]
     pub approval_creator: Option<String>,
+}
+
+impl ApprovalArgs {
+    /// `--approval-creator`, else the operator's service account as the
+    /// chart names it.
+    pub fn creator(&self, namespace: &str) -> String {
+        self.approval_creator
+            .clone()
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| format!("system:serviceaccount:{namespace}:pgwarden-operator"))
+    }
 }
 
 fn parse_retention(s: &str) -> Result<Duration, String> {

@@ -74,6 +74,8 @@ pub struct Args {
     pub stream: crate::stream::StreamArgs,
     #[command(flatten)]
     pub admission: crate::admission::AdmissionArgs,
+    #[command(flatten)]
+    pub approvals: crate::approvals::ApprovalArgs,
 }
 
 impl Args {

@@ -110,13 +110,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         &args.admission,
         &args.namespace,
         client.clone(),
-        Vec::new(),
+        approvals::webhooks::routes(client.clone(), args.approvals.creator(&args.namespace)),
         shutdown.clone(),
     )
     .await?;
     // The config stream serves on every replica.
     stream::start(
         &args.stream,
+        &args.namespaces,
         client.clone(),
         keys.clone(),
         sidecars.clone(),
@@ -151,7 +152,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         &identity,
         observe.clone(),
     ));
+    // The ApprovalRequest controller follows the same Lease.
+    let approvals_task = tokio::spawn(approvals::lifecycle::supervise(
+        Arc::new(approvals::lifecycle::Context::new(
+            client.clone(),
+            &identity,
+            args.approvals.approval_retention,
+        )),
+        args.namespaces.clone(),
+        leading.clone(),
+        shutdown.clone(),
+    ));
     supervise_controller(ctx, args.namespaces.clone(), leading, shutdown).await;
+    let _ = approvals_task.await;
 
     if let Some((election, task)) = election {
         let _ = task.await;

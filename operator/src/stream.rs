@@ -262,7 +262,7 @@ impl StreamServer {
         let key = bound.pod.clone();
         let _registered = Registered::new(&self.sidecars, &key);
         let mut wake = self.index.subscribe(&key.namespace);
-        let mut decided = self.approvals.subscribe();
+        let mut decided = self.approvals.subscribe(&key.namespace);
         let mut shutdown = self.shutdown.clone();
         self.index.ready().await;
         // Decisions made while this sidecar was away (or before an operator

@@ -292,16 +292,16 @@ pub async fn supervise(
         .boxed()
         .shared();
         let mut task = tokio::spawn(run(ctx.clone(), namespaces.clone(), stop));
-        let done = tokio::select! {
+        let (done, ended) = tokio::select! {
             biased;
-            _ = shutdown.wait_for(|s| *s) => true,
-            r = leading.wait_for(|l| !*l) => r.is_err(),
-            _ = &mut task => {
-                tracing::error!("the approval controller ended by itself; restarting");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                false
-            }
+            _ = shutdown.wait_for(|s| *s) => (true, false),
+            r = leading.wait_for(|l| !*l) => (r.is_err(), false),
+            _ = &mut task => (false, true),
         };
+        if ended {
+            tracing::error!("the approval controller ended by itself; restarting");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         stop_tx.send_replace(true);
         if tokio::time::timeout(Duration::from_secs(3), &mut task)
             .await

@@ -18,7 +18,6 @@ use hyper::body::Incoming;
 use jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt as _};
 use kube::{Api, Client, ResourceExt as _};
 use pgwarden_api::stream::approvals::{
@@ -46,11 +45,13 @@ pub const POD_UID_ANNOTATION: &str = "pgwarden.io/pod-uid";
 /// within one second; the same annotation the standalone store writes).
 pub const CREATED_ANNOTATION: &str = "pgwarden.io/created";
 
-/// Every replica's view of the ApprovalRequests, and the decided ones as
-/// they are admitted.
+/// Every replica's feed of decided ApprovalRequests, watched per namespace
+/// as streams of that namespace open (the operator's RBAC may cover only
+/// the namespaces it serves).
 pub struct Feed {
-    store: Store<ApprovalRequest>,
+    client: Client,
     decided: broadcast::Sender<Arc<ApprovalRequest>>,
+    watched: std::sync::Mutex<std::collections::HashSet<String>>,
     pub recorder: Recorder,
 }
 
@@ -80,54 +81,71 @@ fn opened_by(r: &ApprovalRequest, bound: &BoundToken) -> bool {
 
 impl Feed {
     pub fn start(client: Client) -> Arc<Feed> {
-        let (store, writer) = reflector::store();
         let (decided, _) = broadcast::channel(256);
         let reporter = Reporter {
             controller: "pgwarden-operator".into(),
             instance: None,
         };
-        let feed = Arc::new(Feed {
-            store,
-            decided,
+        Arc::new(Feed {
             recorder: Recorder::new(client.clone(), reporter),
-        });
-        let f = feed.clone();
-        let events = watcher(
-            Api::<ApprovalRequest>::all(client),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects();
-        tokio::spawn(async move {
-            let mut events = std::pin::pin!(events);
-            while let Some(ev) = events.next().await {
-                match ev {
-                    Ok(r) if announceable(&r, Timestamp::now()) => {
-                        let _ = f.decided.send(Arc::new(r));
-                    }
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "approval request watch failed; retrying"),
-                }
-            }
-        });
-        feed
+            client,
+            decided,
+            watched: Default::default(),
+        })
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<ApprovalRequest>> {
-        self.decided.subscribe()
+    /// Decided requests of `namespace` (and others already watched) as
+    /// reviewers' patches are admitted.
+    pub fn subscribe(&self, namespace: &str) -> broadcast::Receiver<Arc<ApprovalRequest>> {
+        let rx = self.decided.subscribe();
+        let first = self
+            .watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(namespace.to_owned());
+        if first {
+            let events = watcher(
+                Api::<ApprovalRequest>::namespaced(self.client.clone(), namespace),
+                watcher::Config::default(),
+            )
+            .default_backoff()
+            .applied_objects();
+            let tx = self.decided.clone();
+            tokio::spawn(async move {
+                let mut events = std::pin::pin!(events);
+                while let Some(ev) = events.next().await {
+                    match ev {
+                        Ok(r) if announceable(&r, Timestamp::now()) => {
+                            let _ = tx.send(Arc::new(r));
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "approval request watch failed; retrying"),
+                    }
+                }
+            });
+        }
+        rx
     }
 
     /// The decided requests of a pod (sent when its stream opens, so a
-    /// decision made while it was away still reaches it).
+    /// decision made while it was away, or across an operator restart,
+    /// still reaches it).
     pub async fn decided_for(&self, bound: &BoundToken) -> Vec<Arc<ApprovalRequest>> {
-        let _ = self.store.wait_until_ready().await;
+        let api: Api<ApprovalRequest> = Api::namespaced(self.client.clone(), &bound.pod.namespace);
+        let selector = format!("{POD_LABEL}={}", pod_label(&bound.pod.name));
         let now = Timestamp::now();
-        self.store
-            .state()
-            .into_iter()
-            .filter(|r| opened_by(r, bound) && announceable(r, now))
-            .collect()
+        match api.list(&ListParams::default().labels(&selector)).await {
+            Ok(list) => list
+                .items
+                .into_iter()
+                .filter(|r| opened_by(r, bound) && announceable(r, now))
+                .map(Arc::new)
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "listing the pod's approval requests failed");
+                Vec::new()
+            }
+        }
     }
 
     /// Whether a decided request belongs to this pod's stream.
