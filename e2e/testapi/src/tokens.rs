@@ -486,16 +486,19 @@ impl Issuer {
                 }
             }
         };
-        let mut out = json!({
+        // The token is not sent back: a response body may end up in a log.
+        let mut spec = body["spec"].clone();
+        if let Some(m) = spec.as_object_mut() {
+            m.remove("token");
+        } else {
+            spec = json!({});
+        }
+        json!({
             "kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
             "metadata": {"creationTimestamp": null},
-            "spec": body["spec"].clone(),
+            "spec": spec,
             "status": status,
-        });
-        if out["spec"].is_null() {
-            out["spec"] = json!({});
-        }
-        out
+        })
     }
 
     /// Authenticates an API request's bearer token (audience: the server's own).
@@ -598,6 +601,31 @@ mod tests {
             .unwrap_err()
             .unwrap()
             .contains("pod UID (new-uid) does not match claim (pod-uid)"));
+    }
+
+    #[test]
+    fn token_review_answers_without_echoing_the_token() {
+        let (i, s) = (issuer(), store());
+        let t = mint(&i, &s, json!({"audiences": ["pgwarden"]}), unix_now());
+        let none = |_: &str| None;
+        let r = i.token_review(
+            &s,
+            &json!({"spec": {"token": t, "audiences": ["pgwarden"]}}),
+            &none,
+        );
+        assert_eq!(r["status"]["authenticated"], true, "{r}");
+        assert_eq!(r["spec"], json!({"audiences": ["pgwarden"]}));
+        assert!(!r.to_string().contains(&t));
+        // A static user's token counts only for the API server's own audience.
+        let admin = |t: &str| (t == "static").then(UserInfo::anonymous);
+        let r = i.token_review(&s, &json!({"spec": {"token": "static"}}), &admin);
+        assert_eq!(r["status"]["authenticated"], true, "{r}");
+        let r = i.token_review(
+            &s,
+            &json!({"spec": {"token": "static", "audiences": ["pgwarden"]}}),
+            &admin,
+        );
+        assert_eq!(r["status"]["error"], "invalid bearer token", "{r}");
     }
 
     #[test]
