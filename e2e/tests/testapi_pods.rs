@@ -324,6 +324,9 @@ fn the_runner_runs_a_jobs_pod_with_a_host_command_and_the_job_completes() {
         "{p}"
     );
     assert_eq!(k.pod_logs("default", &pod, "hello"), "hi from the job\n");
+    // The same through the API (pods/log), by pod and by Job.
+    assert_eq!(ok(&api, &["logs", &pod]), "hi from the job\n");
+    assert_eq!(ok(&api, &["logs", "job/hello"]), "hi from the job\n");
     // The kubelet wrote status through the API as the node.
     assert!(api.audit().iter().any(|e| e.user == "system:node:testnode"
         && e.resource == "pods"
@@ -481,6 +484,11 @@ fn native_sidecars_run_as_the_real_pgwarden_on_their_own_pod_ips() {
     }
     let log = k.pod_logs("default", "agent-a", "pgwarden");
     assert!(log.contains("shutting down"), "{log}");
+    let via_api = ok(&api, &["logs", "agent-a", "-c", "pgwarden"]);
+    assert!(
+        via_api.contains(&format!("pgwarden listening listen={a}:5432")),
+        "{via_api}"
+    );
     assert!(std::net::TcpStream::connect((a.as_str(), 5432)).is_err());
     // Secret changes reach a running pod's volume files (the sidecar's hot reload).
     ok(

@@ -36,6 +36,8 @@ pub struct State {
     /// `127.0.0.1:port`
     pub server_addr: String,
     pub bookmark_interval: Duration,
+    /// Container logs of the pods a runner runs (`pods/log`).
+    pub pod_logs: crate::kubelet::LogSource,
 }
 
 impl State {
@@ -266,7 +268,8 @@ async fn handle_inner(state: &Arc<State>, req: &Req, info: &RequestInfo) -> ApiR
         .get(&a.group, &info.version, &a.resource)
         .ok_or_else(ApiError::path_not_found)?;
     let served_subresource = (a.subresource == "status" && rt.status_subresource)
-        || (a.subresource == "token" && rt.group.is_empty() && rt.plural == "serviceaccounts");
+        || (a.subresource == "token" && rt.group.is_empty() && rt.plural == "serviceaccounts")
+        || (a.subresource == "log" && rt.group.is_empty() && rt.plural == "pods");
     if !a.subresource.is_empty() && !served_subresource {
         return Err(ApiError::path_not_found());
     }
@@ -278,6 +281,12 @@ async fn handle_inner(state: &Arc<State>, req: &Req, info: &RequestInfo) -> ApiR
     } else {
         String::new()
     };
+    if a.subresource == "log" {
+        return match a.verb.as_str() {
+            "get" => pod_log(state, req, &ns, &a.name),
+            _ => Err(ApiError::method_not_allowed()),
+        };
+    }
     if a.subresource == "token" {
         return match a.verb.as_str() {
             "create" => token_request(state, req, &ns, &a.name).map(|v| Reply::ok(201, v)),
@@ -1201,6 +1210,26 @@ async fn delete(
         store.registry.remove_crd(name);
     }
     Ok(Reply::ok(200, present(rt, gone)))
+}
+
+/// `pods/NAME/log`: what the container wrote so far (`follow` ends at the
+/// present), plain text.
+fn pod_log(state: &State, req: &Req, ns: &str, name: &str) -> ApiResult<Reply> {
+    let pod = state
+        .store()
+        .get("/pods", ns, name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(&Target::new("", "pods", name)))?;
+    let container =
+        crate::kubelet::log_container(&pod, req.q("container")).map_err(ApiError::bad_request)?;
+    let text = state.pod_logs.read(ns, name, &container).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "container \"{container}\" in pod \"{name}\" is waiting to start: ContainerCreating"
+        ))
+    })?;
+    let (tx, rx) = mpsc::channel(1);
+    let _ = tx.try_send(Bytes::from(text));
+    Ok(Reply::Stream(rx))
 }
 
 /// `serviceaccounts/NAME/token` (a TokenRequest of authentication.k8s.io/v1).

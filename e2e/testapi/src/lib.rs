@@ -186,6 +186,7 @@ impl TestApiServer {
             },
             server_addr: addr.to_string(),
             bookmark_interval: opts.bookmark_interval,
+            pod_logs: Default::default(),
         });
 
         let kubeconfig = dir.join("kubeconfig");

@@ -29,7 +29,8 @@
 //! `testapi.pgwarden.io/exit-code: "N"`. Played init containers complete at once.
 //! Each executed container gets the pod's environment and the rewrites of
 //! [`spec`] (mount paths, listen addresses), its own process group, and its
-//! stdout+stderr in a file ([`Kubelet::pod_logs`]).
+//! stdout+stderr in a file ([`Kubelet::pod_logs`], and `kubectl logs` through the
+//! server's `pods/log`, which ends at the present even with `-f`).
 //!
 //! When every main container has finished, the sidecars are stopped as a kubelet
 //! does (in reverse order: SIGTERM, `terminationGracePeriodSeconds` — overridable
@@ -42,7 +43,7 @@
 //! Not here: restarts (a failed container is not restarted, whatever the
 //! restartPolicy: a failing ordinary init container or startup probe fails the
 //! pod), readiness/liveness probes (ready = running), `spec.nodeName` binding,
-//! `pods/log`, resource limits, images.
+//! resource limits, images.
 
 pub mod probe;
 pub mod spec;
@@ -205,6 +206,15 @@ impl Kubelet {
         let watch = std::thread::Builder::new()
             .name("kubelet-watch".into())
             .spawn(move || watch_loop(s, w, rx))?;
+        let weak = Arc::downgrade(&shared);
+        let reader: LogReader = Box::new(move |ns: &str, pod: &str, container: &str| {
+            let shared = weak.upgrade()?;
+            let pods = lock(&shared.pods);
+            let dir = lock(&pods.get(&(ns.to_string(), pod.to_string()))?.dir).clone()?;
+            // A played container or one not started yet has written nothing.
+            Some(std::fs::read(log_path(&dir, container)).unwrap_or_default())
+        });
+        shared.client.state().pod_logs.set(Some(reader));
         let k = Kubelet {
             shared,
             threads: vec![watch],
@@ -282,6 +292,7 @@ impl Kubelet {
 
 impl Drop for Kubelet {
     fn drop(&mut self) {
+        self.shared.client.state().pod_logs.set(None);
         self.shared.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -290,6 +301,55 @@ impl Drop for Kubelet {
         for w in workers {
             let _ = w.join();
         }
+    }
+}
+
+/// Reads a container's log: (namespace, pod, container) → bytes.
+pub type LogReader = Box<dyn Fn(&str, &str, &str) -> Option<Vec<u8>> + Send + Sync>;
+
+/// Where the server's `pods/log` reads from: the runner registers itself while
+/// it runs (without one, logs are "waiting to start").
+#[derive(Default)]
+pub struct LogSource(Mutex<Option<LogReader>>);
+
+impl LogSource {
+    pub fn read(&self, namespace: &str, pod: &str, container: &str) -> Option<Vec<u8>> {
+        lock(&self.0).as_ref()?(namespace, pod, container)
+    }
+
+    fn set(&self, reader: Option<LogReader>) {
+        *lock(&self.0) = reader;
+    }
+}
+
+/// The container `pods/log` shows: the one asked for, else the only one.
+pub fn log_container(pod: &Value, requested: &str) -> Result<String, String> {
+    let names = |list: &str| -> Vec<String> {
+        pod["spec"][list]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str().map(String::from))
+            .collect()
+    };
+    let (main, init) = (names("containers"), names("initContainers"));
+    let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    if !requested.is_empty() {
+        return if main.iter().chain(&init).any(|n| n == requested) {
+            Ok(requested.to_string())
+        } else {
+            Err(format!(
+                "container {requested} is not valid for pod {pod_name}"
+            ))
+        };
+    }
+    match main.as_slice() {
+        [only] if init.is_empty() => Ok(only.clone()),
+        _ => Err(format!(
+            "a container name must be specified for pod {pod_name}, choose one of: [{}] or one of the init containers: [{}]",
+            main.join(" "),
+            init.join(" ")
+        )),
     }
 }
 
