@@ -3,10 +3,9 @@
 //! kind for the whole replica, never one per sidecar), and the pure function
 //! that turns them into the snapshot a pod is owed.
 //!
-//! Wakeups are per namespace: a change to any policy, Secret or pod of a
-//! namespace wakes the streams of that namespace's pods (a `watch` channel
-//! each, no polling); each recomputes its own snapshot and sends only if the
-//! content changed. A policy only ever selects pods of its own namespace, so
+//! Wakeups are per namespace for policies and Secrets (a `watch` channel
+//! each, no polling) and per pod for pods; a woken stream recomputes its own
+//! snapshot and sends only if the content changed. A policy only ever selects pods of its own namespace, so
 //! nothing outside it can change a pod's snapshot.
 
 use std::collections::{BTreeMap, HashMap};
@@ -175,6 +174,48 @@ pub fn compose(
         .collect()
 }
 
+/// The Secret keys a snapshot reads; the rest is never stored.
+const SECRET_KEYS: [&str; 4] = ["username", "password", "ca.crt", "dsn"];
+
+/// What the index keeps of a Secret: its name and the keys a snapshot
+/// reads. A cluster's other Secrets (Helm releases, TLS material) would
+/// otherwise all sit in the operator's memory.
+fn trim_secret(s: &mut Secret) {
+    s.metadata.managed_fields = None;
+    s.metadata.annotations = None;
+    s.metadata.labels = None;
+    if let Some(data) = s.data.as_mut() {
+        data.retain(|k, _| SECRET_KEYS.contains(&k.as_str()));
+    }
+    s.string_data = None;
+}
+
+/// What the index keeps of a pod: metadata for selection and injection,
+/// and the service account.
+fn trim_pod(p: &mut Pod) {
+    p.metadata.managed_fields = None;
+    p.status = None;
+    let service_account = p.spec.as_ref().and_then(|s| s.service_account_name.clone());
+    p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+        service_account_name: service_account,
+        ..Default::default()
+    });
+}
+
+/// Whom a change wakes: the streams of a namespace (a policy or a Secret
+/// may matter to any of its pods), or of the one pod that changed (its
+/// sidecar's ACK annotation must not wake every stream of the namespace).
+#[derive(Clone, Copy, Debug)]
+enum Wake {
+    Namespace,
+    Object,
+}
+
+/// The wakeup key of one pod (`/` occurs in no namespace or pod name).
+pub fn pod_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
 /// One scope's stores: all namespaces, or one.
 struct Stores {
     policies: Store<DatabaseAccessPolicy>,
@@ -243,17 +284,19 @@ impl Index {
             let s = watcher(api::<DatabaseAccessPolicy>(&client, ns), cfg())
                 .default_backoff()
                 .reflect(pw);
-            tokio::spawn(async move { i.follow(s).await });
+            tokio::spawn(async move { i.follow(s, Wake::Namespace).await });
             let i = index.clone();
             let s = watcher(api::<Secret>(&client, ns), cfg())
                 .default_backoff()
+                .modify(trim_secret)
                 .reflect(sw);
-            tokio::spawn(async move { i.follow(s).await });
+            tokio::spawn(async move { i.follow(s, Wake::Namespace).await });
             let i = index.clone();
             let s = watcher(api::<Pod>(&client, ns), cfg())
                 .default_backoff()
+                .modify(trim_pod)
                 .reflect(podw);
-            tokio::spawn(async move { i.follow(s).await });
+            tokio::spawn(async move { i.follow(s, Wake::Object).await });
         }
         index
     }
@@ -269,12 +312,19 @@ impl Index {
     async fn follow<K: kube::Resource>(
         &self,
         stream: impl futures_util::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+        wake: Wake,
     ) {
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
             match ev {
                 Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => {
-                    self.wake(o.meta().namespace.as_deref().unwrap_or(""))
+                    let ns = o.meta().namespace.as_deref().unwrap_or("");
+                    match wake {
+                        Wake::Namespace => self.wake(ns),
+                        Wake::Object => {
+                            self.wake(&pod_key(ns, o.meta().name.as_deref().unwrap_or("")))
+                        }
+                    }
                 }
                 // A relist may have changed anything (missed deletes too).
                 Ok(watcher::Event::InitDone) => self.wake_all(),
@@ -293,7 +343,8 @@ impl Index {
         }
     }
 
-    /// Changes whenever something in `namespace` changes.
+    /// Changes whenever a policy or Secret of `namespace` changes (with
+    /// `namespace/pod`: whenever that pod changes).
     pub fn subscribe(&self, namespace: &str) -> watch::Receiver<u64> {
         let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
         wakers

@@ -262,6 +262,9 @@ impl StreamServer {
         let key = bound.pod.clone();
         let _registered = Registered::new(&self.sidecars, &key);
         let mut wake = self.index.subscribe(&key.namespace);
+        let mut wake_pod = self
+            .index
+            .subscribe(&crate::index::pod_key(&key.namespace, &key.name));
         let mut decided = self.approvals.subscribe(&key.namespace);
         let mut shutdown = self.shutdown.clone();
         self.index.ready().await;
@@ -351,6 +354,12 @@ impl StreamServer {
             loop {
                 tokio::select! {
                     changed = wake.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                    changed = wake_pod.changed() => {
                         if changed.is_err() {
                             return;
                         }

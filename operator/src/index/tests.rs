@@ -248,3 +248,63 @@ fn unresolvable_policies_say_why_without_values_and_keep_their_last_good_resolut
     );
     assert!(none.is_empty());
 }
+
+#[test]
+fn the_index_keeps_only_what_a_snapshot_reads() {
+    let mut s = (*secret(
+        "helm-release",
+        &[
+            ("release", "a large blob"),
+            ("username", "app"),
+            ("ca.crt", "pem"),
+        ],
+    ))
+    .clone();
+    trim_secret(&mut s);
+    let keys: Vec<&String> = s.data.as_ref().unwrap().keys().collect();
+    assert_eq!(keys, ["ca.crt", "username"]);
+
+    let mut p: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "a", "namespace": "ci", "uid": "u1", "labels": {"app": "agent"},
+            "annotations": {"pgwarden.io/injected": "true"},
+            "managedFields": [{"manager": "kubectl"}]},
+        "spec": {"serviceAccountName": "runner", "containers": [{"name": "app", "image": "x"}]},
+        "status": {"phase": "Running"},
+    }))
+    .unwrap();
+    trim_pod(&mut p);
+    assert_eq!(p.metadata.uid.as_deref(), Some("u1"));
+    assert!(p.metadata.labels.as_ref().unwrap().contains_key("app"));
+    assert!(p
+        .metadata
+        .annotations
+        .as_ref()
+        .unwrap()
+        .contains_key("pgwarden.io/injected"));
+    assert!(p.metadata.managed_fields.is_none() && p.status.is_none());
+    let spec = p.spec.unwrap();
+    assert_eq!(spec.service_account_name.as_deref(), Some("runner"));
+    assert!(spec.containers.is_empty());
+}
+
+#[test]
+fn a_pod_change_wakes_its_own_stream_and_a_namespace_change_wakes_all() {
+    let index = Index {
+        scopes: Vec::new(),
+        wakers: Mutex::default(),
+    };
+    let ns_a = index.subscribe("ci");
+    let pod_a = index.subscribe(&pod_key("ci", "a"));
+    let pod_b = index.subscribe(&pod_key("ci", "b"));
+    let other = index.subscribe("other");
+    index.wake(&pod_key("ci", "a"));
+    assert!(pod_a.has_changed().unwrap());
+    assert!(!pod_b.has_changed().unwrap() && !ns_a.has_changed().unwrap());
+    index.wake("ci");
+    assert!(ns_a.has_changed().unwrap());
+    assert!(!other.has_changed().unwrap());
+    // A namespace nobody follows any more is forgotten.
+    drop(other);
+    index.wake("other");
+    assert!(!index.wakers.lock().unwrap().contains_key("other"));
+}
