@@ -169,7 +169,7 @@ impl Cluster {
                 }
             }
             let first = bundles.first()?.clone();
-            (bundles.len() == 4 && bundles.iter().all(|b| *b == first)).then_some(first)
+            (bundles.len() == 6 && bundles.iter().all(|b| *b == first)).then_some(first)
         })
     }
 
@@ -492,4 +492,165 @@ fn with_the_webhook_down_opted_in_pods_are_refused_and_others_are_not() {
         &pod("operator-ns", ", pgwarden.io/inject: \"true\"", ""),
     );
     assert!(o.status.success(), "{}", text(&o));
+}
+
+/// The whole path: `kubectl create` in the labelled namespace → the pod is
+/// injected → the pod runner starts the real sidecar from the mutated spec
+/// (token, CA annotation, args) → it gets its configuration from the
+/// operator's stream → the agent queries through it under the policy, with
+/// no credential anywhere in the pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_pod_runs_its_sidecar_and_queries_through_it() {
+    use pgwarden_e2e::{pgwarden_bin, PgCluster, APP_DATABASE, APP_PASSWORD, APP_USER};
+    use pgwarden_testapi::kubelet::{Kubelet, KubeletOptions, RunOptions};
+
+    let pg = PgCluster::start();
+    pg.admin_sql(&format!(
+        "\\c {APP_DATABASE}\nCREATE TABLE orders (id int PRIMARY KEY, total int NOT NULL);\n\
+         INSERT INTO orders VALUES (1, 10), (2, 20);"
+    ));
+    let api = TestApiServer::start().expect("test API server");
+    let crds = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    for crd in ["databaseaccesspolicies.yaml", "approvalrequests.yaml"] {
+        ok(&api, &["apply", "-f", crds.join(crd).to_str().unwrap()], None);
+    }
+    for ns in [OPERATOR_NS, CI] {
+        ok(&api, &["create", "namespace", ns], None);
+    }
+    ok(&api, &["label", "namespace", CI, "pgwarden.io/inject=enabled"], None);
+    ok(&api, &["-n", CI, "create", "serviceaccount", "runner"], None);
+    ok(
+        &api,
+        &[
+            "-n",
+            CI,
+            "create",
+            "secret",
+            "generic",
+            "pg-cred",
+            &format!("--from-literal=username={APP_USER}"),
+            &format!("--from-literal=password={APP_PASSWORD}"),
+        ],
+        None,
+    );
+    let policy = format!(
+        "apiVersion: pgwarden.io/v1alpha1
+kind: DatabaseAccessPolicy
+metadata: {{name: shop, namespace: {CI}}}
+spec:
+  podSelector: {{matchLabels: {{app: agent}}}}
+  identity: {{pod: {{}}}}
+  database: {{host: 127.0.0.1, port: {}, name: {APP_DATABASE}, credentialsSecret: pg-cred}}
+  defaultAction: Deny
+  rules: [{{name: reads, action: Allow, statements: [SELECT], tables: [public.orders]}}]
+",
+        pg.port()
+    );
+    ok(&api, &["apply", "-f", "-"], Some(&policy));
+
+    // One certificate (from the test server's CA) for the webhooks and the
+    // stream, as cert-manager would provide it: the stream takes files.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = api
+        .issue_serving_cert(&[&format!("{SERVICE}.{OPERATOR_NS}.svc"), "127.0.0.1"])
+        .unwrap();
+    let (cert_file, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    let admission: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let stream_port = free_port();
+    api.set_service_endpoint(&format!("{SERVICE}.{OPERATOR_NS}.svc"), admission);
+    ok(&api, &["apply", "-f", "-"], Some(&webhook_configurations()));
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let operator = Operator::builder(api.kubeconfig())
+        .namespace(OPERATOR_NS)
+        .leader_election(false)
+        .arg(format!("--admission-addr={admission}"))
+        .arg(format!("--webhook-config-name={SERVICE}"))
+        .arg(format!("--tls-cert-file={}", path(&cert_file)))
+        .arg(format!("--tls-key-file={}", path(&key_file)))
+        .arg(format!("--ca-file={}", path(&api.ca_cert())))
+        .arg(format!("--stream-addr=127.0.0.1:{stream_port}"))
+        .arg(format!("--stream-cert={}", path(&cert_file)))
+        .arg(format!("--stream-key={}", path(&key_file)))
+        .arg(format!("--operator-url=https://127.0.0.1:{stream_port}"))
+        .arg("--sidecar-image=pgwarden:e2e")
+        .start();
+    operator.wait_ready(Duration::from_secs(20));
+
+    let kubelet = Kubelet::start(
+        &api,
+        KubeletOptions {
+            pgwarden_bin: Some(pgwarden_bin()),
+            ..KubeletOptions::default()
+        },
+    )
+    .expect("pod runner");
+    kubelet.run_pod(CI, "agent-1", RunOptions::new());
+    let agent = "apiVersion: v1
+kind: Pod
+metadata: {name: agent-1, labels: {app: agent}}
+spec:
+  serviceAccountName: runner
+  containers: [{name: agent, image: agent:1}]
+";
+    // The caBundle may take a check interval to land: retry the create.
+    eventually_or(
+        Duration::from_secs(90),
+        "the pod admitted",
+        || operator.log(),
+        || {
+            kubectl_in(&api, &["create", "-n", CI, "-f", "-"], Some(agent))
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    let p = get(&api, CI, "pod/agent-1");
+    assert_injected(&p);
+
+    let ip = eventually_or(
+        Duration::from_secs(30),
+        "the pod's IP",
+        || operator.log(),
+        || kubelet.pod_ip(CI, "agent-1"),
+    );
+    let conninfo = format!(
+        "host={ip} port=5432 user=agent dbname={APP_DATABASE} connect_timeout=5"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client = loop {
+        match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                break client;
+            }
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!(
+                "the injected sidecar never served: {e:?}\n--- sidecar ---\n{}\n--- operator ---\n{}",
+                kubelet.pod_logs(CI, "agent-1", "pgwarden"),
+                operator.log()
+            ),
+        }
+    };
+    let rows = client
+        .query("SELECT total FROM orders ORDER BY id", &[])
+        .await
+        .expect("an allowed read");
+    let totals: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(totals, [10, 20]);
+    let denied = client
+        .batch_execute("DELETE FROM orders")
+        .await
+        .expect_err("not allowed by the policy");
+    assert_eq!(
+        denied.as_db_error().map(|d| d.code().code()),
+        Some("42501"),
+        "{denied:?}"
+    );
+    drop(client);
+    // The pod runner owns a runtime: it stops outside this one.
+    tokio::task::block_in_place(move || drop(kubelet));
 }
