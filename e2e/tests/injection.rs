@@ -512,13 +512,25 @@ async fn an_injected_pod_runs_its_sidecar_and_queries_through_it() {
     let api = TestApiServer::start().expect("test API server");
     let crds = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crds");
     for crd in ["databaseaccesspolicies.yaml", "approvalrequests.yaml"] {
-        ok(&api, &["apply", "-f", crds.join(crd).to_str().unwrap()], None);
+        ok(
+            &api,
+            &["apply", "-f", crds.join(crd).to_str().unwrap()],
+            None,
+        );
     }
     for ns in [OPERATOR_NS, CI] {
         ok(&api, &["create", "namespace", ns], None);
     }
-    ok(&api, &["label", "namespace", CI, "pgwarden.io/inject=enabled"], None);
-    ok(&api, &["-n", CI, "create", "serviceaccount", "runner"], None);
+    ok(
+        &api,
+        &["label", "namespace", CI, "pgwarden.io/inject=enabled"],
+        None,
+    );
+    ok(
+        &api,
+        &["-n", CI, "create", "serviceaccount", "runner"],
+        None,
+    );
     ok(
         &api,
         &[
@@ -615,9 +627,8 @@ spec:
         || operator.log(),
         || kubelet.pod_ip(CI, "agent-1"),
     );
-    let conninfo = format!(
-        "host={ip} port=5432 user=agent dbname={APP_DATABASE} connect_timeout=5"
-    );
+    let conninfo =
+        format!("host={ip} port=5432 user=agent dbname={APP_DATABASE} connect_timeout=5");
     let deadline = Instant::now() + Duration::from_secs(60);
     let client = loop {
         match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
