@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Policy", "type":"string", "jsonPath":".spec.policy"}"#,
     printcolumn = r#"{"name":"Phase", "type":"string", "jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Requester", "type":"string", "jsonPath":".spec.requester.subject"}"#,
+    printcolumn = r#"{"name":"Decider", "type":"string", "jsonPath":".spec.decision.decidedBy"}"#,
+    printcolumn = r#"{"name":"Result", "type":"string", "jsonPath":".status.result", "priority":1}"#,
     printcolumn = r#"{"name":"Statement", "type":"string", "jsonPath":".spec.statement", "priority":1}"#,
     // A string, not a date: kubectl renders future dates as "<invalid>".
     printcolumn = r#"{"name":"Expires", "type":"string", "jsonPath":".spec.expiresAt"}"#,
