@@ -66,7 +66,8 @@ fn apply(api: &TestApiServer, yaml: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// The server with the CRDs, namespace `ci`, and extra system:masters users
+/// The server with both CRDs (as installed: the operator's approval
+/// controller runs under the same Lease), namespace `ci`, and extra system:masters users
 /// (one per operator replica, so the audit log tells them apart).
 fn cluster(replicas: &[&str]) -> TestApiServer {
     let mut users = auth::default_users();
@@ -88,6 +89,8 @@ fn cluster(replicas: &[&str]) -> TestApiServer {
             "apply",
             "-f",
             repo("crds/databaseaccesspolicies.yaml").to_str().unwrap(),
+            "-f",
+            repo("crds/approvalrequests.yaml").to_str().unwrap(),
         ],
     );
     ok(&api, &["create", "namespace", NS]);
