@@ -169,7 +169,7 @@ impl Cluster {
                 }
             }
             let first = bundles.first()?.clone();
-            (bundles.len() == 6 && bundles.iter().all(|b| *b == first)).then_some(first)
+            (bundles.len() == 8 && bundles.iter().all(|b| *b == first)).then_some(first)
         })
     }
 
@@ -469,6 +469,8 @@ fn injection_and_the_pod_guard() {
 #[test]
 fn with_the_webhook_down_opted_in_pods_are_refused_and_others_are_not() {
     let mut c = Cluster::start();
+    let o = c.create_pod(CI, &pod("running", "", ""));
+    assert!(o.status.success(), "{}", text(&o));
     c.operator.terminate();
     // Nothing listens on the webhook's address any more.
     assert!(std::net::TcpStream::connect(c.admission).is_err());
@@ -486,6 +488,13 @@ fn with_the_webhook_down_opted_in_pods_are_refused_and_others_are_not() {
     assert!(out.contains("inject-pod.pgwarden.io"), "{out}");
     let o = c.create_pod(OTHER, &pod("plain", "", ""));
     assert!(o.status.success(), "{}", text(&o));
+    // Updates of running opted-in pods (controllers removing finalizers,
+    // relabelling) do not stall with the operator.
+    ok(
+        &c.api,
+        &["label", "-n", CI, "pod/running", "stage=done"],
+        None,
+    );
     // The operator's own namespace is never blocked by its webhooks.
     let o = c.create_pod(
         OPERATOR_NS,
