@@ -25,7 +25,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{ObjectMeta, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::Api;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
@@ -306,7 +306,8 @@ impl Election {
 /// Wakes the campaign whenever the Lease changes (a release, a new holder).
 async fn watch_lease(api: Api<Lease>, name: String, changed: std::sync::Arc<Notify>) {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut events = std::pin::pin!(watcher(api, config));
+    // Backoff: a watch that keeps failing (RBAC, API down) must not spin.
+    let mut events = std::pin::pin!(watcher(api, config).default_backoff());
     while let Some(event) = events.next().await {
         if event.is_ok() {
             changed.notify_one();

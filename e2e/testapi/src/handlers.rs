@@ -199,6 +199,19 @@ pub fn request_info(
         _ => "unknown",
     }
     .into();
+    // As the real RequestInfoFactory: a list or watch selecting one name by
+    // `fieldSelector=metadata.name=X` is authorized (and audited) as for X, so
+    // a Role with resourceNames can allow watching exactly one object.
+    if matches!(a.verb.as_str(), "list" | "watch") {
+        if let Some(fs) = query.get("fieldSelector") {
+            let one = fs
+                .strip_prefix("metadata.name==")
+                .or_else(|| fs.strip_prefix("metadata.name="));
+            if let Some(n) = one.filter(|n| !n.contains(',') && !n.is_empty()) {
+                a.name = n.to_string();
+            }
+        }
+    }
     // A namespace's own name is also its namespace for authorization.
     if a.resource == "namespaces" && !a.name.is_empty() {
         a.namespace = a.name.clone();
