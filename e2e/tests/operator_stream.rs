@@ -152,6 +152,11 @@ fn start_operator(
 
 impl Cluster {
     fn start(pg: &PgCluster, opts: Options) -> Cluster {
+        Cluster::start_at(pg.port(), opts)
+    }
+
+    /// As [`Cluster::start`], the policy's upstream at `pg_port`.
+    fn start_at(pg_port: u16, opts: Options) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("pgwarden-e2e-stream-")
             .tempdir()
@@ -185,7 +190,7 @@ impl Cluster {
         kubectl(
             &api,
             &["apply", "-f", "-"],
-            Some(&policy(pg.port(), READ_AND_DELETE)),
+            Some(&policy(pg_port, READ_AND_DELETE)),
         );
         let ca = TestCa::generate(dir.path(), "operator");
         let cert = ca.issue_server_cert(dir.path(), "stream");
@@ -629,4 +634,225 @@ async fn with_the_operator_gone_the_sidecar_serves_its_last_snapshot_then_refuse
         "{}",
         sidecar.proc.log()
     );
+}
+
+/// Scale (issue 16): 500 simulated sidecars (real HTTPS streams with real
+/// tokens, ACKing every snapshot) on one operator. Reports the operator's RSS
+/// and CPU while idle and during a policy change, and the time until every
+/// sidecar ACKed the new version. A benchmark, not a timed test:
+/// `cargo test --release -p pgwarden-e2e --test operator_stream -- --ignored --nocapture`
+/// (build the operator with `--release` too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run by hand"]
+async fn scale_500_sidecars_on_one_operator() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    const SIDECARS: usize = 500;
+    let c = Cluster::start_at(1, Options::default());
+    let items: Vec<Value> = (0..SIDECARS)
+        .map(|i| {
+            json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("sim-{i}"), "namespace": "ci",
+                    "labels": {"app": "agent"}, "annotations": {"pgwarden.io/injected": "true"}},
+                "spec": {"serviceAccountName": "runner",
+                    "containers": [{"name": "app", "image": "busybox"}]}})
+        })
+        .collect();
+    // One kubectl call: a stream of JSON objects.
+    let docs: Vec<String> = items.iter().map(Value::to_string).collect();
+    let file = c.dir.path().join("pods.json");
+    fs::write(&file, docs.join("\n")).unwrap();
+    kubectl(&c.api, &["apply", "-f", file.to_str().unwrap()], None);
+
+    let ca = fs::read(&c.ca).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls_pki_types::pem::PemObject as _;
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let port = c.stream_port;
+    // received[n] / acked[n]: sidecars that got / ACKed their n-th snapshot.
+    let received: Arc<[AtomicUsize; 4]> = Arc::new(Default::default());
+    let acked: Arc<[AtomicUsize; 4]> = Arc::new(Default::default());
+    for i in 0..SIDECARS {
+        let token = c
+            .api
+            .token_request(
+                "ci",
+                "runner",
+                &["pgwarden.io/sidecar"],
+                Some(&format!("sim-{i}")),
+                None,
+            )
+            .unwrap();
+        let (tls, acked, received) = (tls.clone(), acked.clone(), received.clone());
+        tokio::spawn(async move {
+            let mut body = sim_request(&tls, port, &token, "/v1/config", None).await;
+            let mut lines = pgwarden_api::stream::LineDecoder::new(1 << 20);
+            let mut n = 0;
+            while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                lines.push(&data);
+                while let Ok(Some(line)) = lines.next_line() {
+                    if let Ok(pgwarden_api::stream::StreamEvent::Snapshot { snapshot }) =
+                        pgwarden_api::stream::decode_event(&line)
+                    {
+                        if let Some(r) = received.get(n) {
+                            r.fetch_add(1, Ordering::SeqCst);
+                        }
+                        let ack = format!("{{\"version\":{}}}", snapshot.version);
+                        let _ = sim_request(&tls, port, &token, "/v1/ack", Some(ack)).await;
+                        if let Some(a) = acked.get(n) {
+                            a.fetch_add(1, Ordering::SeqCst);
+                        }
+                        n += 1;
+                    }
+                }
+            }
+        });
+    }
+    let started = Instant::now();
+    while acked[0].load(Ordering::SeqCst) < SIDECARS {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "only {} of {SIDECARS} sidecars got their first snapshot\n{}",
+            acked[0].load(Ordering::SeqCst),
+            c.operator
+                .log()
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "{SIDECARS} sidecars connected and ACKed in {:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let pid = c.operator.child.id();
+    let idle_cpu = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle_cpu = cpu_ticks(pid) - idle_cpu;
+    let idle_rss = rss_kib(pid);
+
+    let before = cpu_ticks(pid);
+    let changed = Instant::now();
+    kubectl(
+        &c.api,
+        &[
+            "-n",
+            "ci",
+            "patch",
+            "dap",
+            "shop",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"rules":[{"name":"reads-only","action":"Allow","statements":["SELECT"],"tables":["public.orders"]}]}}"#,
+        ],
+        None,
+    );
+    let mut all_received = None;
+    while acked[1].load(Ordering::SeqCst) < SIDECARS {
+        if all_received.is_none() && received[1].load(Ordering::SeqCst) == SIDECARS {
+            all_received = Some(changed.elapsed());
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(60),
+            "only {} ACKed the change",
+            acked[1].load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let all_acked = changed.elapsed();
+    let change_cpu = cpu_ticks(pid) - before;
+    let rss = rss_kib(pid);
+    let hz = 100.0; // USER_HZ
+    println!(
+        "operator with {SIDECARS} streams: idle RSS {} MiB, idle CPU {:.1}% of a core over 10 s; \
+         policy change: every sidecar had the new snapshot in {all_received:?} and ACKed it in {all_acked:?} \
+         (each ACK: a TLS connection, a TokenReview, a pod read and a pod patch), CPU {:.2} s, RSS after {} MiB",
+        idle_rss / 1024,
+        idle_cpu as f64 / hz / 10.0 * 100.0,
+        change_cpu as f64 / hz,
+        rss / 1024
+    );
+}
+
+/// One request of a simulated sidecar on a fresh HTTPS connection.
+async fn sim_request(
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+    port: u16,
+    token: &str,
+    path: &str,
+    post: Option<String>,
+) -> hyper::body::Incoming {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<
+        _,
+        http_body_util::Full<bytes::Bytes>,
+    >(hyper_util::rt::TokioIo::new(tls))
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(if post.is_some() { "POST" } else { "GET" })
+        .uri(path)
+        .header("host", format!("127.0.0.1:{port}"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            post.unwrap_or_default(),
+        )))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200, "{path}");
+    resp.into_body()
+}
+
+fn proc_status(pid: u32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    proc_status(pid, "VmRSS:")
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // Fields 14 and 15 (utime, stime) are the 12th and 13th after the state.
+    f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
 }
