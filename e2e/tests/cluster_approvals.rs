@@ -102,7 +102,11 @@ fn webhook_configurations() -> String {
         .join("\n---\n")
 }
 
-fn policy(pg_port: u16) -> String {
+/// The policy's `approval:` settings besides its approvers.
+const WAIT: &str = "wait: 60s";
+const FAIL_FAST: &str = "wait: 0s\n    expiresAfter: 6s";
+
+fn policy(pg_port: u16, approval: &str) -> String {
     format!(
         "apiVersion: pgwarden.io/v1alpha1
 kind: DatabaseAccessPolicy
@@ -117,7 +121,7 @@ spec:
     - {{name: schema-changes, action: RequireApproval, statements: [DDL]}}
   approval:
     approvers: {{groups: [dba-oncall]}}
-    wait: 60s
+    {approval}
 "
     )
 }
@@ -260,7 +264,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start(pg: &PgCluster) -> Cluster {
+    fn start(pg: &PgCluster, approval: &str) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("pgwarden-e2e-capr-")
             .tempdir()
@@ -303,7 +307,7 @@ impl Cluster {
             &api,
             "admin",
             &["apply", "-f", "-"],
-            Some(&policy(pg.port())),
+            Some(&policy(pg.port(), approval)),
         );
         ok(&api, "admin", &["apply", "-f", "-"], Some(REVIEWER_RBAC));
 
@@ -462,7 +466,7 @@ fn patch(decision: Value) -> String {
 fn reviewers_decide_held_statements_with_kubectl_patch() {
     let pg = PgCluster::start();
     fixture(&pg);
-    let c = Cluster::start(&pg);
+    let c = Cluster::start(&pg, WAIT);
 
     // psql holds the DDL; the NOTICE names the exact kubectl patch.
     let mut psql = Psql::start(c.sidecar_port, "ALTER TABLE orders ADD COLUMN note text");
@@ -536,7 +540,14 @@ fn reviewers_decide_held_statements_with_kubectl_patch() {
     assert_eq!(r["spec"]["decision"]["decidedBy"], "alice");
     assert!(r["spec"]["decision"]["decidedAt"].is_string());
     let table = ok(&c.api, "alice", &["get", "apr", "-n", NS], None);
-    assert!(table.contains(&id) && table.contains("Executed"), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_default();
+    assert!(
+        row.contains("Executed") && row.contains("alice") && row.contains("shop"),
+        "{table}"
+    );
 
     // A second decision is refused.
     let deny = patch(json!({"action": "Deny", "reason": "changed my mind"}));
@@ -586,4 +597,70 @@ fn reviewers_decide_held_statements_with_kubectl_patch() {
         Some(&made.to_string()),
     );
     assert!(e.contains("alice may not create ApprovalRequests"), "{e}");
+}
+
+#[test]
+fn fail_fast_approvals_run_once_on_retry_and_undecided_requests_expire() {
+    let pg = PgCluster::start();
+    fixture(&pg);
+    let c = Cluster::start(&pg, FAIL_FAST);
+    let run = |sql: &str| Psql::start(c.sidecar_port, sql).finish(Duration::from_secs(20));
+
+    // Fail fast: refused at once, the request open, the hint names the patch.
+    let (success, _, err) = run("ALTER TABLE orders ADD COLUMN fast int");
+    assert!(!success);
+    assert!(
+        err.contains("is waiting for a reviewer; the statement did not run"),
+        "{err}"
+    );
+    assert!(err.contains("kubectl patch apr -n ci "), "{err}");
+    let id = err
+        .split("request ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("request id")
+        .to_owned();
+    let approve = patch(json!({"action": "Approve", "reason": "ok"}));
+    ok(
+        &c.api,
+        "alice",
+        &[
+            "patch", "apr", "-n", NS, &id, "--type", "merge", "-p", &approve,
+        ],
+        None,
+    );
+    // The same statement again runs, once.
+    let (success, out, err) = run("ALTER TABLE orders ADD COLUMN fast int");
+    assert!(success, "{out}\n{err}\n{}", c.logs());
+    let r = eventually(Duration::from_secs(10), "Executed", || {
+        let r = c.apr(&id);
+        (r["status"]["result"] == "ALTER TABLE").then_some(r)
+    });
+    assert_eq!(r["status"]["phase"], "Executed");
+    // A different statement is a new request (exact binding).
+    let (success, _, err) = run("ALTER TABLE orders ADD COLUMN slow int");
+    assert!(!success);
+    assert!(!err.contains(&id), "{err}");
+    let id2 = err
+        .split("request ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("request id")
+        .to_owned();
+
+    // Nobody decides: the controller marks it Expired at expiresAt.
+    let r = eventually(Duration::from_secs(15), "Expired", || {
+        let r = c.apr(&id2);
+        (r["status"]["phase"] == "Expired").then_some(r)
+    });
+    assert!(r["spec"]["decision"].is_null());
+    let e = refused(
+        &c.api,
+        "alice",
+        &[
+            "patch", "apr", "-n", NS, &id2, "--type", "merge", "-p", &approve,
+        ],
+        None,
+    );
+    assert!(e.contains("expired at"), "{e}");
 }

@@ -269,7 +269,7 @@ impl StreamServer {
         if let Some(r) = same {
             match effective_phase(&r, now) {
                 ApprovalPhase::Approved => {
-                    if let Some(r) = self.try_claim(&api, r, now).await? {
+                    if let Ok(r) = self.try_claim(&api, r, now).await? {
                         return Ok(json(&Opened {
                             outcome: OpenOutcome::Released,
                             request: Box::new(r),
@@ -392,23 +392,39 @@ impl StreamServer {
         }))
     }
 
-    /// Approved → Executed, guarded by the resourceVersion read: `None` when
-    /// another claim won.
+    /// Approved → Executed, guarded by the resourceVersion read. A 409
+    /// means the request changed since: the controller writing the phase
+    /// (still claimable: read again, try again) or another claim (not).
+    /// `Err(r)` carries the request as it now is when it cannot be claimed.
     async fn try_claim(
         &self,
         api: &Api<ApprovalRequest>,
         mut r: ApprovalRequest,
         now: Timestamp,
-    ) -> Result<Option<ApprovalRequest>, Refusal> {
-        set_phase(&mut r, ApprovalPhase::Executed, now);
-        match api
-            .replace_status(&r.name_any(), &PostParams::default(), &r)
-            .await
-        {
-            Ok(r) => Ok(Some(r)),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
-            Err(e) => Err(api_failed("claiming the approval", e)),
+    ) -> Result<Result<ApprovalRequest, ApprovalRequest>, Refusal> {
+        for _ in 0..5 {
+            if effective_phase(&r, now) != ApprovalPhase::Approved {
+                return Ok(Err(r));
+            }
+            let mut claimed = r.clone();
+            set_phase(&mut claimed, ApprovalPhase::Executed, now);
+            match api
+                .replace_status(&r.name_any(), &PostParams::default(), &claimed)
+                .await
+            {
+                Ok(r) => return Ok(Ok(r)),
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    r = api
+                        .get(&r.name_any())
+                        .await
+                        .map_err(|e| api_failed("reading the approval request", e))?;
+                }
+                Err(e) => return Err(api_failed("claiming the approval", e)),
+            }
         }
+        Err(unavailable(
+            "claiming the approval: the request kept changing".into(),
+        ))
     }
 
     async fn own_request(
@@ -446,9 +462,17 @@ impl StreamServer {
         let (api, r) = self.own_request(&bound, &claim.id).await?;
         let now = Timestamp::now();
         let (outcome, r) = match effective_phase(&r, now) {
-            ApprovalPhase::Approved => match self.try_claim(&api, r.clone(), now).await? {
-                Some(r) => (ClaimOutcome::Released, r),
-                None => (ClaimOutcome::UsedElsewhere, r),
+            ApprovalPhase::Approved => match self.try_claim(&api, r, now).await? {
+                Ok(r) => (ClaimOutcome::Released, r),
+                Err(r) => (
+                    match effective_phase(&r, now) {
+                        ApprovalPhase::Denied => ClaimOutcome::Denied,
+                        ApprovalPhase::Expired => ClaimOutcome::Expired,
+                        ApprovalPhase::Pending => ClaimOutcome::Pending,
+                        _ => ClaimOutcome::UsedElsewhere,
+                    },
+                    r,
+                ),
             },
             ApprovalPhase::Pending => (ClaimOutcome::Pending, r),
             ApprovalPhase::Denied => (ClaimOutcome::Denied, r),
