@@ -34,6 +34,9 @@ const TICK: Duration = Duration::from_millis(200);
 #[derive(Debug, Default)]
 pub struct Readiness {
     listening: AtomicBool,
+    /// No configuration in force yet (operator mode before the first
+    /// snapshot): an injected pod's startup probe must not pass then.
+    unconfigured: AtomicBool,
     /// By policy id (`namespace/name`).
     upstreams: Mutex<BTreeMap<String, UpstreamState>>,
 }
@@ -116,6 +119,13 @@ impl Readiness {
             return (
                 false,
                 "not ready: not listening (starting or shutting down)\n".into(),
+            );
+        }
+        if self.unconfigured.load(Ordering::Acquire) {
+            return (
+                false,
+                "not ready: no configuration yet (waiting for the operator's first snapshot)\n"
+                    .into(),
             );
         }
         let upstreams = self.upstreams();
@@ -233,7 +243,11 @@ pub async fn watch_upstreams(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let policies: Vec<_> = current()
+        let cfg = current();
+        readiness
+            .unconfigured
+            .store(cfg.is_none(), Ordering::Release);
+        let policies: Vec<_> = cfg
             .map(|cfg| {
                 cfg.policies
                     .iter()

@@ -154,3 +154,15 @@ fn failures_name_their_class_and_never_the_server_words_about_credentials() {
     assert_eq!(f.class, "unreachable");
     assert_eq!(Failure::from_error(&UpstreamError::TlsRefused).class, "tls");
 }
+
+#[test]
+fn not_ready_before_any_configuration() {
+    let r = Readiness::default();
+    r.set_listening(true);
+    r.unconfigured.store(true, Ordering::Release);
+    let (ready, body) = r.report(Instant::now());
+    assert!(!ready);
+    assert!(body.contains("no configuration yet"), "{body}");
+    r.unconfigured.store(false, Ordering::Release);
+    assert!(r.report(Instant::now()).0, "no policies, nothing to check");
+}
