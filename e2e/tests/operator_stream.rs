@@ -636,6 +636,84 @@ async fn with_the_operator_gone_the_sidecar_serves_its_last_snapshot_then_refuse
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_the_sidecar_cannot_build_is_nacked_and_the_last_good_stays() {
+    let pg = PgCluster::start();
+    fixture(&pg);
+    let c = Cluster::start(&pg, Options::default());
+    c.create_pod(POD, json!({"app": "agent"}), true);
+    let token = c.token(POD, "pgwarden.io/sidecar", None);
+    let sidecar = c.sidecar(&token);
+    let client = sidecar.connect_when_ready(Duration::from_secs(20)).await;
+
+    // Valid to the API server, but its CA is no certificate: the sidecar
+    // cannot build it.
+    kubectl(
+        &c.api,
+        &[
+            "-n",
+            "ci",
+            "create",
+            "secret",
+            "generic",
+            "bad-ca",
+            "--from-literal=ca.crt=not a certificate",
+        ],
+        None,
+    );
+    kubectl(
+        &c.api,
+        &[
+            "-n",
+            "ci",
+            "patch",
+            "dap",
+            "shop",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"database":{"tls":{"mode":"verify-full","caSecret":"bad-ca"}}}}"#,
+        ],
+        None,
+    );
+    let mut nack = None;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            nack = c.pod_annotation("pgwarden.io/config-error");
+            nack.is_some()
+        }),
+        "no config-error annotation\n--- sidecar ---\n{}",
+        sidecar.proc.log()
+    );
+    let nack = nack.unwrap();
+    let error = nack["error"].as_str().unwrap_or_default();
+    assert!(error.contains("spec.database.tls"), "{nack}");
+    let applied = c
+        .pod_annotation("pgwarden.io/config-applied")
+        .expect("the earlier ACK");
+    assert!(
+        nack["version"].as_u64() > applied["version"].as_u64(),
+        "{nack} {applied}"
+    );
+    // The last good configuration serves on, old and new sessions alike.
+    client
+        .query("SELECT total FROM orders", &[])
+        .await
+        .expect("the open session is served by the last good configuration");
+    let fresh = sidecar.connect().await.expect("a new session");
+    fresh
+        .query("SELECT total FROM orders", &[])
+        .await
+        .expect("served");
+    assert!(
+        sidecar
+            .metrics()
+            .contains("pgwarden_config_snapshots_total{result=\"refused\"} 1"),
+        "{}",
+        sidecar.metrics()
+    );
+}
+
 /// Scale (issue 16): 500 simulated sidecars (real HTTPS streams with real
 /// tokens, ACKing every snapshot) on one operator. Reports the operator's RSS
 /// and CPU while idle and during a policy change, and the time until every
