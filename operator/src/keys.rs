@@ -107,6 +107,68 @@ impl Keys {
         }
     }
 
+    /// Puts the keys back if their Secret is deleted while this replica
+    /// runs, so an accidental delete does not rotate them: without this, the
+    /// next replica to start would create new keys and stream a different
+    /// masking key than the replicas still running. Runs until `shutdown`.
+    pub async fn keep_stored(
+        &self,
+        client: kube::Client,
+        namespace: &str,
+        name: &str,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        use futures_util::StreamExt as _;
+        use kube::runtime::watcher;
+        let api: Api<Secret> = Api::namespaced(client, namespace);
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let mut events = std::pin::pin!(watcher(api.clone(), config));
+        loop {
+            let event = tokio::select! {
+                e = events.next() => e,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            let Some(event) = event else { return };
+            let deleted = match event {
+                Ok(watcher::Event::Delete(_)) => true,
+                // A relist that no longer holds it (deleted while the watch was down).
+                Ok(watcher::Event::InitDone) => matches!(api.get_opt(name).await, Ok(None)),
+                _ => false,
+            };
+            if !deleted {
+                continue;
+            }
+            match api
+                .create(&PostParams::default(), &self.to_secret(name))
+                .await
+            {
+                Ok(_) => tracing::warn!(
+                    secret.namespace = namespace,
+                    secret.name = name,
+                    "the keys Secret was deleted; restored it with the keys in use"
+                ),
+                Err(kube::Error::Api(s)) if s.is_already_exists() => {
+                    // Another replica restored it, or one that started since
+                    // created new keys: only the first is harmless.
+                    match api
+                        .get(name)
+                        .await
+                        .map(|s| Keys::from_secret(&s, namespace, name))
+                    {
+                        Ok(Ok(k)) if k.masking == self.masking && k.root == self.root => {}
+                        _ => tracing::error!(
+                            secret.namespace = namespace,
+                            secret.name = name,
+                            "the keys Secret now holds other keys than this replica uses: \
+                             restart this replica so every replica uses one set"
+                        ),
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "restoring the keys Secret failed"),
+            }
+        }
+    }
+
     fn from_secret(secret: &Secret, namespace: &str, name: &str) -> Result<Keys, KeysError> {
         let key = |key: &'static str| -> Result<[u8; KEY_LEN], KeysError> {
             let malformed = |problem| KeysError::Malformed {

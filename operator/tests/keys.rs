@@ -106,3 +106,50 @@ async fn keys_are_created_once_shared_by_racing_replicas_and_recreated_when_dele
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_replica_restores_a_deleted_keys_secret_with_the_keys_in_use() {
+    let api = TestApiServer::start().unwrap();
+    let client = admin(&api).await;
+    let keys = Keys::load_or_create(client.clone(), "default", "pgwarden-keys")
+        .await
+        .unwrap();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let keeper = {
+        let (keys, client) = (keys.clone(), client.clone());
+        tokio::spawn(async move {
+            keys.keep_stored(client, "default", "pgwarden-keys", stop)
+                .await
+        })
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    // Let the watch start before deleting.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    secrets
+        .delete("pgwarden-keys", &DeleteParams::default())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let restored = loop {
+        if let Some(s) = secrets.get_opt("pgwarden-keys").await.unwrap() {
+            break s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not restored");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(restored.data.unwrap()[MASKING_KEY].0, keys.masking_key().0);
+    // A replica starting now gets the keys in use, not new ones.
+    let later = Keys::load_or_create(client, "default", "pgwarden-keys")
+        .await
+        .unwrap();
+    assert_eq!(later.masking_key(), keys.masking_key());
+    assert_eq!(
+        later.fingerprint_key("ci", "p"),
+        keys.fingerprint_key("ci", "p")
+    );
+    stop_tx.send_replace(true);
+    tokio::time::timeout(std::time::Duration::from_secs(2), keeper)
+        .await
+        .expect("keep_stored ends on shutdown")
+        .unwrap();
+}
