@@ -105,6 +105,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .context("loading the keys Secret")?,
     );
+    tokio::spawn({
+        let (keys, client, stop) = (keys.clone(), client.clone(), shutdown.clone());
+        let (ns, name) = (args.namespace.clone(), args.keys_secret.clone());
+        async move { keys.keep_stored(client, &ns, &name, stop).await }
+    });
     // Admission webhooks (injection, pod guard) on every replica.
     admission::start(
         &args.admission,
