@@ -4,10 +4,11 @@
 //! configurations are applied with the real kubectl; the operator runs with
 //! the Deployment's own arguments and environment, authenticated as the
 //! chart's ServiceAccount, so the test API server enforces the chart's RBAC
-//! on every call. The mission flow then runs (a policy becomes Ready, an
-//! opted-in pod is injected, the pod's sidecar gets its configuration), and
-//! the test fails if the operator made any API call the chart does not allow
-//! (the audit log tells).
+//! on every call. The mission flow then runs: a policy becomes Ready, an
+//! opted-in pod is injected, the pod runner starts its real sidecar, which
+//! gets its configuration over the stream (served with the certificate the
+//! operator made itself) and serves the agent; and the test fails if the
+//! operator made any API call the chart does not allow (the audit log tells).
 //!
 //! The test server runs no Deployment or PodDisruptionBudget controllers: the
 //! test plays the Deployment (one replica, its container's args) and skips the
@@ -112,7 +113,7 @@ impl Drop for Played {
 /// Starts the operator as the Deployment would: its args with `$(VAR)`
 /// expanded from its env (fieldRefs played), listen addresses moved to free
 /// loopback ports, and a kubeconfig holding the ServiceAccount's token.
-fn play_deployment(api: &TestApiServer, dir: &std::path::Path, docs: &[Value]) -> (Played, u16) {
+fn play_deployment(api: &TestApiServer, dir: &std::path::Path, docs: &[Value]) -> Played {
     let container = operator_container(docs);
     let token = api
         .token_request(NS, "pgwarden-operator", &[], None, None)
@@ -155,8 +156,14 @@ fn play_deployment(api: &TestApiServer, dir: &std::path::Path, docs: &[Value]) -
         ] {
             a = a.replace(&format!("0.0.0.0:{port}"), &format!("127.0.0.1:{free}"));
         }
+        // No cluster DNS for the sidecar either: it reaches the stream's port
+        // by address, which the operator's own certificate then also names.
+        if a.starts_with("--operator-url=") {
+            a = format!("--operator-url=https://127.0.0.1:{stream_port}");
+        }
         args.push(a);
     }
+    args.push("--serving-cert-san=127.0.0.1".into());
     // The Service's DNS name leads to the admission port (no cluster DNS).
     api.set_service_endpoint(
         &format!("pgwarden-operator.{NS}.svc"),
@@ -172,14 +179,11 @@ fn play_deployment(api: &TestApiServer, dir: &std::path::Path, docs: &[Value]) -
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start pgwarden-operator");
-    (
-        Played {
-            child,
-            log,
-            metrics_port,
-        },
-        stream_port,
-    )
+    Played {
+        child,
+        log,
+        metrics_port,
+    }
 }
 
 fn eventually<T>(what: &str, op: &Played, mut f: impl FnMut() -> Option<T>) -> T {
@@ -197,8 +201,16 @@ fn eventually<T>(what: &str, op: &Played, mut f: impl FnMut() -> Option<T>) -> T
     }
 }
 
-#[test]
-fn the_operator_installed_from_the_chart_needs_no_permission_the_chart_does_not_grant() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_installs_a_working_operator_that_needs_no_permission_it_does_not_grant() {
+    use pgwarden_e2e::{pgwarden_bin, PgCluster, APP_DATABASE, APP_PASSWORD, APP_USER};
+    use pgwarden_testapi::kubelet::{Kubelet, KubeletOptions, RunOptions};
+
+    let pg = PgCluster::start();
+    pg.admin_sql(&format!(
+        "\\c {APP_DATABASE}\nCREATE TABLE orders (id int PRIMARY KEY, total int NOT NULL);\n\
+         INSERT INTO orders VALUES (1, 10), (2, 20);"
+    ));
     let api = TestApiServer::start().expect("test API server");
     let dir = tempfile::tempdir().unwrap();
     let docs = install_docs();
@@ -227,48 +239,77 @@ fn the_operator_installed_from_the_chart_needs_no_permission_the_chart_does_not_
         );
     }
 
-    let (op, _stream_port) = play_deployment(&api, dir.path(), &docs);
+    let op = play_deployment(&api, dir.path(), &docs);
     eventually("/readyz", &op, || {
         matches!(http_get(op.metrics_port, "/readyz"), Ok((200, _))).then_some(())
     });
 
-    // The admin's part of the walkthrough: opt a namespace in, apply a policy.
+    // The admin's part of the walkthrough: opt a namespace in, apply a policy
+    // (the in-cluster example, pointed at this test's PostgreSQL).
     ok(&api, &["create", "namespace", "ci"], None);
     ok(
         &api,
         &["label", "namespace", "ci", "pgwarden.io/inject=enabled"],
         None,
     );
-    for f in [
-        "manifests/examples/credentials-secret.yaml",
-        "manifests/examples/in-cluster-pod-identity.yaml",
-    ] {
-        ok(&api, &["apply", "-f", repo(f).to_str().unwrap()], None);
-    }
-    eventually("the policy Ready", &op, || {
-        let out = ok(
+    ok(
+        &api,
+        &[
+            "-n",
+            "ci",
+            "create",
+            "secret",
+            "generic",
+            "shop-credentials",
+            &format!("--from-literal=username={APP_USER}"),
+            &format!("--from-literal=password={APP_PASSWORD}"),
+        ],
+        None,
+    );
+    let example = std::fs::read_to_string(repo("manifests/examples/in-cluster-pod-identity.yaml"))
+        .unwrap()
+        .replace("host: prod-pg.databases.svc", "host: 127.0.0.1")
+        .replace("port: 5432", &format!("port: {}", pg.port()))
+        .replace("name: shop\n", &format!("name: {APP_DATABASE}\n"))
+        .replace("tls: {mode: require}", "tls: {mode: disable}");
+    ok(&api, &["apply", "-f", "-"], Some(&example));
+    let dap = || -> Value {
+        serde_json::from_str(&ok(
             &api,
             &["get", "dap", "-n", "ci", "nightly-agent", "-o", "json"],
             None,
-        );
-        let v: Value = serde_json::from_str(&out).unwrap();
-        v["status"]["conditions"]
+        ))
+        .unwrap()
+    };
+    eventually("the policy Ready", &op, || {
+        dap()["status"]["conditions"]
             .as_array()?
             .iter()
             .any(|c| c["type"] == "Ready" && c["status"] == "True")
             .then_some(())
     });
 
-    // A CI pod: injected by the operator's webhook with the chart's configuration.
+    // A CI pod: injected by the operator's webhook with the chart's
+    // configuration, run by the pod runner with the real sidecar.
     ok(
         &api,
         &["create", "serviceaccount", "ci-runner", "-n", "ci"],
         None,
     );
+    let kubelet = Kubelet::start(
+        &api,
+        KubeletOptions {
+            pgwarden_bin: Some(pgwarden_bin()),
+            ..KubeletOptions::default()
+        },
+    )
+    .expect("pod runner");
+    kubelet.run_pod("ci", "nightly-1", RunOptions::new());
     let pod = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"nightly-1","namespace":"ci","labels":{"app":"nightly-agent"}},
       "spec":{"serviceAccountName":"ci-runner","restartPolicy":"Never","containers":[{"name":"agent","image":"agent:1"}]}}"#;
-    eventually("the pod injected", &op, || {
-        let o = kubectl(&api, &["apply", "-f", "-"], Some(pod));
+    // The caBundle lands once the operator made its certificate: retry.
+    eventually("the pod admitted", &op, || {
+        let o = kubectl(&api, &["create", "-f", "-"], Some(pod));
         o.status.success().then_some(())
     });
     let stored: Value = serde_json::from_str(&ok(
@@ -285,16 +326,47 @@ fn the_operator_installed_from_the_chart_needs_no_permission_the_chart_does_not_
         "{stored:#}"
     );
 
-    // Let the controller see the pod and settle, then read the verdict of the
-    // API server on every call the operator made.
-    eventually("selectedPods = 1", &op, || {
-        let out = ok(
-            &api,
-            &["get", "dap", "-n", "ci", "nightly-agent", "-o", "json"],
-            None,
-        );
-        let v: Value = serde_json::from_str(&out).unwrap();
-        (v["status"]["selectedPods"] == 1).then_some(())
+    // The sidecar gets its configuration over the stream, served with the
+    // certificate the operator made itself (no cert-manager, no files), and
+    // the agent reads through it as the pod (identity.pod): no password.
+    let ip = eventually("the pod's IP", &op, || kubelet.pod_ip("ci", "nightly-1"));
+    let conninfo =
+        format!("host={ip} port=5432 user=agent dbname={APP_DATABASE} connect_timeout=5");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client = loop {
+        match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                break client;
+            }
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!(
+                "the injected sidecar never served: {e:?}\n--- sidecar ---\n{}\n--- operator ---\n{}",
+                kubelet.pod_logs("ci", "nightly-1", "pgwarden"),
+                op.log()
+            ),
+        }
+    };
+    let rows = client
+        .query("SELECT total FROM orders ORDER BY id", &[])
+        .await
+        .expect("an allowed read");
+    let totals: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(totals, [10, 20]);
+    let denied = client
+        .batch_execute("DELETE FROM orders")
+        .await
+        .expect_err("not allowed by the policy");
+    assert_eq!(denied.as_db_error().map(|d| d.code().code()), Some("42501"));
+    drop(client);
+
+    // The controller counts the pod and its ACK; then the API server's
+    // verdict on every call the operator made.
+    eventually("selectedPods = appliedSidecars = 1", &op, || {
+        let v = dap();
+        (v["status"]["selectedPods"] == 1 && v["status"]["appliedSidecars"] == 1).then_some(())
     });
     let calls: Vec<_> = api
         .audit()
@@ -302,8 +374,8 @@ fn the_operator_installed_from_the_chart_needs_no_permission_the_chart_does_not_
         .filter(|e| e.user == SA_USER)
         .collect();
     assert!(
-        calls.len() > 5,
-        "the operator ran as the chart's ServiceAccount: {calls:?}"
+        calls.iter().any(|e| e.resource == "tokenreviews"),
+        "the operator ran as the chart's ServiceAccount and reviewed the sidecar's token: {calls:?}"
     );
     let forbidden: Vec<String> = calls
         .iter()
@@ -321,4 +393,6 @@ fn the_operator_installed_from_the_chart_needs_no_permission_the_chart_does_not_
         forbidden.join("\n"),
         op.log()
     );
+    // The pod runner owns a runtime: it stops outside this one.
+    tokio::task::block_in_place(move || drop(kubelet));
 }

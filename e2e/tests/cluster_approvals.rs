@@ -254,9 +254,21 @@ impl Psql {
     }
 }
 
+fn start_operator(api: &TestApiServer, args: &[String]) -> Operator {
+    let mut b = Operator::builder(api.kubeconfig())
+        .namespace(OPERATOR_NS)
+        .leader_election(false)
+        .watch_namespaces(&[NS]);
+    for a in args {
+        b = b.arg(a.clone());
+    }
+    b.start()
+}
+
 struct Cluster {
     api: TestApiServer,
     operator: Operator,
+    operator_args: Vec<String>,
     sidecar: Proc,
     sidecar_port: u16,
     runner_token: String,
@@ -324,19 +336,17 @@ impl Cluster {
         let ca = TestCa::generate(dir.path(), "operator");
         let cert = ca.issue_server_cert(dir.path(), "stream");
         let stream_port = free_port();
-        let operator = Operator::builder(api.kubeconfig())
-            .namespace(OPERATOR_NS)
-            .leader_election(false)
-            .watch_namespaces(&[NS])
-            .arg(format!("--admission-addr={admission}"))
-            .arg(format!("--webhook-config-name={SERVICE}"))
-            .arg("--sidecar-image=pgwarden:e2e")
-            .arg(format!("--stream-addr=127.0.0.1:{stream_port}"))
-            .arg(format!("--stream-cert={}", cert.cert.display()))
-            .arg(format!("--stream-key={}", cert.key.display()))
+        let operator_args = vec![
+            format!("--admission-addr={admission}"),
+            format!("--webhook-config-name={SERVICE}"),
+            "--sidecar-image=pgwarden:e2e".to_owned(),
+            format!("--stream-addr=127.0.0.1:{stream_port}"),
+            format!("--stream-cert={}", cert.cert.display()),
+            format!("--stream-key={}", cert.key.display()),
             // The operator runs as admin here; in a cluster, its service account.
-            .arg("--approval-creator=admin")
-            .start();
+            "--approval-creator=admin".to_owned(),
+        ];
+        let operator = start_operator(&api, &operator_args);
         operator.wait_ready(Duration::from_secs(20));
         eventually(Duration::from_secs(20), "caBundle patched", || {
             let c: Value = serde_json::from_str(&ok(
@@ -394,6 +404,7 @@ impl Cluster {
         let c = Cluster {
             api,
             operator,
+            operator_args,
             sidecar,
             sidecar_port,
             runner_token,
@@ -663,4 +674,39 @@ fn fail_fast_approvals_run_once_on_retry_and_undecided_requests_expire() {
         None,
     );
     assert!(e.contains("expired at"), "{e}");
+}
+
+#[test]
+fn a_statement_held_across_an_operator_restart_is_still_released() {
+    let pg = PgCluster::start();
+    fixture(&pg);
+    let mut c = Cluster::start(&pg, WAIT);
+    let mut psql = Psql::start(c.sidecar_port, "ALTER TABLE orders ADD COLUMN late text");
+    let (id, _) = from_notice(&psql.wait_line("waiting up to", Duration::from_secs(20)));
+
+    // A crash: nothing is handed over; the next operator starts from the API.
+    c.operator.kill();
+    c.operator = start_operator(&c.api, &c.operator_args);
+    c.operator.wait_ready(Duration::from_secs(20));
+    let approve = patch(json!({"action": "Approve", "reason": "after the restart"}));
+    eventually(Duration::from_secs(20), "the webhooks back", || {
+        let o = kubectl_as(
+            &c.api,
+            "alice",
+            &[
+                "patch", "apr", "-n", NS, &id, "--type", "merge", "-p", &approve,
+            ],
+            None,
+        );
+        o.status.success().then_some(())
+    });
+    // The sidecar reconnects; the decision made meanwhile reaches it.
+    let (success, out, err) = psql.finish(Duration::from_secs(60));
+    assert!(success, "{out}\n{err}\n{}", c.logs());
+    assert!(out.contains("ALTER TABLE"), "{out}");
+    let r = eventually(Duration::from_secs(10), "Executed", || {
+        let r = c.apr(&id);
+        (r["status"]["result"] == "ALTER TABLE").then_some(r)
+    });
+    assert_eq!(r["spec"]["decision"]["decidedBy"], "alice");
 }

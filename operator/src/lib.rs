@@ -111,7 +111,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         async move { keys.keep_stored(client, &ns, &name, stop).await }
     });
     // Admission webhooks (injection, pod guard) on every replica.
-    admission::start(
+    let serving_cert = admission::start(
         &args.admission,
         &args.namespace,
         client.clone(),
@@ -126,6 +126,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         client.clone(),
         keys.clone(),
         sidecars.clone(),
+        serving_cert,
         shutdown.clone(),
     )
     .await?;

@@ -50,8 +50,8 @@ pub struct StreamArgs {
     #[arg(long, env = "PGWARDEN_STREAM_ADDR", default_value = "0.0.0.0:8443")]
     pub stream_addr: std::net::SocketAddr,
     /// PEM certificate chain the stream serves; sidecars verify it with the
-    /// CA that injection gives them. Without it (and --stream-key) no stream
-    /// is served.
+    /// CA that injection gives them. Default: the admission webhooks'
+    /// certificate (the operator's own CA, which injection hands to sidecars).
     #[arg(long, env = "PGWARDEN_STREAM_CERT", requires = "stream_key")]
     pub stream_cert: Option<std::path::PathBuf>,
     /// PEM private key of --stream-cert.
@@ -74,24 +74,32 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Starts the index (over `namespaces`, all when empty) and serves the
-/// stream until `shutdown` (when --stream-cert is given); the listener is
-/// bound before this returns.
+/// stream until `shutdown`, with --stream-cert/--stream-key or else the
+/// admission webhooks' certificate (`serving_cert`, renewals followed); the
+/// listener is bound before this returns.
 pub async fn start(
     args: &StreamArgs,
     namespaces: &[String],
     client: Client,
     keys: Arc<dyn KeySource>,
     sidecars: Arc<Sidecars>,
+    serving_cert: Option<watch::Receiver<Arc<crate::certs::ServingCert>>>,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let (Some(cert), Some(key)) = (&args.stream_cert, &args.stream_key) else {
-        warn!("no --stream-cert/--stream-key: the config stream is not served; sidecars get no configuration from this replica");
-        return Ok(());
+    let tls = match (&args.stream_cert, &args.stream_key, serving_cert) {
+        (Some(cert), Some(key), _) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+            };
+            tls_config(&read(cert)?, &read(key)?).context("the stream's TLS")?
+        }
+        (_, _, Some(rx)) => crate::admission::server::tls_config(rx).context("the stream's TLS")?,
+        _ => {
+            warn!("no --stream-cert/--stream-key and no admission certificate (--admission-addr): the config stream is not served; sidecars get no configuration from this replica");
+            return Ok(());
+        }
     };
-    let read =
-        |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-    let tls = tls_config(&read(cert)?, &read(key)?).context("the stream's TLS")?;
     let listener = TcpListener::bind(args.stream_addr)
         .await
         .with_context(|| format!("listening on --stream-addr {}", args.stream_addr))?;
