@@ -21,7 +21,7 @@ pub use approval::{
 pub use duration::{Duration, DurationError, DURATION_PATTERN};
 pub use policy::{
     Action, ApprovalSettings, Approvers, DatabaseAccessPolicy, DatabaseAccessPolicySpec,
-    DatabaseAccessPolicyStatus, DatabaseTarget, DatabaseTls, Detector, Identity,
+    DatabaseAccessPolicyStatus, DatabaseTarget, DatabaseTls, Detector, Enforcement, Identity,
     KubernetesIdentity, Limits, LocalTrustIdentity, MaskStrategy, MaskingRule, OidcIdentity,
     PodIdentity, PostgresRecordingStore, PredicateUse, RecordingSettings, RecordingStore, Rule,
     StatementClass, TlsMode, DEFAULT_PORT,

@@ -54,6 +54,13 @@ pub struct DatabaseAccessPolicySpec {
     #[serde(default)]
     pub default_action: Action,
 
+    /// `Audit` rolls a policy out against real traffic: what its rules or
+    /// `defaultAction` would deny or hold runs anyway and is recorded and
+    /// counted as "would deny" / "would hold". Built-in denials, masking and
+    /// limits still apply.
+    #[serde(default, skip_serializing_if = "Enforcement::is_enforce")]
+    pub enforcement: Enforcement,
+
     /// Ordered; the first rule matching an access decides it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<Rule>,
@@ -241,6 +248,22 @@ pub enum Action {
     RequireApproval,
     #[default]
     Deny,
+}
+
+/// Whether a policy's rules are enforced or only audited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Enforcement {
+    #[default]
+    Enforce,
+    /// Rule verdicts are recorded, not acted on (built-in denials still are).
+    Audit,
+}
+
+impl Enforcement {
+    /// The default, left out when a spec is written back.
+    pub fn is_enforce(&self) -> bool {
+        *self == Enforcement::Enforce
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -8,7 +8,7 @@
 use std::io::Read;
 use std::process::ExitCode;
 
-use pgwarden_api::{Action, DatabaseAccessPolicySpec, FieldError};
+use pgwarden_api::{Action, DatabaseAccessPolicySpec, Enforcement, FieldError};
 use serde_json::json;
 
 use super::output::errln;
@@ -101,6 +101,9 @@ fn access_line(d: &AccessDecision) -> String {
 /// gateway would act on (`Gate::decide_in_session`).
 struct Judged {
     action: Action,
+    /// Audit mode: what the rules would have done with a statement the
+    /// gateway forwards (`action` is then Allow).
+    would: Option<Action>,
     rule: Option<String>,
     reason: String,
     accesses: Vec<AccessDecision>,
@@ -108,18 +111,33 @@ struct Judged {
 
 impl Judged {
     fn json(&self) -> serde_json::Value {
-        json!({
+        let mut v = json!({
             "verdict": action_str(self.action),
             "rule": self.rule,
             "reason": self.reason,
             "accesses": self.accesses.iter().map(access_json).collect::<Vec<_>>(),
-        })
+        });
+        if let Some(w) = self.would {
+            v["wouldBe"] = json!(action_str(w));
+            v["enforcement"] = json!("Audit");
+        }
+        v
+    }
+
+    /// The verdict as text: what the gateway does, or under an audit-mode
+    /// policy what the rules would have done with a statement it forwards.
+    fn verdict_text(&self) -> String {
+        match self.would {
+            Some(Action::Deny) => "would deny (audit mode)".into(),
+            Some(Action::RequireApproval) => "would require approval (audit mode)".into(),
+            _ => action_str(self.action).into(),
+        }
     }
 
     fn text(&self) -> String {
         let mut text = format!(
             "verdict: {}\nrule: {}\nreason: {}\n",
-            action_str(self.action),
+            self.verdict_text(),
             self.rule.as_deref().unwrap_or("-"),
             self.reason
         );
@@ -137,17 +155,40 @@ impl Judged {
 /// effects reach the session (names it prepares or spends, user code it
 /// defines) as when the gateway forwards it. A text that needs approval
 /// counts as approved for the texts after it.
-fn judge(gate: &Gate, session: &mut SessionState, sql: &str) -> Judged {
+fn judge(gate: &Gate, session: &mut SessionState, sql: &str, audit: bool) -> Judged {
     let j = gate.evaluate(sql);
     let judged = match gate.decide_in_session(&j, session) {
-        Some(d) => Judged {
-            action: d.action,
-            rule: d.rule_name().map(str::to_owned),
-            reason: d.reason(),
-            accesses: d.accesses.clone(),
-        },
+        Some(d) => {
+            // Audit mode: the gateway acts on what the rules cannot relax
+            // (built-in refusals); the rules' own verdict is "would be".
+            let enforced = audit.then(|| d.enforced_in_audit());
+            match enforced {
+                Some(e) if e.action == Action::Allow && d.action != Action::Allow => Judged {
+                    action: Action::Allow,
+                    would: Some(d.action),
+                    rule: d.rule_name().map(str::to_owned),
+                    reason: d.reason(),
+                    accesses: d.accesses.clone(),
+                },
+                Some(e) => Judged {
+                    action: e.action,
+                    would: None,
+                    rule: e.rule_name().map(str::to_owned),
+                    reason: e.reason(),
+                    accesses: d.accesses.clone(),
+                },
+                _ => Judged {
+                    action: d.action,
+                    would: None,
+                    rule: d.rule_name().map(str::to_owned),
+                    reason: d.reason(),
+                    accesses: d.accesses.clone(),
+                },
+            }
+        }
         None => Judged {
             action: Action::Deny,
+            would: None,
             rule: Some("parser".into()),
             reason: j.reason(),
             accesses: Vec::new(),
@@ -247,13 +288,14 @@ pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let gate = Gate::new(&chosen.1, 0);
     // What a live session learns from the database at login.
     gate.learn_user_code(args.user_functions.clone(), args.user_operators.clone());
+    let audit = chosen.1.enforcement == Enforcement::Audit;
     let mut session = SessionState::default();
     for name in &args.prepared {
         session.prepared(name);
     }
     let (text, verdict) = match sql {
         Source::Query(sql) => {
-            let judged = judge(&gate, &mut session, &sql);
+            let judged = judge(&gate, &mut session, &sql, audit);
             let text = match args.output {
                 OutputFormat::Json => serde_json::to_string_pretty(&judged.json())? + "\n",
                 OutputFormat::Text => judged.text(),
@@ -264,7 +306,7 @@ pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
             let pieces = split::statements(&file);
             let judged: Vec<_> = pieces
                 .iter()
-                .map(|p| (p, judge(&gate, &mut session, p.text)))
+                .map(|p| (p, judge(&gate, &mut session, p.text, audit)))
                 .collect();
             let verdict = judged
                 .iter()

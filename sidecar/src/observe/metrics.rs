@@ -10,6 +10,9 @@ pub struct Metrics {
     pub statements_simple: IntCounter,
     pub statements_extended: IntCounter,
     pub statements_refused: IntCounter,
+    /// Audit-mode policies: statements forwarded that the rules would have
+    /// refused, by policy, would-be verdict and rule (never the statement).
+    pub statements_audited: IntCounterVec,
     pub bytes_to_client: IntCounter,
     pub bytes_to_upstream: IntCounter,
     pub upstream_errors: IntCounterVec,
@@ -101,6 +104,11 @@ impl Metrics {
             statements_refused: counter(
                 "statements_refused_total",
                 "Statements refused by the gateway",
+            ),
+            statements_audited: counter_vec(
+                "statements_audited_total",
+                "Statements an audit-mode policy forwarded that its rules would deny or hold, by policy, verdict (would_deny, would_hold) and rule",
+                &["policy", "verdict", "rule"],
             ),
             bytes_to_client: bytes.with_label_values(&["to_client"]),
             bytes_to_upstream: bytes.with_label_values(&["to_upstream"]),

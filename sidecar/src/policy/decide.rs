@@ -128,6 +128,32 @@ impl Decision {
         Some(self.deciding.as_ref()?.by.name())
     }
 
+    /// What a policy in audit mode enforces of this decision: accesses its
+    /// rules or `defaultAction` refused or held are allowed (they become
+    /// would-be verdicts); built-in and session refusals stand, since they
+    /// close walk-arounds an audit switch must not reopen.
+    pub fn enforced_in_audit(&self) -> Decision {
+        fn authored(by: &DecidedBy) -> bool {
+            match by {
+                DecidedBy::Rule(_) | DecidedBy::Default => true,
+                DecidedBy::UserCode(inner) => authored(inner),
+                DecidedBy::BuiltinDeny(_) | DecidedBy::Always | DecidedBy::Session { .. } => false,
+            }
+        }
+        Decision::from_accesses(
+            self.accesses
+                .iter()
+                .map(|a| match a.action {
+                    Action::Deny | Action::RequireApproval if authored(&a.by) => AccessDecision {
+                        action: Action::Allow,
+                        ..a.clone()
+                    },
+                    _ => a.clone(),
+                })
+                .collect(),
+        )
+    }
+
     /// The decision of a list of decided accesses: the most severe access
     /// decides; among equals, the first that says the most.
     pub fn from_accesses(accesses: Vec<AccessDecision>) -> Decision {

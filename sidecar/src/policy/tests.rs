@@ -738,3 +738,38 @@ fn one_decision_explains_the_verdict_and_lists_the_accesses() {
     let d = g.decide_in_session(&j, &SessionState::default()).unwrap();
     assert!(matches!(d, Cow::Borrowed(_)));
 }
+
+#[test]
+fn audit_mode_relaxes_only_what_rules_and_the_default_decided() {
+    let g = design_gate();
+    let session = SessionState::default();
+    let cases: &[(&str, Action, Action)] = &[
+        // (text, the rules' verdict, what audit mode enforces)
+        ("DELETE FROM orders", Action::RequireApproval, Action::Allow),
+        ("SELECT * FROM unknown_table", Action::Deny, Action::Allow),
+        ("SET ROLE postgres", Action::Deny, Action::Deny),
+        ("COPY orders TO PROGRAM 'true'", Action::Deny, Action::Deny),
+        (
+            "SELECT pg_read_file('/etc/passwd')",
+            Action::Deny,
+            Action::Deny,
+        ),
+        // A built-in refusal beside a rule's: the built-in one stands.
+        (
+            "SELECT * FROM unknown_table, pg_authid",
+            Action::Deny,
+            Action::Deny,
+        ),
+        ("EXECUTE never_prepared", Action::Deny, Action::Deny),
+    ];
+    for (sql, rules, enforced) in cases {
+        let j = g.evaluate(sql);
+        let d = g.decide_in_session(&j, &session).expect("analysed");
+        assert_eq!(d.action, *rules, "{sql}: {}", d.reason());
+        let e = d.enforced_in_audit();
+        assert_eq!(e.action, *enforced, "{sql}: {}", e.reason());
+        if e.action == Action::Deny {
+            assert!(!e.reason().contains("rule \""), "{sql}: {}", e.reason());
+        }
+    }
+}

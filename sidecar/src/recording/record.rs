@@ -111,6 +111,13 @@ pub enum RecordedVerdict {
     Held,
     /// Forwarded after a reviewer approved it (a new record, same text).
     Approved,
+    /// Forwarded under an audit-mode policy whose rules would have denied it.
+    #[serde(rename = "would_deny")]
+    WouldDeny,
+    /// Forwarded under an audit-mode policy whose rules would have held it
+    /// for approval.
+    #[serde(rename = "would_hold")]
+    WouldHold,
 }
 
 impl RecordedVerdict {
@@ -120,12 +127,23 @@ impl RecordedVerdict {
             RecordedVerdict::Deny => "deny",
             RecordedVerdict::Held => "held",
             RecordedVerdict::Approved => "approved",
+            RecordedVerdict::WouldDeny => "would_deny",
+            RecordedVerdict::WouldHold => "would_hold",
         }
     }
 
     /// The statement did not run (the record's reason says why).
     pub fn refused(self) -> bool {
         matches!(self, RecordedVerdict::Deny | RecordedVerdict::Held)
+    }
+
+    /// It ran only because its policy is in audit mode (the record's reason
+    /// says what the rules would have done).
+    pub fn audited(self) -> bool {
+        matches!(
+            self,
+            RecordedVerdict::WouldDeny | RecordedVerdict::WouldHold
+        )
     }
 }
 
@@ -273,6 +291,8 @@ mod tests {
             (RecordedVerdict::Deny, "deny"),
             (RecordedVerdict::Held, "held"),
             (RecordedVerdict::Approved, "approved"),
+            (RecordedVerdict::WouldDeny, "would_deny"),
+            (RecordedVerdict::WouldHold, "would_hold"),
         ] {
             assert_eq!(serde_json::to_string(&v).unwrap(), format!("\"{s}\""));
             assert_eq!(v.to_string(), s);

@@ -72,9 +72,11 @@ pub fn transcript(records: &[Record]) -> String {
                         .collect();
                     let _ = writeln!(out, "-- parameters: {}", shown.join(" "));
                 }
-                if verdict.refused() {
-                    if let Some(reason) = reason {
+                if let Some(reason) = reason {
+                    if verdict.refused() {
                         let _ = writeln!(out, "ERROR:  pgwarden: {reason}");
+                    } else if verdict.audited() {
+                        let _ = writeln!(out, "-- audit mode, forwarded: {reason}");
                     }
                 }
             }

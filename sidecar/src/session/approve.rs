@@ -25,6 +25,20 @@ pub struct Need {
     pub param_types: Vec<u32>,
     /// The rule that decided it (for the recording).
     pub rule: Option<String>,
+    /// Forwarded only because its policy is in audit mode: what the rules
+    /// would have done (for the recording).
+    pub would: Option<Would>,
+}
+
+/// What an audit-mode policy's rules would have done with a statement the
+/// gateway forwarded anyway.
+#[derive(Clone, Debug)]
+pub struct Would {
+    /// `WouldDeny` or `WouldHold`.
+    pub verdict: crate::recording::RecordedVerdict,
+    /// The refusal or approval reason the rules gave (names the rule and
+    /// the access, never a value).
+    pub reason: String,
 }
 
 /// A portal bound to such a statement, with its parameters.

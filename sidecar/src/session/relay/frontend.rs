@@ -28,7 +28,7 @@ use crate::observe::Metrics;
 use crate::policy::analyze::Effect;
 use crate::policy::{Judgement, SessionState};
 use crate::recording::{Ack, RecordedVerdict, SessionLog, StatementFacts};
-use crate::session::approve::{self, Hold, HoldKind, Need};
+use crate::session::approve::{self, Hold, HoldKind, Need, Would};
 use crate::session::limits::StatementClock;
 use crate::session::mask::FrontMask;
 use crate::session::names::{Failed, NameLedger, ServerEvent};
@@ -113,6 +113,8 @@ struct Facts<'s> {
     rule: Option<String>,
     /// Its result columns when known in advance.
     columns: Option<Arc<Vec<Column>>>,
+    /// Forwarded only because the policy is in audit mode.
+    would: Option<Would>,
 }
 
 impl<'s> Facts<'s> {
@@ -123,6 +125,7 @@ impl<'s> Facts<'s> {
             parameters: Vec::new(),
             rule,
             columns: None,
+            would: None,
         }
     }
 }
@@ -305,6 +308,7 @@ impl Frontend<'_> {
             judged,
             rule,
             judgement,
+            would,
         } = match self.judge(sql) {
             Judging::Done(d) => d,
             Judging::Wait(request) => return Ok(Flow::Wait(request)),
@@ -315,7 +319,11 @@ impl Frontend<'_> {
                     m.query(ctx);
                 }
                 self.forwarded(&judgement, false);
-                self.record_allowed(Facts::text(sql, rule), WatchKind::Query);
+                let facts = Facts {
+                    would,
+                    ..Facts::text(sql, rule)
+                };
+                self.record_allowed(facts, WatchKind::Query);
                 out.extend_from_slice(bytes);
             }
             Judged::Hold(reason, ctx) => {
@@ -329,6 +337,7 @@ impl Frontend<'_> {
                         sensitive,
                         param_types: Vec::new(),
                         rule: rule.clone(),
+                        would: None,
                     }),
                     params: Vec::new(),
                     types: Vec::new(),
@@ -349,8 +358,12 @@ impl Frontend<'_> {
 
     fn on_parse(&mut self, body: &[u8], bytes: &[u8], out: &mut BytesMut) -> Result<Flow, PgError> {
         let parse = codec::parse(body).map_err(|e| violation("Parse", e))?;
-        let (judged, rule) = match self.judge(parse.query) {
-            Judging::Done(d) => (judge::protocol_text(d.judged, &d.judgement), d.rule),
+        let (judged, rule, would) = match self.judge(parse.query) {
+            Judging::Done(d) => (
+                judge::protocol_text(d.judged, &d.judgement),
+                d.rule,
+                d.would,
+            ),
             Judging::Wait(request) => return Ok(Flow::Wait(request)),
         };
         // Whatever the verdict, the server is asked to (re)define the name:
@@ -363,6 +376,7 @@ impl Frontend<'_> {
                 sensitive,
                 param_types: parse.param_types.clone(),
                 rule,
+                would: would.clone(),
             })
         };
         match judged {
@@ -438,6 +452,7 @@ impl Frontend<'_> {
                 sensitive: true,
                 param_types: Vec::new(),
                 rule: None,
+                would: None,
             })),
             None => None,
         };
@@ -542,6 +557,7 @@ impl Frontend<'_> {
                     parameters,
                     rule: need.as_ref().and_then(|n| n.rule.clone()),
                     columns,
+                    would: need.as_ref().and_then(|n| n.would.clone()),
                 };
                 let k = self.executes_since_sync;
                 self.record_allowed(facts, WatchKind::Execute(k));
@@ -676,9 +692,12 @@ impl Frontend<'_> {
         let (n, ack) = log.statement(StatementFacts {
             text: facts.sql,
             parameters: facts.parameters,
-            verdict: RecordedVerdict::Allow,
+            verdict: facts
+                .would
+                .as_ref()
+                .map_or(RecordedVerdict::Allow, |w| w.verdict),
             rule: facts.rule,
-            reason: None,
+            reason: facts.would.map(|w| w.reason),
             approval: None,
             approved_by: None,
         });

@@ -225,6 +225,7 @@ impl Frontend<'_> {
             parameters: hold.rendered_params(),
             rule: hold.rule.clone(),
             columns: None,
+            would: None,
         };
         self.record_refused(facts, &err, id);
         let kind = match hold.kind {

@@ -4,11 +4,16 @@
 
 use std::sync::Arc;
 
+use pgwarden_api::{Action, Enforcement};
+
 use super::Frontend;
 use crate::approval::messages;
 use crate::masking::plan;
 use crate::policy::analyze::{self, AnalyzeError, Effect};
+use crate::policy::decide;
 use crate::policy::{Gate, Judgement, Verdict};
+use crate::recording::RecordedVerdict;
+use crate::session::approve::Would;
 use crate::wire::{codec, PgError};
 
 /// Texts above this size are analysed on a blocking thread.
@@ -39,6 +44,8 @@ pub(super) struct Decision {
     pub judged: Judged,
     pub rule: Option<String>,
     pub judgement: Arc<Judgement>,
+    /// Allowed only because the policy is in audit mode.
+    pub would: Option<Would>,
 }
 
 /// The decision, or the request to wait for before judging again.
@@ -53,6 +60,7 @@ impl Judging {
             judged: Judged::Refuse(err),
             rule,
             judgement,
+            would: None,
         })
     }
 }
@@ -137,10 +145,39 @@ impl Frontend<'_> {
         }
         // The deciding rule is for the recording only; it comes from the
         // same decision in this session (user code, EXECUTE) as the verdict.
-        let (verdict, rule) =
+        let (mut verdict, mut rule) =
             self.policy
                 .gate
                 .judge_judged_with_rule(&j, &self.session, self.log.is_some());
+        // The one place a policy in audit mode differs: what its rules
+        // decided is recorded and counted instead of acted on.
+        let mut would = None;
+        if self.policy.spec.enforcement == Enforcement::Audit && verdict != Verdict::Allow {
+            if let Some(d) = self.policy.gate.decide_in_session(&j, &self.session) {
+                match audit(&d) {
+                    Audit::Enforced(v, r) => (verdict, rule) = (v, r),
+                    Audit::Would(w, r) => {
+                        self.metrics
+                            .statements_audited
+                            .with_label_values(&[
+                                self.policy.id.as_str(),
+                                w.verdict.as_str(),
+                                r.as_deref().unwrap_or("default"),
+                            ])
+                            .inc();
+                        tracing::info!(
+                            policy.name = %self.policy.id,
+                            rule.name = r.as_deref().unwrap_or("default"),
+                            verdict = w.verdict.as_str(),
+                            "audit mode: forwarded a statement the rules would refuse"
+                        );
+                        verdict = Verdict::Allow;
+                        rule = r;
+                        would = Some(w);
+                    }
+                }
+            }
+        }
         let hold = match verdict {
             Verdict::Refuse(err) => return Judging::refuse(err, rule, j),
             Verdict::Allow => None,
@@ -171,6 +208,7 @@ impl Frontend<'_> {
             judged,
             rule,
             judgement: j,
+            would,
         })
     }
 
@@ -228,6 +266,43 @@ impl Frontend<'_> {
         }
         self.generation = generation;
         Ok(())
+    }
+}
+
+/// A decision under an audit-mode policy.
+enum Audit {
+    /// Refused all the same (built-in or session refusal): the verdict and
+    /// what decided it.
+    Enforced(Verdict, Option<String>),
+    /// Only the rules refused it: forwarded, with what they would have done
+    /// and the deciding rule.
+    Would(Would, Option<String>),
+}
+
+/// Audit mode relaxes only what the policy's author wrote
+/// (`Decision::enforced_in_audit`).
+fn audit(d: &decide::Decision) -> Audit {
+    let enforced = d.enforced_in_audit();
+    let rule = |d: &decide::Decision| d.rule_name().map(str::to_owned);
+    match enforced.action {
+        Action::Deny => Audit::Enforced(
+            Verdict::Refuse(PgError::denied(enforced.reason())),
+            rule(&enforced),
+        ),
+        // Only rules ask for approval; kept should that ever change.
+        Action::RequireApproval => {
+            Audit::Enforced(Verdict::RequireApproval(enforced.reason()), rule(&enforced))
+        }
+        Action::Allow => Audit::Would(
+            Would {
+                verdict: match d.action {
+                    Action::RequireApproval => RecordedVerdict::WouldHold,
+                    _ => RecordedVerdict::WouldDeny,
+                },
+                reason: d.reason(),
+            },
+            rule(d),
+        ),
     }
 }
 
