@@ -157,6 +157,8 @@ impl TestApiServer {
                 (Some(t), p)
             }
         };
+        // RSA key generation runs beside the PKI's openssl calls.
+        let key = std::thread::spawn(tokens::generate_key);
         let pki = pki::Pki::generate(&dir)?;
         let acceptor = server::tls_acceptor(
             &std::fs::read(&pki.server_cert)?,
@@ -169,7 +171,11 @@ impl TestApiServer {
 
         let mut store = Store::new(Registry::with_builtins(), opts.history);
         bootstrap(&mut store);
-        let issuer = tokens::Issuer::generate(&url, opts.min_token_expiration, opts.token_leeway)?;
+        let key = key
+            .join()
+            .map_err(|_| std::io::Error::other("service-account key generation panicked"))??;
+        let issuer =
+            tokens::Issuer::with_key(key, &url, opts.min_token_expiration, opts.token_leeway)?;
         let endpoints: webhooks::ServiceEndpoints =
             Arc::new(Mutex::new(opts.service_endpoints.clone()));
         let state = Arc::new(State {

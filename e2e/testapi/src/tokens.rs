@@ -68,6 +68,12 @@ impl Reviewed {
     }
 }
 
+/// A service-account signing key (RSA 2048, as a real cluster's default).
+pub fn generate_key() -> std::io::Result<KeyPair> {
+    KeyPair::generate(KeySize::Rsa2048)
+        .map_err(|_| std::io::Error::other("generating the service-account signing key"))
+}
+
 fn b64(b: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(b)
 }
@@ -106,9 +112,18 @@ impl Issuer {
         min_expiration: Duration,
         leeway: Duration,
     ) -> std::io::Result<Issuer> {
+        Issuer::with_key(generate_key()?, url, min_expiration, leeway)
+    }
+
+    /// An issuer signing with `key` (from [`generate_key`], which the server runs
+    /// beside its other start-up work: RSA generation takes a noticeable while).
+    pub fn with_key(
+        key: KeyPair,
+        url: &str,
+        min_expiration: Duration,
+        leeway: Duration,
+    ) -> std::io::Result<Issuer> {
         use aws_lc_rs::encoding::AsDer;
-        let key = KeyPair::generate(KeySize::Rsa2048)
-            .map_err(|_| std::io::Error::other("generating the service-account signing key"))?;
         // The real server's kid: the SHA-256 of the public key's PKIX DER.
         let der = key
             .public_key()
