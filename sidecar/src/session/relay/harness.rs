@@ -521,6 +521,12 @@ impl Session {
     /// server received.
     pub async fn terminate(mut self) -> (End, Vec<Msg>) {
         self.send(&[client::terminate()]).await;
+        self.ended().await
+    }
+
+    /// Wait for the relay to end by itself; how it ended, and everything
+    /// the server received.
+    pub async fn ended(mut self) -> (End, Vec<Msg>) {
         let end = tokio::time::timeout(STEP, &mut self.relay)
             .await
             .expect("the relay ends after Terminate")

@@ -255,3 +255,49 @@ async fn a_result_over_max_rows_ends_in_an_error_and_the_session_goes_on() {
     assert_eq!(types(&s.until_ready().await), "TDCZ");
     s.terminate().await;
 }
+
+#[tokio::test]
+async fn a_held_execute_refused_in_a_pipeline_is_an_error_in_its_place() {
+    let p = policy(&rules("0s"));
+    let mut s = p.session(script());
+    s.send(&[
+        client::parse("del", DELETE),
+        client::bind("", "del", &[]),
+        client::execute(""),
+        client::parse("", READ),
+        client::bind("", "", &[]),
+        client::execute(""),
+        client::sync(),
+    ])
+    .await;
+    let got = s.until_ready().await;
+    // Preparing runs nothing, so Parse and Bind complete; the Execute is
+    // refused, and what follows it is skipped to Sync.
+    assert_eq!(types(&got), "12EZ", "{got:?}");
+    assert!(is_refusal(&got[2]));
+    let hint = got[2].field(b'H').unwrap_or_default();
+    assert!(hint.contains("pgwarden approvals approve"), "{hint}");
+    let (_, received) = s.terminate().await;
+    // The server never got the Execute: a Parse of the sentinel, under a
+    // name of the proxy's own, took its place.
+    let after_bind: Vec<&Msg> = received.iter().skip_while(|m| m.ty != b'B').collect();
+    assert_eq!(after_bind.get(1).map(|m| m.ty), Some(b'P'), "{received:?}");
+    assert!(after_bind[1].carries("pgwarden_held_"));
+    // Only the second statement's Execute went (the server skipped it).
+    assert_eq!(received.iter().filter(|m| m.ty == b'E').count(), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_breaks_the_protocol_gets_a_fatal_and_the_server_a_goodbye() {
+    let p = policy(&rules("30s"));
+    let mut s = p.session(script());
+    // A password message after login.
+    s.send(&[vec![b'p', 0, 0, 0, 7, b'p', b'w', 0]]).await;
+    let fatal = s.next().await;
+    assert_eq!(fatal.ty, b'E');
+    assert_eq!(fatal.field(b'S').as_deref(), Some("FATAL"));
+    assert_eq!(fatal.field(b'C').as_deref(), Some("08P01"));
+    let (end, received) = s.ended().await;
+    assert!(matches!(end, End::ClientViolation(_)), "{end:?}");
+    assert_eq!(types(&received), "X", "the server is told goodbye");
+}
