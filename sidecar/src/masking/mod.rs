@@ -9,7 +9,7 @@
 //! - `catalog`: reading it from the database on a proxy-owned connection;
 //! - `plan`: per statement, per RowDescription, per DataRow, per error.
 //!
-//! The relay drives it (session/relay.rs); this module holds no socket.
+//! The relay drives it (session/relay/); this module holds no socket.
 
 mod catalog;
 pub mod columns;
