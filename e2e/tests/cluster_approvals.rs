@@ -560,6 +560,28 @@ fn reviewers_decide_held_statements_with_kubectl_patch() {
         "{table}"
     );
 
+    // Each phase change is an Event on the request.
+    let reasons = eventually(Duration::from_secs(10), "the request's Events", || {
+        let list: Value = serde_json::from_str(&ok(
+            &c.api,
+            "admin",
+            &["get", "events.events.k8s.io", "-n", NS, "-o", "json"],
+            None,
+        ))
+        .ok()?;
+        let reasons: Vec<String> = list["items"]
+            .as_array()?
+            .iter()
+            .filter(|e| e["regarding"]["name"] == id.as_str())
+            .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+            .collect();
+        ["Requested", "Approved", "Executed"]
+            .iter()
+            .all(|r| reasons.iter().any(|x| x == r))
+            .then_some(reasons)
+    });
+    assert!(!reasons.iter().any(|r| r == "Denied"), "{reasons:?}");
+
     // A second decision is refused.
     let deny = patch(json!({"action": "Deny", "reason": "changed my mind"}));
     let e = refused(

@@ -546,6 +546,75 @@ impl StreamServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sidecars::PodKey;
+    use pgwarden_api::{Decision, DecisionAction};
+
+    fn bound(name: &str, uid: &str) -> BoundToken {
+        BoundToken {
+            pod: PodKey {
+                namespace: "ci".into(),
+                name: name.into(),
+            },
+            pod_uid: uid.into(),
+            service_account: "runner".into(),
+        }
+    }
+
+    fn opened(pod: &str, uid: &str, phase: ApprovalPhase, decided: bool) -> ApprovalRequest {
+        let mut r = ApprovalRequest::new(
+            "shop-1",
+            ApprovalRequestSpec {
+                policy: "shop".into(),
+                requester: Requester {
+                    subject: "s".into(),
+                    pod: Some(format!("ci/{pod}")),
+                    ..Requester::default()
+                },
+                database: "shop".into(),
+                statement: "ALTER TABLE t ADD c int".into(),
+                parameters: vec![],
+                fingerprint: "hmac-sha256:00".into(),
+                reason: "r".into(),
+                expires_at: "2999-01-01T00:00:00Z".into(),
+                approvers: None,
+                decision: decided.then(|| Decision {
+                    action: DecisionAction::Approve,
+                    reason: None,
+                    decided_by: Some("alice".into()),
+                    decided_at: None,
+                }),
+            },
+        );
+        r.metadata.annotations = Some([(POD_UID_ANNOTATION.to_owned(), uid.to_owned())].into());
+        r.status = Some(pgwarden_api::ApprovalRequestStatus {
+            phase,
+            ..Default::default()
+        });
+        r
+    }
+
+    #[test]
+    fn only_the_pod_that_opened_a_request_hears_of_it_or_claims_it() {
+        let r = opened("agent-1", "uid-1", ApprovalPhase::Pending, true);
+        assert!(opened_by(&r, &bound("agent-1", "uid-1")));
+        // Same name, a new pod (a StatefulSet's replacement): not its request.
+        assert!(!opened_by(&r, &bound("agent-1", "uid-2")));
+        assert!(!opened_by(&r, &bound("agent-2", "uid-1")));
+    }
+
+    #[test]
+    fn decided_unused_requests_are_announced_and_nothing_else() {
+        let now = Timestamp::now();
+        let a = |phase, decided| announceable(&opened("p", "u", phase, decided), now);
+        assert!(
+            a(ApprovalPhase::Pending, true),
+            "decided, phase not yet written"
+        );
+        assert!(a(ApprovalPhase::Approved, true));
+        assert!(!a(ApprovalPhase::Pending, false));
+        assert!(!a(ApprovalPhase::Executed, true));
+        assert!(!a(ApprovalPhase::Failed, true));
+    }
 
     #[test]
     fn fingerprints_and_pod_labels_fit_their_shapes() {
