@@ -14,7 +14,7 @@ use k8s_openapi::jiff::Timestamp;
 use pgwarden_api::{ApprovalRequest, DecisionAction};
 
 use super::output::{errln, out, outln};
-use super::{ApprovalsArgs, ApprovalsCommand, OutputFormat};
+use super::{ApprovalsArgs, ApprovalsCommand, IdMatch, OutputFormat};
 use crate::approval::os_user;
 use crate::approval::request::{self, DecideError, Decider};
 use crate::approval::store::{DirStore, StoreError};
@@ -33,9 +33,50 @@ pub fn approvals(args: ApprovalsArgs) -> anyhow::Result<ExitCode> {
         Err(e) => return Ok(fail(EXIT_ERROR, &e.to_string())),
     };
     let now = Timestamp::now();
-    match args.command {
-        ApprovalsCommand::List => match store.list() {
+    // An ID may be a unique prefix of one in the store.
+    let resolve = |given: String| -> Result<String, ExitCode> {
+        let all = store.list().map_err(|e| fail(EXIT_ERROR, &e.to_string()))?;
+        match super::resolve_id(&given, all.iter().map(request::id)) {
+            IdMatch::One(id) => Ok(id),
+            // Not found, said by the store as for any unknown ID.
+            IdMatch::None => Ok(given),
+            IdMatch::Ambiguous(ids) => Err(fail(
+                EXIT_REFUSED,
+                &format!(
+                    "{given:?} is the start of several requests: {}",
+                    ids.join(", ")
+                ),
+            )),
+        }
+    };
+    let command = match args.command {
+        ApprovalsCommand::Show { id } => match resolve(id) {
+            Ok(id) => ApprovalsCommand::Show { id },
+            Err(code) => return Ok(code),
+        },
+        ApprovalsCommand::Approve { id } => match resolve(id) {
+            Ok(id) => ApprovalsCommand::Approve { id },
+            Err(code) => return Ok(code),
+        },
+        ApprovalsCommand::Deny { id } => match resolve(id) {
+            Ok(id) => ApprovalsCommand::Deny { id },
+            Err(code) => return Ok(code),
+        },
+        list => list,
+    };
+    match command {
+        ApprovalsCommand::List { phase, filter } => match store.list() {
             Ok(all) => {
+                let all: Vec<_> = all
+                    .into_iter()
+                    .filter(|r| phase.is_none_or(|p| request::phase(r, now) == p))
+                    .collect();
+                let all = filter.apply(all, |r| {
+                    (
+                        r.spec.requester.subject.as_str(),
+                        r.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    )
+                });
                 out(&match args.output {
                     OutputFormat::Json => json(
                         &all.iter()

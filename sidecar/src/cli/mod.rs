@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
+use k8s_openapi::jiff::{self, Timestamp};
 
 /// `--state-dir` when neither the flag nor [`STATE_DIR_ENV`] is given.
 pub const DEFAULT_STATE_DIR: &str = "./pgwarden-state";
@@ -76,9 +77,13 @@ pub struct SessionsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum SessionsCommand {
-    /// Every recorded session, oldest first.
-    List,
-    /// One session as a transcript (its own chain is checked first).
+    /// Recorded sessions, oldest first (with --limit: the newest N, newest first).
+    List {
+        #[command(flatten)]
+        filter: ListFilter,
+    },
+    /// One session as a transcript (its own chain is checked first). ID may
+    /// be a unique prefix.
     Replay { id: String },
     /// Check the whole log's hash chain; exit 1 at the first broken link.
     Verify,
@@ -100,14 +105,124 @@ pub struct ApprovalsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum ApprovalsCommand {
-    /// Every request, oldest first.
-    List,
-    /// One request in full.
+    /// Requests, oldest first (with --limit: the newest N, newest first).
+    List {
+        /// Only requests in this phase (pending, approved, denied, expired,
+        /// executed, failed).
+        #[arg(long, value_parser = parse_phase)]
+        phase: Option<pgwarden_api::ApprovalPhase>,
+        #[command(flatten)]
+        filter: ListFilter,
+    },
+    /// One request in full. ID (here and below) may be a unique prefix.
     Show { id: String },
     /// Release the statement (once, for exactly its parameters and requester).
     Approve { id: String },
     /// Refuse it; the requester gets the reason.
     Deny { id: String },
+}
+
+/// What `approvals list` and `sessions list` narrow their listing to.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ListFilter {
+    /// Only these subjects (a glob: `*` any run, `?` one character).
+    #[arg(long)]
+    pub subject: Option<String>,
+    /// Only those created or started since: a duration back from now (`1h`,
+    /// `30m`) or an RFC 3339 time.
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<Timestamp>,
+    /// At most N: the newest, newest first.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+impl ListFilter {
+    /// Keep the items this filter admits, given each one's subject and time
+    /// (an item without a time is kept only without --since), in the order
+    /// the listing shows them.
+    pub fn apply<T>(&self, items: Vec<T>, key: impl Fn(&T) -> (&str, Option<Timestamp>)) -> Vec<T> {
+        let mut kept: Vec<(Option<Timestamp>, T)> = items
+            .into_iter()
+            .filter_map(|item| {
+                let (subject, at) = key(&item);
+                let subject_ok = self
+                    .subject
+                    .as_deref()
+                    .is_none_or(|g| crate::glob::glob_match(g, subject));
+                let since_ok = self.since.is_none_or(|s| at.is_some_and(|t| t >= s));
+                (subject_ok && since_ok).then_some((at, item))
+            })
+            .collect();
+        if let Some(n) = self.limit {
+            // Stable: items of the same time keep their listing order.
+            kept.sort_by_key(|k| std::cmp::Reverse(k.0));
+            kept.truncate(n);
+        }
+        kept.into_iter().map(|(_, item)| item).collect()
+    }
+}
+
+fn parse_since(s: &str) -> Result<Timestamp, String> {
+    if let Ok(t) = s.parse::<Timestamp>() {
+        return Ok(t);
+    }
+    let back = parse_duration(s)
+        .map_err(|_| format!("{s:?} is neither a duration (1h, 30m) nor an RFC 3339 time"))?;
+    jiff::SignedDuration::try_from(back)
+        .ok()
+        .and_then(|d| Timestamp::now().checked_sub(d).ok())
+        .ok_or_else(|| format!("{s:?} reaches back too far"))
+}
+
+fn parse_phase(s: &str) -> Result<pgwarden_api::ApprovalPhase, String> {
+    use pgwarden_api::ApprovalPhase as P;
+    [
+        P::Pending,
+        P::Approved,
+        P::Denied,
+        P::Expired,
+        P::Executed,
+        P::Failed,
+    ]
+    .into_iter()
+    .find(|p| format!("{p:?}").eq_ignore_ascii_case(s))
+    .ok_or_else(|| {
+        format!("unknown phase {s:?}: pending, approved, denied, expired, executed or failed")
+    })
+}
+
+/// An ID as given on the command line: the one known ID it is, or starts.
+#[derive(Debug, PartialEq, Eq)]
+pub enum IdMatch {
+    /// Exactly one known ID is, or starts with, what was given.
+    One(String),
+    /// None does: the caller reports it as not found (under the given ID).
+    None,
+    /// Several do: these, sorted.
+    Ambiguous(Vec<String>),
+}
+
+/// Resolve `given` against the known IDs: an exact match wins, else a
+/// unique prefix.
+pub fn resolve_id<'a>(given: &str, known: impl IntoIterator<Item = &'a str>) -> IdMatch {
+    let mut found: Vec<String> = Vec::new();
+    for id in known {
+        if id == given {
+            return IdMatch::One(id.to_owned());
+        }
+        if !given.is_empty() && id.starts_with(given) && !found.iter().any(|f| f == id) {
+            found.push(id.to_owned());
+        }
+    }
+    match found.len() {
+        0 => IdMatch::None,
+        1 => IdMatch::One(found.remove(0)),
+        _ => {
+            found.sort();
+            IdMatch::Ambiguous(found)
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -255,5 +370,63 @@ pub fn main_with(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Check(args) => check::check(args),
         Command::Approvals(args) => approvals::approvals(args),
         Command::Sessions(args) => sessions::sessions(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_resolve_exactly_or_by_a_unique_prefix() {
+        let known = ["abc123", "abd456", "abc"];
+        assert_eq!(resolve_id("abc", known), IdMatch::One("abc".into()));
+        assert_eq!(resolve_id("abd", known), IdMatch::One("abd456".into()));
+        assert_eq!(
+            resolve_id("ab", known),
+            IdMatch::Ambiguous(vec!["abc".into(), "abc123".into(), "abd456".into()])
+        );
+        assert_eq!(resolve_id("x", known), IdMatch::None);
+        assert_eq!(resolve_id("", known), IdMatch::None);
+    }
+
+    #[test]
+    fn list_filters_by_subject_time_and_keep_the_newest() {
+        let items = vec![
+            ("dev", "2026-01-01T00:00:00Z"),
+            ("ci:main", "2026-01-03T00:00:00Z"),
+            ("ci:pr", "2026-01-02T00:00:00Z"),
+        ];
+        let f = ListFilter {
+            subject: Some("ci:*".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            f.apply(items.clone(), |i| (i.0, i.1.parse().ok())),
+            vec![items[1], items[2]]
+        );
+        let f = ListFilter {
+            since: Some(parse_since("2026-01-02T00:00:00Z").unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(
+            f.apply(items.clone(), |i| (i.0, i.1.parse().ok())),
+            vec![items[1], items[2]]
+        );
+        let f = ListFilter {
+            limit: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(
+            f.apply(items.clone(), |i| (i.0, i.1.parse().ok())),
+            vec![items[1], items[2]]
+        );
+        assert!(parse_since("1h").unwrap() < Timestamp::now());
+        assert!(parse_since("yesterday").is_err());
+        assert_eq!(
+            parse_phase("PENDING"),
+            Ok(pgwarden_api::ApprovalPhase::Pending)
+        );
+        assert!(parse_phase("maybe").is_err());
     }
 }

@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 
 use super::output::{errln, out};
-use super::{OutputFormat, SessionsArgs, SessionsCommand};
+use super::{IdMatch, ListFilter, OutputFormat, SessionsArgs, SessionsCommand};
 use crate::recording::chain::{ChainReport, Summary};
 use crate::recording::log::{self, SessionInfo, SessionLines, SessionPicker, Summarizer};
 use crate::recording::{replay, ship};
@@ -49,18 +49,36 @@ pub fn sessions(args: SessionsArgs) -> anyhow::Result<ExitCode> {
         },
     };
     match args.command {
-        SessionsCommand::List => list(&source, args.output),
-        SessionsCommand::Replay { id } => replay_one(&source, &id, args.output),
+        SessionsCommand::List { filter } => list(&source, &filter, args.output),
+        SessionsCommand::Replay { id } => {
+            // A unique prefix of a listed session's ID is that session; a
+            // session the listing misses is still replayed by its full ID.
+            let listed = match read_listing(&source) {
+                Ok(l) => l,
+                Err(e) => return Ok(fail(EXIT_ERROR, &e)),
+            };
+            let id = match super::resolve_id(&id, listed.sessions.iter().map(|s| s.id.as_str())) {
+                IdMatch::One(full) => full,
+                IdMatch::None => id,
+                IdMatch::Ambiguous(ids) => {
+                    return Ok(fail(
+                        EXIT_BROKEN,
+                        &format!(
+                            "{id:?} is the start of several sessions: {}",
+                            ids.join(", ")
+                        ),
+                    ))
+                }
+            };
+            replay_one(&source, &id, args.output)
+        }
         SessionsCommand::Verify => verify(&source, args.output),
     }
 }
 
-fn list(source: &Source, output: OutputFormat) -> anyhow::Result<ExitCode> {
-    let listing = match source {
-        Source::Dir(d) => match log::sessions(d) {
-            Ok(l) => l,
-            Err(e) => return Ok(fail(EXIT_ERROR, &e.to_string())),
-        },
+fn read_listing(source: &Source) -> Result<log::Listing, String> {
+    Ok(match source {
+        Source::Dir(d) => log::sessions(d).map_err(|e| e.to_string())?,
         Source::Store(chains) => {
             let mut s = Summarizer::default();
             for (chain, lines) in chains {
@@ -70,7 +88,16 @@ fn list(source: &Source, output: OutputFormat) -> anyhow::Result<ExitCode> {
             }
             s.finish()
         }
+    })
+}
+
+fn list(source: &Source, filter: &ListFilter, output: OutputFormat) -> anyhow::Result<ExitCode> {
+    let mut listing = match read_listing(source) {
+        Ok(l) => l,
+        Err(e) => return Ok(fail(EXIT_ERROR, &e)),
     };
+    let sessions = std::mem::take(&mut listing.sessions);
+    listing.sessions = filter.apply(sessions, |s| (s.subject.as_str(), s.started.parse().ok()));
     for (place, why, claimed) in &listing.damaged {
         let whose = match claimed {
             Some(id) => format!("it claims session {id}, whose replay fails there"),
