@@ -638,6 +638,11 @@ fn fail_fast_approvals_run_once_on_retry_and_undecided_requests_expire() {
     fixture(&pg);
     let c = Cluster::start(&pg, FAIL_FAST);
     let run = |sql: &str| Psql::start(c.sidecar_port, sql).finish(Duration::from_secs(20));
+    // A reviewer watching sees requests appear and change.
+    let watch_log = c._dir.path().join("watch.log");
+    let mut cmd = c.api.kubectl_command("alice");
+    cmd.args(["get", "apr", "-n", NS, "-w"]);
+    let watch = Proc::spawn(cmd, watch_log.clone());
 
     // Fail fast: refused at once, the request open, the hint names the patch.
     let (success, _, err) = run("ALTER TABLE orders ADD COLUMN fast int");
@@ -696,6 +701,19 @@ fn fail_fast_approvals_run_once_on_retry_and_undecided_requests_expire() {
         None,
     );
     assert!(e.contains("expired at"), "{e}");
+    let watched = eventually(Duration::from_secs(10), "the watch", || {
+        let w = fs::read_to_string(&watch_log).ok()?;
+        let rows: Vec<&str> = w.lines().filter(|l| l.starts_with(&id2)).collect();
+        (rows.iter().any(|l| l.contains("Pending")) && rows.iter().any(|l| l.contains("Expired")))
+            .then_some(w)
+    });
+    drop(watch);
+    assert!(
+        watched
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("Executed")),
+        "{watched}"
+    );
 }
 
 #[test]
