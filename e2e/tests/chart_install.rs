@@ -10,21 +10,20 @@
 //! operator made itself) and serves the agent; and the test fails if the
 //! operator made any API call the chart does not allow (the audit log tells).
 //!
-//! The test server runs no Deployment or PodDisruptionBudget controllers: the
-//! test plays the Deployment (one replica, its container's args) and skips the
-//! PodDisruptionBudget. Needs `cargo build -p pgwarden-operator` first.
+//! The test server runs no Deployment or PodDisruptionBudget controllers:
+//! `pgwarden_testapi::install` plays the Deployment (one replica, its
+//! container's args) and skips the PodDisruptionBudget. Needs
+//! `cargo build -p pgwarden-operator -p pgwarden-sidecar` first.
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use pgwarden_e2e::{free_port, http_get, operator_bin};
+use pgwarden_e2e::{http_get, operator_bin};
+use pgwarden_testapi::install::{install, PlayedOperator};
 use pgwarden_testapi::TestApiServer;
 use serde_json::Value;
-
-const NS: &str = "pgwarden-system";
-const SA_USER: &str = "system:serviceaccount:pgwarden-system:pgwarden-operator";
 
 fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -60,133 +59,7 @@ fn ok(api: &TestApiServer, args: &[&str], stdin: Option<&str>) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn install_docs() -> Vec<Value> {
-    let text = std::fs::read_to_string(repo("manifests/install.yaml")).unwrap();
-    serde_yaml_ng::Deserializer::from_str(&text)
-        .map(|d| serde::Deserialize::deserialize(d).expect("install.yaml parses"))
-        .filter(|v: &Value| !v.is_null())
-        .collect()
-}
-
-/// The operator container of the chart's Deployment.
-fn operator_container(docs: &[Value]) -> Value {
-    let deployment = docs
-        .iter()
-        .find(|d| d["kind"] == "Deployment")
-        .expect("the chart renders a Deployment");
-    assert_eq!(
-        deployment["spec"]["template"]["spec"]["serviceAccountName"],
-        "pgwarden-operator"
-    );
-    deployment["spec"]["template"]["spec"]["containers"][0].clone()
-}
-
-struct Played {
-    child: Child,
-    log: PathBuf,
-    metrics_port: u16,
-}
-
-impl Played {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Played {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts the operator as the Deployment would: its args with `$(VAR)`
-/// expanded from its env (fieldRefs played), listen addresses moved to free
-/// loopback ports, and a kubeconfig holding the ServiceAccount's token.
-fn play_deployment(api: &TestApiServer, dir: &std::path::Path, docs: &[Value]) -> Played {
-    let container = operator_container(docs);
-    let token = api
-        .token_request(NS, "pgwarden-operator", &[], None, None)
-        .expect("token for the chart's ServiceAccount");
-    let kubeconfig = dir.join("operator.kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"{}\", certificate-authority: \"{}\"}}\nusers:\n- name: sa\n  user: {{token: \"{token}\"}}\ncontexts:\n- name: sa\n  context: {{cluster: c, user: sa}}\ncurrent-context: sa\n",
-            api.url(),
-            api.ca_cert().display()
-        ),
-    )
-    .unwrap();
-    let mut env: Vec<(String, String)> = Vec::new();
-    for e in container["env"].as_array().unwrap() {
-        let name = e["name"].as_str().unwrap().to_string();
-        let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
-            Some("metadata.name") => "pgwarden-operator-7d9f-x2k4p".to_string(),
-            Some("metadata.namespace") => NS.to_string(),
-            Some(other) => panic!("fieldRef {other} not played by this test"),
-            None => e["value"].as_str().unwrap_or_default().to_string(),
-        };
-        env.push((name, value));
-    }
-    let metrics_port = free_port();
-    let admission_port = free_port();
-    let stream_port = free_port();
-    let mut args: Vec<String> = Vec::new();
-    for a in container["args"].as_array().unwrap() {
-        let mut a = a.as_str().unwrap().to_string();
-        for (k, v) in &env {
-            a = a.replace(&format!("$({k})"), v);
-        }
-        // No pod network here: the container's ports become free loopback ports.
-        for (port, free) in [
-            (8080, metrics_port),
-            (9443, admission_port),
-            (8443, stream_port),
-        ] {
-            a = a.replace(&format!("0.0.0.0:{port}"), &format!("127.0.0.1:{free}"));
-        }
-        // No cluster DNS for the sidecar either: it reaches the stream's port
-        // by address, which the operator's own certificate then also names.
-        if a.starts_with("--operator-url=") {
-            a = format!("--operator-url=https://127.0.0.1:{stream_port}");
-        }
-        args.push(a);
-    }
-    args.push("--serving-cert-san=127.0.0.1".into());
-    // The Service's DNS name leads to the admission port (no cluster DNS).
-    api.set_service_endpoint(
-        &format!("pgwarden-operator.{NS}.svc"),
-        format!("127.0.0.1:{admission_port}").parse().unwrap(),
-    );
-    let log = dir.join("operator.log");
-    let child = Command::new(operator_bin())
-        .args(&args)
-        .arg(format!("--kubeconfig={}", kubeconfig.display()))
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start pgwarden-operator");
-    Played {
-        child,
-        log,
-        metrics_port,
-    }
-}
-
-fn eventually<T>(what: &str, op: &Played, mut f: impl FnMut() -> Option<T>) -> T {
+fn eventually<T>(what: &str, op: &PlayedOperator, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(v) = f() {
@@ -213,16 +86,13 @@ async fn the_chart_installs_a_working_operator_that_needs_no_permission_it_does_
     ));
     let api = TestApiServer::start().expect("test API server");
     let dir = tempfile::tempdir().unwrap();
-    let docs = install_docs();
-    let mut applied = Vec::new();
-    for doc in &docs {
-        let kind = doc["kind"].as_str().unwrap_or_default();
-        if matches!(kind, "Deployment" | "PodDisruptionBudget") {
-            continue;
-        }
-        ok(&api, &["apply", "-f", "-"], Some(&doc.to_string()));
-        applied.push(kind.to_string());
-    }
+    let (applied, op) = install(
+        &api,
+        &repo("manifests/install.yaml"),
+        &operator_bin(),
+        dir.path(),
+    )
+    .expect("install from the rendered chart");
     for kind in [
         "Namespace",
         "CustomResourceDefinition",
@@ -238,8 +108,6 @@ async fn the_chart_installs_a_working_operator_that_needs_no_permission_it_does_
             "{kind} not in the chart: {applied:?}"
         );
     }
-
-    let op = play_deployment(&api, dir.path(), &docs);
     eventually("/readyz", &op, || {
         matches!(http_get(op.metrics_port, "/readyz"), Ok((200, _))).then_some(())
     });
@@ -371,7 +239,7 @@ async fn the_chart_installs_a_working_operator_that_needs_no_permission_it_does_
     let calls: Vec<_> = api
         .audit()
         .into_iter()
-        .filter(|e| e.user == SA_USER)
+        .filter(|e| e.user == op.user)
         .collect();
     assert!(
         calls.iter().any(|e| e.resource == "tokenreviews"),

@@ -34,6 +34,7 @@ pub mod controllers;
 pub mod discovery;
 pub mod gc;
 pub mod handlers;
+pub mod install;
 pub mod jobs;
 pub mod kubelet;
 pub mod openapi;

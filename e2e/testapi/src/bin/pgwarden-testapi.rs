@@ -2,13 +2,16 @@
 //! --pgwarden-bin PATH]`: starts the test API server, copies its kubeconfig
 //! (contexts admin, alice, bob) to FILE, prints one line `ready`, and runs until
 //! SIGTERM/SIGINT. With `--run-pods` the pod runner runs every pod that appears:
-//! pgwarden sidecars as the binary at PATH, other containers played.
+//! pgwarden sidecars as the binary at PATH, other containers played. With
+//! `--operator-bin BIN --manifest FILE` pgwarden is installed from the
+//! rendered chart (`pgwarden_testapi::install`): its objects applied, its
+//! Deployment played by starting BIN as the chart's ServiceAccount.
 
 use std::path::PathBuf;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: pgwarden-testapi --kubeconfig FILE [--dir DIR] [--port N] [--run-pods --pgwarden-bin PATH]"
+        "usage: pgwarden-testapi --kubeconfig FILE [--dir DIR] [--port N] [--run-pods --pgwarden-bin PATH] [--operator-bin BIN --manifest FILE]"
     );
     std::process::exit(2)
 }
@@ -17,6 +20,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let (mut kubeconfig, mut opts) = (None::<PathBuf>, pgwarden_testapi::Options::default());
     let (mut run_pods, mut pgwarden_bin) = (false, None::<PathBuf>);
+    let (mut operator_bin, mut manifest) = (None::<PathBuf>, None::<PathBuf>);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
         match a.as_str() {
@@ -25,6 +29,8 @@ fn main() {
             "--port" => opts.port = val().parse().unwrap_or_else(|_| usage()),
             "--run-pods" => run_pods = true,
             "--pgwarden-bin" => pgwarden_bin = Some(PathBuf::from(val())),
+            "--operator-bin" => operator_bin = Some(PathBuf::from(val())),
+            "--manifest" => manifest = Some(PathBuf::from(val())),
             _ => usage(),
         }
     }
@@ -60,6 +66,28 @@ fn main() {
     } else {
         None
     };
+    let operator = match (operator_bin, manifest) {
+        (None, None) => None,
+        (Some(bin), Some(manifest)) => {
+            match pgwarden_testapi::install::install(&server, &manifest, &bin, server.dir()) {
+                Ok((_, op)) => {
+                    eprintln!(
+                        "pgwarden-testapi: pgwarden installed from {}; operator (pid {}) as {}, log {}",
+                        manifest.display(),
+                        op.pid(),
+                        op.user,
+                        op.log.display()
+                    );
+                    Some(op)
+                }
+                Err(e) => {
+                    eprintln!("pgwarden-testapi: installing pgwarden: {e}");
+                    std::process::exit(1)
+                }
+            }
+        }
+        _ => usage(),
+    };
     if let Err(e) = std::fs::copy(server.kubeconfig(), &kubeconfig) {
         eprintln!("pgwarden-testapi: writing {}: {e}", kubeconfig.display());
         std::process::exit(1)
@@ -80,7 +108,8 @@ fn main() {
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     });
-    // Pods' processes stop (SIGTERM, grace) before the server goes.
+    // Pods' processes stop (SIGTERM, grace) before the operator and the server go.
     drop(kubelet);
+    drop(operator);
     drop(server);
 }
