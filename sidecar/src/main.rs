@@ -7,15 +7,26 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     // One TLS provider, installed before anything builds a rustls config.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    // Parsed first: the log format is a flag (clap prints its own errors).
     let cli = pgwarden_sidecar::cli::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match cli.log_format() {
+        // For log shippers: message and fields at the top level, with the
+        // current span's fields (session.id, ...) under "span".
+        pgwarden_sidecar::cli::OutputFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        pgwarden_sidecar::cli::OutputFormat::Text => {
+            logs.with_ansi(std::io::stderr().is_terminal()).init()
+        }
+    }
     match pgwarden_sidecar::cli::main_with(cli) {
         Ok(code) => code,
         Err(e) => {

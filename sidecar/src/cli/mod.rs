@@ -266,6 +266,10 @@ pub struct RunArgs {
     /// YAML file(s) with DatabaseAccessPolicy and v1 Secret objects (multi-document allowed).
     #[arg(short = 'f', long = "file", required_unless_present = "operator")]
     pub files: Vec<PathBuf>,
+    /// Log lines on stderr: text, or json (one object a line: timestamp,
+    /// level, target, message, the event's fields and its span's).
+    #[arg(long, value_enum, env = "PGWARDEN_LOG_FORMAT", default_value_t = OutputFormat::Text)]
+    pub log_format: OutputFormat,
     /// Operator mode (set by injection): follow the operator's config stream
     /// at this URL (https://HOST:PORT) instead of reading -f files. Clients
     /// get 57P03 until the first configuration arrives.
@@ -362,6 +366,16 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     s.parse::<pgwarden_api::Duration>()
         .map(|d| d.as_std())
         .map_err(|e| e.to_string())
+}
+
+impl Cli {
+    /// The log format asked for (`run --log-format`); other commands log text.
+    pub fn log_format(&self) -> OutputFormat {
+        match &self.command {
+            Command::Run(args) => args.log_format,
+            _ => OutputFormat::Text,
+        }
+    }
 }
 
 pub fn main_with(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
