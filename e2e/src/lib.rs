@@ -40,7 +40,7 @@ pub use gateway::{
     GatewayExit, POLICY_NAME, REALISTIC_RULES, SECRET_NAME,
 };
 pub use net::{free_port, http_get, http_post};
-pub use operator::{operator_bin, Operator, OperatorBuilder};
+pub use operator::{injected_pod, operator_bin, Operator, OperatorBuilder};
 pub use pg::{PgCluster, PgClusterBuilder, UpstreamAuth, APP_DATABASE, APP_PASSWORD, APP_USER};
 pub use tls::{ServerCert, TestCa, TestPki};
 

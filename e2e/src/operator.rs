@@ -124,6 +124,10 @@ impl OperatorBuilder {
         if !self.namespaces.is_empty() {
             cmd.args(["--namespaces", &self.namespaces.join(",")]);
         }
+        // Tests run operators side by side: never the fixed default 0.0.0.0:8443.
+        if !self.args.iter().any(|a| a.starts_with("--stream-addr")) {
+            cmd.arg(format!("--stream-addr=127.0.0.1:{}", free_port()));
+        }
         cmd.args(&self.args)
             .env_remove("KUBECONFIG")
             .env_remove("POD_NAME")
@@ -267,4 +271,28 @@ impl Drop for Operator {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A Pod shaped as injection builds it, for tests that run the sidecar
+/// themselves instead of through the webhook: the `pgwarden.io/injected`
+/// annotation, the native sidecar `pgwarden` as the only holder of the
+/// `pgwarden.io/sidecar` token volume, and one app container. The operator's
+/// stream serves nothing else (the annotation alone proves nothing).
+pub fn injected_pod(
+    namespace: &str,
+    name: &str,
+    labels: serde_json::Value,
+    service_account: &str,
+) -> serde_json::Value {
+    serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels,
+            "annotations": {"pgwarden.io/injected": "v1"}},
+        "spec": {"serviceAccountName": service_account,
+            "initContainers": [{"name": "pgwarden", "image": "pgwarden:e2e", "restartPolicy": "Always",
+                "volumeMounts": [{"name": "pgwarden-sidecar-token",
+                    "mountPath": "/var/run/secrets/pgwarden.io/sidecar", "readOnly": true}]}],
+            "containers": [{"name": "app", "image": "busybox"}],
+            "volumes": [{"name": "pgwarden-sidecar-token", "projected": {"sources": [
+                {"serviceAccountToken": {"audience": "pgwarden.io/sidecar",
+                    "expirationSeconds": 600, "path": "token"}}]}}]}})
 }

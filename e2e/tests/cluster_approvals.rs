@@ -373,11 +373,7 @@ impl Cluster {
                 .then_some(())
         });
 
-        let pod = json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": POD, "namespace": NS, "labels": {"app": "agent"},
-                "annotations": {"pgwarden.io/injected": "true"}},
-            "spec": {"serviceAccountName": "runner",
-                "containers": [{"name": "app", "image": "busybox"}]}});
+        let pod = pgwarden_e2e::injected_pod(NS, POD, json!({"app": "agent"}), "runner");
         ok(&api, "admin", &["apply", "-f", "-"], Some(&pod.to_string()));
         let token = api
             .token_request(NS, "runner", &["pgwarden.io/sidecar"], Some(POD), None)

@@ -222,14 +222,14 @@ impl Cluster {
     }
 
     fn create_pod(&self, name: &str, labels: Value, injected: bool) {
-        let mut annotations = json!({});
-        if injected {
-            annotations["pgwarden.io/injected"] = json!("true");
-        }
-        let pod = json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": "ci", "labels": labels, "annotations": annotations},
-            "spec": {"serviceAccountName": "runner",
-                "containers": [{"name": "app", "image": "busybox"}]}});
+        let pod = if injected {
+            pgwarden_e2e::injected_pod("ci", name, labels, "runner")
+        } else {
+            json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "ci", "labels": labels},
+                "spec": {"serviceAccountName": "runner",
+                    "containers": [{"name": "app", "image": "busybox"}]}})
+        };
         kubectl(&self.api, &["apply", "-f", "-"], Some(&pod.to_string()));
     }
 
@@ -730,11 +730,7 @@ async fn scale_500_sidecars_on_one_operator() {
     let c = Cluster::start_at(1, Options::default());
     let items: Vec<Value> = (0..SIDECARS)
         .map(|i| {
-            json!({"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": format!("sim-{i}"), "namespace": "ci",
-                    "labels": {"app": "agent"}, "annotations": {"pgwarden.io/injected": "true"}},
-                "spec": {"serviceAccountName": "runner",
-                    "containers": [{"name": "app", "image": "busybox"}]}})
+            pgwarden_e2e::injected_pod("ci", &format!("sim-{i}"), json!({"app": "agent"}), "runner")
         })
         .collect();
     // One kubectl call: a stream of JSON objects.

@@ -120,6 +120,7 @@ pub fn check_pod(token: &BoundToken, pod: Option<&Pod>) -> Result<(), Refusal> {
             "pod {name} was not injected by pgwarden (no annotation {INJECTED_ANNOTATION})"
         )));
     }
+    only_the_sidecar_holds_the_token(pod, &name)?;
     let pod_sa = pod
         .spec
         .as_ref()
@@ -130,6 +131,83 @@ pub fn check_pod(token: &BoundToken, pod: Option<&Pod>) -> Result<(), Refusal> {
             "the token's service account {} is not pod {name}'s ({pod_sa})",
             token.service_account
         )));
+    }
+    Ok(())
+}
+
+/// The annotation alone proves nothing: a pod in a namespace the webhooks
+/// never see (no opt-in label) can set it itself. What the snapshot must go
+/// to is the token the injected sidecar holds, so the pod must be shaped as
+/// injection built it: one volume projecting a `pgwarden.io/sidecar` token,
+/// mounted by the native sidecar `pgwarden` and by no other container
+/// (ephemeral ones included), and no hostNetwork or shared process namespace.
+fn only_the_sidecar_holds_the_token(pod: &Pod, name: &str) -> Result<(), Refusal> {
+    use crate::admission::inject::{SIDECAR_NAME, TOKEN_VOLUME};
+    let refuse = |why: String| Err(forbidden(format!("pod {name}: {why}")));
+    let Some(spec) = pod.spec.as_ref() else {
+        return refuse("no spec".into());
+    };
+    if spec.host_network == Some(true) {
+        return refuse("hostNetwork puts the sidecar's port on the node".into());
+    }
+    if spec.share_process_namespace == Some(true) {
+        return refuse("shareProcessNamespace exposes the sidecar's memory".into());
+    }
+    let token_volumes: Vec<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter(|v| {
+            v.projected.iter().any(|p| {
+                p.sources.iter().flatten().any(|s| {
+                    s.service_account_token
+                        .as_ref()
+                        .is_some_and(|t| t.audience.as_deref() == Some(SIDECAR_AUDIENCE))
+                })
+            })
+        })
+        .map(|v| v.name.as_str())
+        .collect();
+    if token_volumes != [TOKEN_VOLUME] {
+        return refuse(format!(
+            "the {SIDECAR_AUDIENCE} token must be projected by exactly the volume {TOKEN_VOLUME} injection adds (found {token_volumes:?})"
+        ));
+    }
+    let mounts = |c: &k8s_openapi::api::core::v1::Container| {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == TOKEN_VOLUME)
+    };
+    let mut sidecar_mounts = false;
+    for c in spec.init_containers.iter().flatten() {
+        let is_sidecar = c.name == SIDECAR_NAME && c.restart_policy.as_deref() == Some("Always");
+        if mounts(c) && !is_sidecar {
+            return refuse(format!("init container {} mounts {TOKEN_VOLUME}", c.name));
+        }
+        sidecar_mounts |= is_sidecar && mounts(c);
+    }
+    if let Some(c) = spec.containers.iter().find(|c| mounts(c)) {
+        return refuse(format!("container {} mounts {TOKEN_VOLUME}", c.name));
+    }
+    for e in spec.ephemeral_containers.iter().flatten() {
+        let touches = e
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == TOKEN_VOLUME)
+            || e.target_container_name.as_deref() == Some(SIDECAR_NAME);
+        if touches {
+            return refuse(format!(
+                "ephemeral container {} reaches the sidecar",
+                e.name
+            ));
+        }
+    }
+    if !sidecar_mounts {
+        return refuse(format!(
+            "no native sidecar {SIDECAR_NAME} mounts {TOKEN_VOLUME}"
+        ));
     }
     Ok(())
 }
@@ -174,7 +252,11 @@ mod tests {
         let mut p = json!({
             "metadata": {"name": "agent-1", "namespace": "ci", "uid": "uid-1",
                 "annotations": {"pgwarden.io/injected": "true"}},
-            "spec": {"serviceAccountName": "runner", "containers": []},
+            "spec": {"serviceAccountName": "runner", "containers": [{"name": "app"}],
+                "initContainers": [{"name": "pgwarden", "restartPolicy": "Always",
+                    "volumeMounts": [{"name": "pgwarden-sidecar-token", "mountPath": "/t"}]}],
+                "volumes": [{"name": "pgwarden-sidecar-token", "projected": {"sources": [
+                    {"serviceAccountToken": {"audience": "pgwarden.io/sidecar", "path": "token"}}]}}]},
         });
         for (k, v) in v.as_object().unwrap() {
             for (k2, v2) in v.as_object().unwrap() {
@@ -250,6 +332,39 @@ mod tests {
                 "another service account",
                 Some(pod(json!({"spec": {"serviceAccountName": "admin"}}))),
                 "service account runner is not pod ci/agent-1's (admin)",
+            ),
+            (
+                "the token mounted into an app container",
+                Some(pod(
+                    json!({"spec": {"containers": [{"name": "app", "volumeMounts": [
+                    {"name": "pgwarden-sidecar-token", "mountPath": "/t"}]}]}}),
+                )),
+                "container app mounts pgwarden-sidecar-token",
+            ),
+            (
+                "no sidecar (annotation set by hand)",
+                Some(pod(json!({"spec": {"initContainers": []}}))),
+                "no native sidecar pgwarden",
+            ),
+            (
+                "a second sidecar-audience token",
+                Some(pod(json!({"spec": {"volumes": [
+                    {"name": "pgwarden-sidecar-token", "projected": {"sources": [
+                        {"serviceAccountToken": {"audience": "pgwarden.io/sidecar", "path": "token"}}]}},
+                    {"name": "mine", "projected": {"sources": [
+                        {"serviceAccountToken": {"audience": "pgwarden.io/sidecar", "path": "token"}}]}}]}}))),
+                "exactly the volume",
+            ),
+            (
+                "hostNetwork",
+                Some(pod(json!({"spec": {"hostNetwork": true}}))),
+                "hostNetwork",
+            ),
+            (
+                "an ephemeral container targeting the sidecar",
+                Some(pod(json!({"spec": {"ephemeralContainers": [
+                    {"name": "debug", "targetContainerName": "pgwarden"}]}}))),
+                "ephemeral container debug",
             ),
             (
                 "terminating",
