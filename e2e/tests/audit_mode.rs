@@ -48,6 +48,8 @@ fn rules() -> String {
     )
 }
 
+const RAW_CARD: &str = "4111111111111111";
+
 /// Longest a statement that must not wait for a reviewer may take.
 const PROMPT: Duration = Duration::from_secs(10);
 
@@ -91,6 +93,34 @@ fn audit_mode_forwards_and_records_what_the_rules_would_refuse() {
     assert_eq!(
         psql_query(&gw, "SELECT card_number FROM customers"),
         "************1111"
+    );
+
+    // Code pgwarden cannot see into runs in audit mode (the rules would
+    // deny it), but what it returns or raises is still masked.
+    psql_query(
+        &gw,
+        "CREATE FUNCTION leak() RETURNS text LANGUAGE sql AS $$SELECT card_number FROM customers LIMIT 1$$",
+    );
+    let leaked = run_psql(&gw.env(), &["-A", "-t", "-c", "SELECT leak()"], None);
+    let leaked_out = String::from_utf8_lossy(&leaked.stdout).into_owned()
+        + &String::from_utf8_lossy(&leaked.stderr);
+    assert!(
+        !leaked_out.contains(RAW_CARD),
+        "a user function leaked: {leaked_out}"
+    );
+    let raised = run_psql(
+        &gw.env(),
+        &[
+            "-c",
+            "DO $$BEGIN RAISE NOTICE 'card %', (SELECT card_number FROM customers LIMIT 1); END$$",
+        ],
+        None,
+    );
+    let raised_out = String::from_utf8_lossy(&raised.stdout).into_owned()
+        + &String::from_utf8_lossy(&raised.stderr);
+    assert!(
+        !raised_out.contains(RAW_CARD),
+        "a DO block leaked: {raised_out}"
     );
 
     // Built-in denials still deny: no walk-around opens in audit mode.
@@ -155,8 +185,9 @@ fn audit_mode_forwards_and_records_what_the_rules_would_refuse() {
     // Counted by rule, without SQL in the labels.
     let line = metric_line(&gw, "no-deletes", "would_deny").expect("would_deny counted");
     assert!(line.ends_with(" 2"), "{line}");
+    // CREATE TABLE and CREATE FUNCTION.
     let line = metric_line(&gw, "ddl-review", "would_hold").expect("would_hold counted");
-    assert!(line.ends_with(" 1"), "{line}");
+    assert!(line.ends_with(" 2"), "{line}");
     assert!(
         line.contains(&format!("policy=\"default/{POLICY_NAME}\"")),
         "{line}"
