@@ -30,5 +30,8 @@ fn example_policies_are_valid() {
             policies += 1;
         }
     }
-    assert!(policies >= 4, "expected the example policies, found {policies}");
+    assert!(
+        policies >= 4,
+        "expected the example policies, found {policies}"
+    );
 }

@@ -119,10 +119,11 @@ impl Keys {
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         use futures_util::StreamExt as _;
-        use kube::runtime::watcher;
+        use kube::runtime::{watcher, WatchStreamExt as _};
         let api: Api<Secret> = Api::namespaced(client, namespace);
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let mut events = std::pin::pin!(watcher(api.clone(), config));
+        // Backoff: a watch that keeps failing (RBAC, API down) must not spin.
+        let mut events = std::pin::pin!(watcher(api.clone(), config).default_backoff());
         loop {
             let event = tokio::select! {
                 e = events.next() => e,
