@@ -15,9 +15,8 @@
 //! container's args) and skips the PodDisruptionBudget. Needs
 //! `cargo build -p pgwarden-operator -p pgwarden-sidecar` first.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use pgwarden_e2e::{http_get, operator_bin};
@@ -32,20 +31,7 @@ fn repo(path: &str) -> PathBuf {
 }
 
 fn kubectl(api: &TestApiServer, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = api
-        .kubectl_command("admin")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kubectl");
-    let mut input = child.stdin.take().unwrap();
-    if let Some(s) = stdin {
-        input.write_all(s.as_bytes()).unwrap();
-    }
-    drop(input);
-    child.wait_with_output().unwrap()
+    api.kubectl_stdin("admin", args, stdin)
 }
 
 fn ok(api: &TestApiServer, args: &[&str], stdin: Option<&str>) -> String {

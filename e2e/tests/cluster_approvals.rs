@@ -15,7 +15,7 @@
 //! Needs `cargo build -p pgwarden-sidecar -p pgwarden-operator` first.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -32,28 +32,11 @@ const SERVICE: &str = "pgwarden-operator";
 const POD: &str = "agent-1";
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    pgwarden_testapi::output_text(o)
 }
 
 fn kubectl_as(api: &TestApiServer, user: &str, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = api
-        .kubectl_command(user)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kubectl");
-    let mut input = child.stdin.take().expect("stdin");
-    if let Some(s) = stdin {
-        input.write_all(s.as_bytes()).expect("write stdin");
-    }
-    drop(input);
-    child.wait_with_output().expect("kubectl")
+    api.kubectl_stdin(user, args, stdin)
 }
 
 fn ok(api: &TestApiServer, user: &str, args: &[&str], stdin: Option<&str>) -> String {

@@ -23,28 +23,11 @@ const CI: &str = "ci";
 const OTHER: &str = "other";
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    pgwarden_testapi::output_text(o)
 }
 
 fn kubectl_in(api: &TestApiServer, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = api
-        .kubectl_command("admin")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kubectl");
-    let mut input = child.stdin.take().expect("stdin");
-    if let Some(s) = stdin {
-        input.write_all(s.as_bytes()).expect("write stdin");
-    }
-    drop(input);
-    child.wait_with_output().expect("kubectl")
+    api.kubectl_stdin("admin", args, stdin)
 }
 
 fn ok(api: &TestApiServer, args: &[&str], stdin: Option<&str>) -> String {

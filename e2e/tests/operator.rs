@@ -25,11 +25,7 @@ fn repo(path: &str) -> PathBuf {
 }
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    pgwarden_testapi::output_text(o)
 }
 
 fn kubectl(api: &TestApiServer, args: &[&str]) -> Output {

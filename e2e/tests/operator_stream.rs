@@ -14,7 +14,6 @@
 //! Needs `cargo build -p pgwarden-sidecar -p pgwarden-operator` first.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -28,28 +27,11 @@ use tokio_postgres::NoTls;
 const PUSH_WITHIN: Duration = Duration::from_secs(2);
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    pgwarden_testapi::output_text(o)
 }
 
 fn kubectl(api: &TestApiServer, args: &[&str], stdin: Option<&str>) -> String {
-    let mut child = api
-        .kubectl_command("admin")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kubectl");
-    let mut input = child.stdin.take().expect("stdin");
-    if let Some(s) = stdin {
-        input.write_all(s.as_bytes()).expect("write stdin");
-    }
-    drop(input);
-    let o = child.wait_with_output().expect("kubectl");
+    let o = api.kubectl_stdin("admin", args, stdin);
     assert!(o.status.success(), "kubectl {args:?}:\n{}", text(&o));
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -22,11 +22,7 @@ fn repo(path: &str) -> PathBuf {
 }
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    pgwarden_testapi::output_text(o)
 }
 
 /// Runs kubectl and requires success; returns stdout.
@@ -53,22 +49,7 @@ fn fails(api: &TestApiServer, ctx: &str, args: &[&str]) -> String {
 
 /// Runs kubectl with `stdin` as its input (`-f -`).
 fn with_stdin(api: &TestApiServer, ctx: &str, args: &[&str], stdin: &str) -> Output {
-    use std::io::Write;
-    let mut child = api
-        .kubectl_command(ctx)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kubectl");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    api.kubectl_stdin(ctx, args, Some(stdin))
 }
 
 fn with_crds() -> TestApiServer {

@@ -10,11 +10,7 @@ use pgwarden_testapi::TestApiServer;
 use serde_json::Value;
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    pgwarden_testapi::output_text(o)
 }
 
 /// Runs kubectl as admin and requires success; returns stdout.

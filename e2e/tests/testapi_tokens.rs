@@ -4,36 +4,18 @@
 //! under RBAC, and the issuer's discovery document and JWKS verifying a token with
 //! an independent JWT library.
 
-use std::io::Write;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use pgwarden_testapi::{Options, TestApiServer};
 use serde_json::{json, Value};
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    pgwarden_testapi::output_text(o)
 }
 
 fn run(api: &TestApiServer, ctx: &str, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = api
-        .kubectl_command(ctx)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kubectl");
-    let mut input = child.stdin.take().expect("stdin");
-    if let Some(s) = stdin {
-        input.write_all(s.as_bytes()).expect("write stdin");
-    }
-    drop(input);
-    child.wait_with_output().expect("kubectl")
+    api.kubectl_stdin(ctx, args, stdin)
 }
 
 fn ok(api: &TestApiServer, ctx: &str, args: &[&str]) -> String {

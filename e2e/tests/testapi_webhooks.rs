@@ -7,9 +7,8 @@
 //! webhook receives, and the same round trip from the kube-rs client.
 
 use std::convert::Infallible;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
@@ -19,28 +18,11 @@ use pgwarden_testapi::TestApiServer;
 use serde_json::{json, Value};
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    pgwarden_testapi::output_text(o)
 }
 
 fn run(api: &TestApiServer, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = api
-        .kubectl_command("admin")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kubectl");
-    let mut input = child.stdin.take().expect("stdin");
-    if let Some(s) = stdin {
-        input.write_all(s.as_bytes()).expect("write stdin");
-    }
-    drop(input);
-    child.wait_with_output().expect("kubectl")
+    api.kubectl_stdin("admin", args, stdin)
 }
 
 fn apply(api: &TestApiServer, obj: &Value) {

@@ -369,6 +369,36 @@ impl TestApiServer {
             .output()
             .expect("run kubectl")
     }
+
+    /// Runs kubectl to completion with `stdin` as its input (`-f -`); no
+    /// input: an empty stdin.
+    pub fn kubectl_stdin(&self, context: &str, args: &[&str], stdin: Option<&str>) -> Output {
+        use std::io::Write as _;
+        use std::process::Stdio;
+        let mut child = self
+            .kubectl_command(context)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kubectl");
+        let mut input = child.stdin.take().expect("kubectl stdin");
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).expect("write kubectl stdin");
+        }
+        drop(input);
+        child.wait_with_output().expect("kubectl")
+    }
+}
+
+/// A command's stdout then stderr, for assertion messages.
+pub fn output_text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 impl Drop for TestApiServer {
