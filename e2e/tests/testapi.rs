@@ -595,3 +595,31 @@ fn watch_sees_changes_and_expired_versions_are_gone() {
         "{out}"
     );
 }
+
+#[test]
+fn kubectl_patch_of_a_pod_merges_containers_by_name() {
+    let api = TestApiServer::start().unwrap();
+    let pod = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"two","namespace":"default"},
+      "spec":{"containers":[{"name":"app","image":"app:1","env":[{"name":"A","value":"1"}]},
+                            {"name":"side","image":"side:1"}]}}"#;
+    let o = with_stdin(&api, "admin", &["apply", "-f", "-"], pod);
+    assert!(o.status.success(), "{}", pgwarden_testapi::output_text(&o));
+    // kubectl's default patch type for a Pod is a strategic merge.
+    ok(
+        &api,
+        "admin",
+        &[
+            "patch",
+            "pod",
+            "two",
+            "-p",
+            r#"{"spec":{"containers":[{"name":"app","env":[{"name":"B","value":"2"}]}]}}"#,
+        ],
+    );
+    let v = json_of(&ok(&api, "admin", &["get", "pod", "two", "-o", "json"]));
+    let containers = v["spec"]["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 2, "{v:#}");
+    assert_eq!(containers[0]["image"], "app:1");
+    assert_eq!(containers[0]["env"].as_array().unwrap().len(), 2, "{v:#}");
+    assert_eq!(containers[1]["name"], "side");
+}

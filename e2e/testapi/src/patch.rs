@@ -3,10 +3,11 @@
 //!
 //! Strategic merge is applied as a merge patch after resolving the `$patch`
 //! directives (`replace`, `delete`) and dropping the bookkeeping keys kubectl adds
-//! (`$setElementOrder/...`, `$retainKeys`, `$deleteFromPrimitiveList/...`). Lists are
-//! replaced whole: right for atomic lists, wrong for lists with a merge key
-//! (`containers` by name): a later session should add the merge keys of the built-in
-//! kinds pgwarden patches (Pod containers/volumes/env).
+//! (`$setElementOrder/...`, `$retainKeys`, `$deleteFromPrimitiveList/...`). Lists
+//! with a merge key in the built-in kinds' schemas (`containers` by `name`,
+//! `volumeMounts` by `mountPath`, … — [`merge_key`]) are merged item by item as
+//! the real server does; other lists are replaced whole (atomic lists, and every
+//! list of a custom resource, whose schemas carry no merge keys).
 
 use serde_json::{Map, Value};
 
@@ -60,6 +61,11 @@ pub fn strategic_merge_patch(target: &mut Value, patch: &Value) {
                     continue;
                 }
                 let slot = t.entry(k.clone()).or_insert(Value::Null);
+                if let (Some(key), Value::Array(items), Value::Array(_)) = (merge_key(k), v, &*slot)
+                {
+                    merge_list(slot, items, key);
+                    continue;
+                }
                 strategic_merge_patch(slot, v);
                 if slot.is_null() {
                     t.remove(k);
@@ -77,6 +83,55 @@ pub fn strategic_merge_patch(target: &mut Value, patch: &Value) {
             );
         }
         other => *target = other.clone(),
+    }
+}
+
+/// The `patchMergeKey` of a list field in the built-in kinds (core/v1 Pod and
+/// its templates, Service, ServiceAccount), as their OpenAPI schemas declare it.
+pub fn merge_key(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "volumes"
+        | "env"
+        | "imagePullSecrets"
+        | "secrets"
+        | "resourceClaims" => "name",
+        "hostAliases" => "ip",
+        "readinessGates" => "conditionType",
+        "volumeMounts" => "mountPath",
+        "volumeDevices" => "devicePath",
+        "ports" => "containerPort",
+        _ => return None,
+    })
+}
+
+/// Merges `patch` items into the list by `key`: an item whose key matches is
+/// merged into it (`$patch: delete` removes it), a new key is appended.
+fn merge_list(target: &mut Value, patch: &[Value], key: &str) {
+    let Value::Array(list) = target else {
+        return;
+    };
+    for item in patch {
+        let Some(k) = item.get(key) else {
+            // No merge key: the real server refuses; keep the item as given.
+            list.push(item.clone());
+            continue;
+        };
+        let pos = list.iter().position(|e| e.get(key) == Some(k));
+        match (item.get("$patch").and_then(Value::as_str), pos) {
+            (Some("delete"), Some(i)) => {
+                list.remove(i);
+            }
+            (Some("delete"), None) => {}
+            (_, Some(i)) => strategic_merge_patch(&mut list[i], item),
+            (_, None) => {
+                let mut new = Value::Null;
+                strategic_merge_patch(&mut new, item);
+                list.push(new);
+            }
+        }
     }
 }
 
@@ -271,6 +326,31 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.code, 422);
         assert_eq!(d, before);
+    }
+
+    #[test]
+    fn strategic_lists_merge_by_their_key() {
+        let mut pod = json!({"spec": {"containers": [
+            {"name": "app", "image": "a:1", "env": [{"name": "X", "value": "1"}]},
+            {"name": "side", "image": "s:1"}]}});
+        strategic_merge_patch(
+            &mut pod,
+            &json!({"spec": {"containers": [
+                {"name": "app", "env": [{"name": "Y", "value": "2"}]},
+                {"name": "side", "$patch": "delete"},
+                {"name": "new", "image": "n:1"}]}}),
+        );
+        assert_eq!(
+            pod,
+            json!({"spec": {"containers": [
+                {"name": "app", "image": "a:1",
+                 "env": [{"name": "X", "value": "1"}, {"name": "Y", "value": "2"}]},
+                {"name": "new", "image": "n:1"}]}})
+        );
+        // A list without a merge key is replaced whole.
+        let mut d = json!({"spec": {"args": ["a", "b"]}});
+        strategic_merge_patch(&mut d, &json!({"spec": {"args": ["c"]}}));
+        assert_eq!(d, json!({"spec": {"args": ["c"]}}));
     }
 
     #[test]
