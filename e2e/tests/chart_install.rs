@@ -60,9 +60,9 @@ fn eventually<T>(what: &str, op: &PlayedOperator, mut f: impl FnMut() -> Option<
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_chart_installs_a_working_operator_that_needs_no_permission_it_does_not_grant() {
-    use pgwarden_e2e::{pgwarden_bin, PgCluster, APP_DATABASE, APP_PASSWORD, APP_USER};
+#[test]
+fn the_chart_installs_a_working_operator_that_needs_no_permission_it_does_not_grant() {
+    use pgwarden_e2e::{pgwarden_bin, run_psql, PgCluster, APP_DATABASE, APP_PASSWORD, APP_USER};
     use pgwarden_testapi::kubelet::{Kubelet, KubeletOptions, RunOptions};
 
     let pg = PgCluster::start();
@@ -143,7 +143,7 @@ async fn the_chart_installs_a_working_operator_that_needs_no_permission_it_does_
             .then_some(())
     });
 
-    // A CI pod: injected by the operator's webhook with the chart's
+    // A CI Job: its pod injected by the operator's webhook with the chart's
     // configuration, run by the pod runner with the real sidecar.
     ok(
         &api,
@@ -158,17 +158,38 @@ async fn the_chart_installs_a_working_operator_that_needs_no_permission_it_does_
         },
     )
     .expect("pod runner");
-    kubelet.run_pod("ci", "nightly-1", RunOptions::new());
-    let pod = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"nightly-1","namespace":"ci","labels":{"app":"nightly-agent"}},
-      "spec":{"serviceAccountName":"ci-runner","restartPolicy":"Never","containers":[{"name":"agent","image":"agent:1"}]}}"#;
-    // The caBundle lands once the operator made its certificate: retry.
-    eventually("the pod admitted", &op, || {
-        let o = kubectl(&api, &["create", "-f", "-"], Some(pod));
-        o.status.success().then_some(())
+    kubelet
+        .run_matching("ci", "job-name=nightly", RunOptions::new())
+        .unwrap();
+    let job = r#"{"apiVersion":"batch/v1","kind":"Job","metadata":{"name":"nightly","namespace":"ci"},
+      "spec":{"backoffLimit":0,"template":{"metadata":{"labels":{"app":"nightly-agent"}},
+        "spec":{"serviceAccountName":"ci-runner","restartPolicy":"Never",
+                "containers":[{"name":"agent","image":"agent:1"}]}}}}"#;
+    ok(&api, &["apply", "-f", "-"], Some(job));
+    // The caBundle lands once the operator made its certificate; until then
+    // the Job controller's pod creation is refused and retried.
+    let pod_name = eventually("the Job's pod", &op, || {
+        let out = ok(
+            &api,
+            &[
+                "get",
+                "pods",
+                "-n",
+                "ci",
+                "-l",
+                "job-name=nightly",
+                "-o",
+                "name",
+            ],
+            None,
+        );
+        out.lines()
+            .next()
+            .map(|l| l.trim_start_matches("pod/").to_string())
     });
     let stored: Value = serde_json::from_str(&ok(
         &api,
-        &["get", "pod", "-n", "ci", "nightly-1", "-o", "json"],
+        &["get", "pod", "-n", "ci", &pod_name, "-o", "json"],
         None,
     ))
     .unwrap();
@@ -179,48 +200,82 @@ async fn the_chart_installs_a_working_operator_that_needs_no_permission_it_does_
         stored["metadata"]["annotations"]["pgwarden.io/injected"].is_string(),
         "{stored:#}"
     );
+    let spec_text = stored["spec"].to_string();
+    assert!(
+        !spec_text.contains(APP_PASSWORD),
+        "no credential in the pod spec"
+    );
 
-    // The sidecar gets its configuration over the stream, served with the
-    // certificate the operator made itself (no cert-manager, no files), and
-    // the agent reads through it as the pod (identity.pod): no password.
-    let ip = eventually("the pod's IP", &op, || kubelet.pod_ip("ci", "nightly-1"));
-    let conninfo =
-        format!("host={ip} port=5432 user=agent dbname={APP_DATABASE} connect_timeout=5");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let client = loop {
-        match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
-            Ok((client, conn)) => {
-                tokio::spawn(conn);
-                break client;
-            }
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!(
-                "the injected sidecar never served: {e:?}\n--- sidecar ---\n{}\n--- operator ---\n{}",
-                kubelet.pod_logs("ci", "nightly-1", "pgwarden"),
-                op.log()
-            ),
+    // The agent: psql with the pod's own env (injection set PGHOST/PGPORT/
+    // PGSSLMODE), reaching the sidecar at the pod's IP as the runner reports
+    // it. The sidecar got its configuration over the stream, served with the
+    // certificate the operator made itself; the agent is the pod
+    // (identity.pod): no password, no token.
+    let ip = eventually("the pod's IP", &op, || kubelet.pod_ip("ci", &pod_name));
+    let mut env: Vec<(String, String)> = stored["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?.to_string(),
+                e["value"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    assert!(
+        env.iter().any(|(k, v)| k == "PGHOST" && v == "127.0.0.1"),
+        "{env:?}"
+    );
+    for (k, v) in env.iter_mut() {
+        if k == "PGHOST" {
+            *v = ip.clone();
         }
-    };
-    let rows = client
-        .query("SELECT total FROM orders ORDER BY id", &[])
-        .await
-        .expect("an allowed read");
-    let totals: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(totals, [10, 20]);
-    let denied = client
-        .batch_execute("DELETE FROM orders")
-        .await
-        .expect_err("not allowed by the policy");
-    assert_eq!(denied.as_db_error().map(|d| d.code().code()), Some("42501"));
-    drop(client);
+    }
+    env.push(("PGUSER".into(), "agent".into()));
+    env.push(("PGDATABASE".into(), APP_DATABASE.into()));
+    let totals = eventually("a read through the sidecar", &op, || {
+        let o = run_psql(
+            &env,
+            &["-At", "-c", "SELECT total FROM orders ORDER BY id"],
+            None,
+        );
+        o.status
+            .success()
+            .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    });
+    assert_eq!(totals, "10\n20");
+    let o = run_psql(&env, &["-c", "DELETE FROM orders"], None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("ERROR"), "{err}");
 
-    // The controller counts the pod and its ACK; then the API server's
-    // verdict on every call the operator made.
     eventually("selectedPods = appliedSidecars = 1", &op, || {
         let v = dap();
         (v["status"]["selectedPods"] == 1 && v["status"]["appliedSidecars"] == 1).then_some(())
+    });
+
+    // The agent's container ends: the runner stops the sidecar as a kubelet
+    // does, and the Job completes (a native sidecar never holds it open).
+    kubelet.finish_pod("ci", &pod_name, 0);
+    ok(
+        &api,
+        &[
+            "wait",
+            "-n",
+            "ci",
+            "--for=condition=complete",
+            "job/nightly",
+            "--timeout=60s",
+        ],
+        None,
+    );
+
+    // The controller counts the pod and its ACK; then the API server's
+    // verdict on every call the operator made.
+    eventually("the finished pod no longer selected", &op, || {
+        let v = dap();
+        // The Job's pod has finished: it no longer counts as selected.
+        (v["status"]["selectedPods"] == 0).then_some(())
     });
     let calls: Vec<_> = api
         .audit()
@@ -247,6 +302,5 @@ async fn the_chart_installs_a_working_operator_that_needs_no_permission_it_does_
         forbidden.join("\n"),
         op.log()
     );
-    // The pod runner owns a runtime: it stops outside this one.
-    tokio::task::block_in_place(move || drop(kubelet));
+    drop(kubelet);
 }
