@@ -368,3 +368,106 @@ fn annotation_keys_are_escaped() {
         ]
     );
 }
+
+/// The Pod Security Standards "restricted" profile (v1.29+ policy, the checks
+/// that depend on the pod spec), as the admission plugin evaluates it.
+fn restricted_violations(pod: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let spec = &pod["spec"];
+    const VOLUMES: [&str; 8] = [
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "persistentVolumeClaim",
+        "projected",
+        "secret",
+    ];
+    for v in spec["volumes"].as_array().into_iter().flatten() {
+        let kinds: Vec<&String> = v
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| *k != "name")
+            .collect();
+        if kinds.iter().any(|k| !VOLUMES.contains(&k.as_str())) {
+            out.push(format!("volume {} of type {kinds:?}", v["name"]));
+        }
+    }
+    for host in ["hostNetwork", "hostPID", "hostIPC"] {
+        if spec[host] == true {
+            out.push(host.to_string());
+        }
+    }
+    let pod_sc = &spec["securityContext"];
+    let all = ["initContainers", "containers", "ephemeralContainers"]
+        .into_iter()
+        .flat_map(|k| spec[k].as_array().into_iter().flatten());
+    for c in all {
+        let sc = &c["securityContext"];
+        let name = &c["name"];
+        if sc["privileged"] == true {
+            out.push(format!("{name}: privileged"));
+        }
+        if sc["allowPrivilegeEscalation"] != false {
+            out.push(format!("{name}: allowPrivilegeEscalation must be false"));
+        }
+        let drops = sc["capabilities"]["drop"].as_array();
+        if !drops.is_some_and(|d| d.iter().any(|x| x == "ALL")) {
+            out.push(format!("{name}: capabilities must drop ALL"));
+        }
+        if let Some(add) = sc["capabilities"]["add"].as_array() {
+            if add.iter().any(|x| x != "NET_BIND_SERVICE") {
+                out.push(format!("{name}: adds capabilities"));
+            }
+        }
+        let non_root = if sc["runAsNonRoot"].is_boolean() {
+            sc["runAsNonRoot"] == true
+        } else {
+            pod_sc["runAsNonRoot"] == true
+        };
+        if !non_root {
+            out.push(format!("{name}: runAsNonRoot"));
+        }
+        if sc["runAsUser"] == 0 || (sc["runAsUser"].is_null() && pod_sc["runAsUser"] == 0) {
+            out.push(format!("{name}: runAsUser 0"));
+        }
+        let seccomp = if sc["seccompProfile"]["type"].is_string() {
+            &sc["seccompProfile"]["type"]
+        } else {
+            &pod_sc["seccompProfile"]["type"]
+        };
+        if seccomp != "RuntimeDefault" && seccomp != "Localhost" {
+            out.push(format!("{name}: seccompProfile"));
+        }
+        for p in c["ports"].as_array().into_iter().flatten() {
+            if p["hostPort"].as_u64().is_some_and(|h| h != 0) {
+                out.push(format!("{name}: hostPort"));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn injection_keeps_a_restricted_pod_restricted() {
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "nightly-", "labels": {"job-name": "nightly"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": "agent", "image": "agent:1",
+                "securityContext": {"allowPrivilegeEscalation": false,
+                                    "capabilities": {"drop": ["ALL"]}}}],
+        }
+    });
+    assert_eq!(restricted_violations(&pod), Vec::<String>::new());
+    let out = apply(&pod, &inject(&pod, &enabled(), &settings()));
+    assert_eq!(restricted_violations(&out), Vec::<String>::new(), "{out:#}");
+    // The checker is not blind: a baseline pod fails it.
+    let mut loose = out.clone();
+    loose["spec"]["containers"][0]["securityContext"] = json!({});
+    assert!(!restricted_violations(&loose).is_empty());
+}
