@@ -200,6 +200,35 @@ fn the_chart_installs_a_working_operator_that_needs_no_permission_it_does_not_gr
         stored["metadata"]["annotations"]["pgwarden.io/injected"].is_string(),
         "{stored:#}"
     );
+    // The injected pod is a valid Pod for every Kubernetes the chart supports
+    // (the PyPI kubernetes-validate that scripts/check-chart installs).
+    let manifest = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod_name, "namespace": "ci",
+            "labels": stored["metadata"]["labels"], "annotations": stored["metadata"]["annotations"]},
+        "spec": stored["spec"],
+    });
+    let file = dir.path().join("injected-pod.json");
+    std::fs::write(&file, manifest.to_string()).unwrap();
+    for version in ["1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"] {
+        let o = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "kubernetes_validate",
+                "--strict",
+                "--quiet",
+                "-k",
+                version,
+            ])
+            .arg(&file)
+            .output()
+            .expect("python3");
+        assert!(
+            o.status.success(),
+            "the injected pod does not validate for Kubernetes {version} (scripts/check-chart installs kubernetes-validate):\n{}",
+            pgwarden_testapi::output_text(&o)
+        );
+    }
     let spec_text = stored["spec"].to_string();
     assert!(
         !spec_text.contains(APP_PASSWORD),
