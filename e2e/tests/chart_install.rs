@@ -127,6 +127,37 @@ fn the_chart_installs_a_working_operator_that_needs_no_permission_it_does_not_gr
         .replace("name: shop\n", &format!("name: {APP_DATABASE}\n"))
         .replace("tls: {mode: require}", "tls: {mode: disable}");
     ok(&api, &["apply", "-f", "-"], Some(&example));
+    // A policy that can never serve is refused at apply, with the field path
+    // (the operator's validating webhook, the same validate() as its status).
+    let bad = example.replace(
+        "pod:\n      serviceAccounts: [\"ci-*\"]",
+        "kubernetes: {audience: pgwarden.io/sidecar}",
+    );
+    assert_ne!(bad, example);
+    let bad = bad.replace("nightly-agent\n", "bad-agent\n");
+    // Until the operator has patched its CA into the webhook configurations
+    // the call fails and, failurePolicy Ignore, the write passes: retry.
+    let refusal = eventually("the bad policy refused", &op, || {
+        let o = kubectl(&api, &["apply", "-f", "-"], Some(&bad));
+        (!o.status.success()).then(|| pgwarden_testapi::output_text(&o))
+    });
+    assert!(
+        refusal.contains("policies-validate.pgwarden.io")
+            && refusal.contains("spec.identity.kubernetes.audience"),
+        "{refusal}"
+    );
+    ok(
+        &api,
+        &[
+            "delete",
+            "dap",
+            "-n",
+            "ci",
+            "bad-agent",
+            "--ignore-not-found",
+        ],
+        None,
+    );
     let dap = || -> Value {
         serde_json::from_str(&ok(
             &api,

@@ -152,7 +152,7 @@ impl Cluster {
                 }
             }
             let first = bundles.first()?.clone();
-            (bundles.len() == 8 && bundles.iter().all(|b| *b == first)).then_some(first)
+            (bundles.len() == 9 && bundles.iter().all(|b| *b == first)).then_some(first)
         })
     }
 

@@ -7,6 +7,7 @@
 pub mod guard;
 pub mod inject;
 pub mod pods;
+pub mod policies;
 pub mod server;
 
 use std::collections::BTreeMap;
@@ -287,9 +288,11 @@ pub async fn start(
         args.webhook_tls_secret.clone(),
         cert.clone(),
     );
-    let mut dispatcher = Dispatcher::default()
+    let dispatcher = Dispatcher::default()
         .route(INJECT_PATH, Arc::new(pods::Inject(pods.clone())))
         .route(GUARD_PATH, Arc::new(pods::Guard(pods)));
+    let (path, hook) = policies::route();
+    let mut dispatcher = dispatcher.route(path, hook);
     for (path, hook) in extra {
         dispatcher = dispatcher.route(path, hook);
     }
