@@ -72,8 +72,12 @@ fn approvals_list_filters_and_ids_by_unique_prefix() {
         .state_dir(state.path())
         .start();
     let cli = ApprovalsCli::new(state.path());
+    // createdAt has whole seconds (as Kubernetes timestamps do): one second
+    // apart, so "newest first" has one right answer.
     let first = ask(&gw, "DELETE FROM items WHERE id = 1");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let second = ask(&gw, "DELETE FROM items WHERE id = 2");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let third = ask(&gw, "DELETE FROM items WHERE id = 3");
     let all = vec![first.clone(), second.clone(), third.clone()];
 
