@@ -3,7 +3,7 @@
 //!
 //! ```no_run
 //! # let kubeconfig = std::path::Path::new("kc");
-//! let op = pgwarden_e2e::Operator::builder(kubeconfig).identity("op-a").start();
+//! let mut op = pgwarden_e2e::Operator::builder(kubeconfig).identity("op-a").start();
 //! op.wait_ready(std::time::Duration::from_secs(10));
 //! let metrics = op.metrics();
 //! let status = op.terminate();
