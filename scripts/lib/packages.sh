@@ -45,3 +45,14 @@ install_missing() {
         exit 1
     fi
 }
+
+# need_disk GIB DIR: stop before a build that would die half-way with ENOSPC.
+need_disk() {
+    local want=$1 dir=$2 avail
+    mkdir -p "$dir"
+    avail=$(df -Pk "$dir" | awk 'NR==2 {print int($4 / 1048576)}')
+    if [ "${avail:-0}" -lt "$want" ]; then
+        echo "only ${avail} GiB free under $dir; building and testing pgwarden needs about ${want} GiB (free some space, or point CARGO_TARGET_DIR elsewhere)" >&2
+        exit 1
+    fi
+}
