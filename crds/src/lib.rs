@@ -20,11 +20,11 @@ pub use approval::{
 };
 pub use duration::{Duration, DurationError, DURATION_PATTERN};
 pub use policy::{
-    Action, ApprovalSettings, Approvers, DatabaseAccessPolicy, DatabaseAccessPolicySpec,
-    DatabaseAccessPolicyStatus, DatabaseTarget, DatabaseTls, Detector, Enforcement, Identity,
-    KubernetesIdentity, Limits, LocalTrustIdentity, MaskStrategy, MaskingRule, OidcIdentity,
-    PodIdentity, PostgresRecordingStore, PredicateUse, RecordingSettings, RecordingStore, Rule,
-    StatementClass, TlsMode, DEFAULT_PORT,
+    Action, ApprovalNotify, ApprovalSettings, Approvers, DatabaseAccessPolicy,
+    DatabaseAccessPolicySpec, DatabaseAccessPolicyStatus, DatabaseTarget, DatabaseTls, Detector,
+    Enforcement, Identity, KubernetesIdentity, Limits, LocalTrustIdentity, MaskStrategy,
+    MaskingRule, OidcIdentity, PodIdentity, PostgresRecordingStore, PredicateUse,
+    RecordingSettings, RecordingStore, Rule, SecretKeyRef, StatementClass, TlsMode, DEFAULT_PORT,
 };
 pub use snapshot::{
     ConfigSnapshot, SecretBytes, SecretString, SnapshotCredential, SnapshotPod, SnapshotPolicy,

@@ -473,6 +473,29 @@ pub struct ApprovalSettings {
     /// How long an undecided request stays open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_after: Option<Duration>,
+
+    /// A webhook (Slack-compatible JSON) the operator calls when a request is
+    /// opened and when it is decided or expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<ApprovalNotify>,
+}
+
+/// Where approval notifications go. The URL is read from a Secret because
+/// webhook URLs carry their token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApprovalNotify {
+    /// Secret (same namespace as the policy) and key holding the webhook URL
+    /// (`https://`; plain `http://` only to a loopback host).
+    pub url_secret_ref: SecretKeyRef,
+}
+
+/// One key of a Secret in the policy's namespace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeyRef {
+    pub name: String,
+    pub key: String,
 }
 
 impl ApprovalSettings {

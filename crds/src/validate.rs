@@ -93,6 +93,23 @@ impl DatabaseAccessPolicySpec {
                 ),
             );
         }
+        if let Some(n) = &a.notify {
+            const P: &str = "spec.approval.notify.urlSecretRef";
+            let r = &n.url_secret_ref;
+            errs.non_empty(&format!("{P}.name"), &r.name);
+            errs.non_empty(&format!("{P}.key"), &r.key);
+            // Secret data keys: what the API server accepts in `data`.
+            let key_ok = r
+                .key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !r.key.is_empty() && !key_ok {
+                errs.push(
+                    format!("{P}.key"),
+                    format!("{:?} is not a Secret key (letters, digits, -, _, .)", r.key),
+                );
+            }
+        }
     }
 
     fn validate_identity(&self, errs: &mut Errors) {

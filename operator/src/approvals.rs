@@ -5,6 +5,7 @@
 //! - `lifecycle`: the controller (leader only) that writes Approved/Denied,
 //!   Expired at `expiresAt`, deletes after the retention, and Events;
 //! - `webhooks`: those checks as the admission server's `/approvals/*`;
+//! - `notify`: the policy's webhook told of new and decided requests;
 //! - this module: the phase model both share with the stream endpoints.
 //!
 //! The phase lives in `status.phase`, written only by the operator; the
@@ -14,6 +15,7 @@
 
 pub mod admission;
 pub mod lifecycle;
+pub mod notify;
 pub mod webhooks;
 
 use std::time::Duration;

@@ -110,6 +110,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let (ns, name) = (args.namespace.clone(), args.keys_secret.clone());
         async move { keys.keep_stored(client, &ns, &name, stop).await }
     });
+    // Told by whichever replica makes a request's event true (see notify).
+    approvals::notify::install(
+        client.clone(),
+        observe.metrics.approval_notifications.clone(),
+    );
     // Admission webhooks (injection, pod guard) on every replica.
     let serving_cert = admission::start(
         &args.admission,

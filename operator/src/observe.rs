@@ -39,6 +39,9 @@ pub struct Metrics {
     /// the last version sent to it (0: every sidecar ACKed what it was sent).
     /// A value that stays above 0 means a sidecar neither ACKs nor NACKs.
     pub snapshot_version_lag: IntGauge,
+    /// Approval notifications by `result`: sent, failed (every try),
+    /// dropped (the queue was full).
+    pub approval_notifications: IntCounterVec,
 }
 
 impl Metrics {
@@ -79,8 +82,17 @@ impl Metrics {
             "Versions the furthest-behind connected sidecar is behind the last snapshot sent to it",
         )
         .expect("valid metric");
+        let approval_notifications = IntCounterVec::new(
+            Opts::new(
+                "pgwarden_operator_approval_notifications_total",
+                "Approval notification webhooks by result (sent, failed, dropped)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(approval_notifications.clone()),
             Box::new(reconcile_duration.clone()),
             Box::new(connected_sidecars.clone()),
             Box::new(is_leader.clone()),
@@ -98,6 +110,7 @@ impl Metrics {
             connected_sidecars,
             is_leader,
             snapshot_version_lag,
+            approval_notifications,
         }
     }
 }

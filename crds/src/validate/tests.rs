@@ -41,6 +41,18 @@ fn rule(spec: &mut DatabaseAccessPolicySpec, i: usize) -> &mut Rule {
     &mut spec.rules[i]
 }
 
+fn with_notify(name: &str, key: &str) -> ApprovalSettings {
+    ApprovalSettings {
+        notify: Some(crate::ApprovalNotify {
+            url_secret_ref: crate::SecretKeyRef {
+                name: name.into(),
+                key: key.into(),
+            },
+        }),
+        ..ApprovalSettings::default()
+    }
+}
+
 #[test]
 fn design_example_is_valid() {
     assert_eq!(good_spec().validate(), vec![]);
@@ -49,6 +61,9 @@ fn design_example_is_valid() {
 #[test]
 fn accepted_variations() {
     let cases: &[(&str, Mutate)] = &[
+        ("approval notifications to a Secret's URL", |s| {
+            s.approval = Some(with_notify("slack-webhook", "webhook.url"))
+        }),
         ("http issuer on 127.0.0.1", |s| {
             oidc(s).issuer = "http://127.0.0.1:8080/issuer".into()
         }),
@@ -379,6 +394,18 @@ fn each_check_reports_its_path() {
             },
             "spec.approval.wait",
             "expiresAfter (10m)",
+        ),
+        (
+            "notify without a Secret name",
+            |s| s.approval = Some(with_notify("", "url")),
+            "spec.approval.notify.urlSecretRef.name",
+            "must not be empty",
+        ),
+        (
+            "notify with a key no Secret can hold",
+            |s| s.approval = Some(with_notify("slack", "url/token")),
+            "spec.approval.notify.urlSecretRef.key",
+            "is not a Secret key",
         ),
         (
             "default wait exceeds a short expiry",

@@ -189,6 +189,7 @@ async fn reconcile(r: Arc<ApprovalRequest>, ctx: Arc<Context>) -> Result<Action,
         {
             Ok(_) => {
                 tracing::info!(approval.namespace = %ns, approval.name = %name, phase = ?t.phase, "approval request phase");
+                super::notify::decided_write(&r, t.phase);
                 let warning = matches!(t.phase, ApprovalPhase::Denied | ApprovalPhase::Expired);
                 announce(&ctx.recorder, &r, warning, t.reason, t.note).await;
             }

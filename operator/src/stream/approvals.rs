@@ -387,6 +387,7 @@ impl StreamServer {
         )
         .await;
         Ok(json(&Opened {
+        crate::approvals::notify::requested(&r);
             outcome: OpenOutcome::Pending,
             request: Box::new(r),
         }))
@@ -412,7 +413,10 @@ impl StreamServer {
                 .replace_status(&r.name_any(), &PostParams::default(), &claimed)
                 .await
             {
-                Ok(r) => return Ok(Ok(r)),
+                Ok(written) => {
+                    crate::approvals::notify::decided_write(&r, ApprovalPhase::Executed);
+                    return Ok(Ok(written));
+                }
                 Err(kube::Error::Api(e)) if e.code == 409 => {
                     r = api
                         .get(&r.name_any())
