@@ -348,6 +348,10 @@ impl GatewayBuilder {
             if std::env::var_os("RUST_LOG").is_none() {
                 cmd.env("RUST_LOG", "info");
             }
+            // The tests run their clients and `pgwarden approvals` as one OS
+            // user, which the loopback-owner check would refuse as
+            // self-approval; e2e self_approval turns it back on.
+            cmd.env("PGWARDEN_LOOPBACK_OWNER", "off");
             for (k, v) in &self.env {
                 cmd.env(k, v);
             }

@@ -1,6 +1,7 @@
 //! An agent cannot approve its own request (issue 20, item 4), with real
 //! OS users: a client of the gateway's Unix socket (`--listen-unix`) is
-//! known to the kernel by uid; its approval request records that OS user;
+//! known to the kernel by uid, and so is a loopback TCP client (the owner
+//! of its socket); its approval request records that OS user;
 //! `pgwarden approvals approve` run by the same OS user is refused, and so
 //! is anyone `approval.approvers.users` does not list (root included).
 //!
@@ -73,8 +74,12 @@ fn as_user(user: &str, program: &Path, args: &[&str]) -> Output {
 
 /// `psql -c sql` as `user` through the gateway's Unix socket in `dir`.
 fn psql_as(user: &str, dir: &Path, port: u16, sql: &str) -> Output {
+    psql_at(user, dir.to_str().unwrap(), port, sql)
+}
+
+/// `psql -h host -c sql` as `user` (a socket directory or a TCP address).
+fn psql_at(user: &str, host: &str, port: u16, sql: &str) -> Output {
     let port = port.to_string();
-    let host = dir.to_str().unwrap();
     as_user(
         user,
         Path::new("psql"),
@@ -215,4 +220,106 @@ fn the_requesting_os_user_and_unlisted_users_cannot_decide() {
     // The socket file goes with the gateway.
     gw.shutdown();
     assert!(!sock.exists(), "{} left behind", sock.display());
+}
+
+/// The gateway and its policy for these tests: DELETEs need approval by
+/// [`REVIEWER`], fail fast. `env` goes to `pgwarden run`.
+fn held_deletes(pg: &PgCluster, state: &Path, env: &[(&str, &str)]) -> Gateway {
+    pg.admin_sql(
+        "CREATE TABLE items (id int PRIMARY KEY);
+         INSERT INTO items SELECT generate_series(1, 10);",
+    );
+    let rules = format!(
+        "  defaultAction: Deny
+  rules:
+    - {{name: deletes, action: RequireApproval, statements: [DELETE]}}
+    - {{name: app, action: Allow, statements: [SELECT, DELETE], tables: [\"public.*\"]}}
+  approval:
+    approvers: {{users: [{REVIEWER}, {AGENT}]}}
+    wait: 0s
+"
+    );
+    let mut b = Gateway::builder(pg)
+        .policy_yaml(policy_with_rules(pg.port(), None, &rules))
+        .state_dir(state.join("state"));
+    for (k, v) in env {
+        b = b.env(k, v);
+    }
+    b.start()
+}
+
+fn requested_os_user(state: &Path, id: &str) -> Value {
+    let show = Command::new(pgwarden_bin())
+        .args(["approvals", "show", id, "-o", "json", "--state-dir"])
+        .arg(state)
+        .output()
+        .unwrap();
+    let shown: Value = serde_json::from_slice(&show.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", text(&show.stderr)));
+    shown["requester"]["osUser"].clone()
+}
+
+#[test]
+fn a_loopback_tcp_clients_os_user_cannot_decide_its_request() {
+    if !is_root() {
+        eprintln!("skipped: needs root (useradd, runuser) to act as several OS users");
+        return;
+    }
+    for u in [AGENT, REVIEWER] {
+        ensure_user(u);
+    }
+    let pg = PgCluster::start();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The default (the e2e harness turns it off for the other tests).
+    let gw = held_deletes(&pg, state.path(), &[("PGWARDEN_LOOPBACK_OWNER", "on")]);
+
+    // The agent, as an OS user listed as an approver, asks over TCP.
+    let out = psql_at(AGENT, "127.0.0.1", gw.port(), DELETE);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "the DELETE ran unapproved: {stderr}");
+    let id = request_id_in(&stderr).unwrap_or_else(|| panic!("no request id in: {stderr}"));
+    open_to_all(&gw.state_dir());
+    assert_eq!(requested_os_user(&gw.state_dir(), &id), AGENT);
+
+    // Listed or not, the agent's own OS user cannot decide it.
+    let mine = decide_as(AGENT, &gw.state_dir(), "approve", &id);
+    assert_eq!(mine.status.code(), Some(1), "{mine:?}");
+    assert!(
+        text(&mine.stderr).contains(&format!(
+            "{AGENT} requested {id} and cannot decide it: you cannot decide your own request"
+        )),
+        "{mine:?}"
+    );
+    assert_eq!(pg.admin_sql("SELECT count(*) FROM items"), "10");
+
+    // Another listed OS user can; the agent's retry then runs once.
+    let ok = decide_as(REVIEWER, &gw.state_dir(), "approve", &id);
+    assert!(ok.status.success(), "{ok:?}");
+    let retry = psql_at(AGENT, "127.0.0.1", gw.port(), DELETE);
+    assert!(retry.status.success(), "{}", text(&retry.stderr));
+    assert_eq!(pg.admin_sql("SELECT count(*) FROM items"), "9");
+    gw.assert_running();
+}
+
+#[test]
+fn with_the_lookup_off_a_tcp_clients_os_user_is_unknown_and_not_refused() {
+    if !is_root() {
+        eprintln!("skipped: needs root (useradd, runuser) to act as several OS users");
+        return;
+    }
+    ensure_user(AGENT);
+    let pg = PgCluster::start();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let gw = held_deletes(&pg, state.path(), &[("PGWARDEN_LOOPBACK_OWNER", "off")]);
+
+    let out = psql_at(AGENT, "127.0.0.1", gw.port(), DELETE);
+    let stderr = text(&out.stderr);
+    let id = request_id_in(&stderr).unwrap_or_else(|| panic!("no request id in: {stderr}"));
+    open_to_all(&gw.state_dir());
+    // The request says the kernel was not asked; today's checks apply.
+    assert_eq!(requested_os_user(&gw.state_dir(), &id), "unknown");
+    let mine = decide_as(AGENT, &gw.state_dir(), "approve", &id);
+    assert!(mine.status.success(), "{mine:?}");
 }

@@ -228,6 +228,8 @@ fn reviewer_commands_never_create_a_state_dir_and_follow_pgwarden_state_dir() {
         .env_remove("PGWARDEN_STATE_DIR")
         .env("PGWARDEN_STATE_DIR", &state)
         .env("RUST_LOG", "info")
+        // psql and the reviewer are one OS user here (see e2e self_approval).
+        .env("PGWARDEN_LOOPBACK_OWNER", "off")
         .args(["run", "-f"])
         .arg(files.path().join("policy.yaml"))
         .arg("-f")

@@ -1,6 +1,7 @@
 //! OS users in standalone approvals: who asked (the uid the kernel reports
-//! for a Unix-socket client) and who decides (the uid running
-//! `pgwarden approvals`), by name.
+//! for a Unix-socket client, or owning a loopback TCP client's socket:
+//! `tcp_owner`) and who decides (the uid running `pgwarden approvals`), by
+//! name.
 //!
 //! Names come from `/etc/passwd` and `/etc/group` (the crate forbids
 //! `unsafe`, so no `getpwuid_r`); a uid without an entry (e.g. only in
@@ -8,6 +9,13 @@
 //! environment (`$USER`) is never asked: a process sets it at will.
 
 use std::os::unix::fs::MetadataExt;
+
+pub mod tcp_owner;
+
+/// What a request records as its client's OS user when the kernel did not
+/// tell (a TCP client not on this host, or not found): the same user may
+/// then decide, as only the subject and service-account checks apply.
+pub const UNKNOWN: &str = "unknown";
 
 /// The name of `uid` in passwd-format `text`.
 pub fn name_in(passwd: &str, uid: u32) -> Option<String> {

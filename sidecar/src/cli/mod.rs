@@ -231,6 +231,12 @@ pub enum OutputFormat {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
     /// YAML file(s) with the DatabaseAccessPolicy (Secrets are not needed).
@@ -300,6 +306,12 @@ pub struct RunArgs {
     /// recorded on their approval requests and may not decide them.
     #[arg(long, value_name = "DIR")]
     pub listen_unix: Option<PathBuf>,
+    /// For a TCP client on this host, find the OS user owning its socket
+    /// (Linux: /proc/net/tcp): recorded on its approval requests, and it may
+    /// not decide them. `off` records it as unknown, so the agent's own OS
+    /// user may approve (one user for agent and reviewer).
+    #[arg(long, value_enum, env = "PGWARDEN_LOOPBACK_OWNER", default_value_t = Switch::On)]
+    pub loopback_owner: Switch,
     /// Where approvals and recordings are kept (created if missing).
     #[arg(long, env = STATE_DIR_ENV, default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,

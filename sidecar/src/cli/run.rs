@@ -252,7 +252,12 @@ async fn serve(
             continue;
         };
         let shared = shared.clone();
+        let loopback_owner = args.loopback_owner == super::Switch::On;
         tokio::spawn(async move {
+            let peer = match &conn {
+                Accepted::Tcp(tcp) => tcp_peer(tcp, peer.addr, loopback_owner).await,
+                Accepted::Unix(_) => peer,
+            };
             session::serve(conn, peer, shared, slot).await;
             drop(permit);
         });
@@ -494,6 +499,39 @@ async fn accept_unix(
         os_user: Some(os_user),
     };
     Ok((Accepted::Unix(stream), peer))
+}
+
+/// A TCP client, named by the OS user owning its socket when it is on this
+/// host and the kernel's table lists it; otherwise its OS user is recorded
+/// as unknown (and only the subject checks apply to its requests).
+async fn tcp_peer(
+    tcp: &tokio::net::TcpStream,
+    addr: std::net::SocketAddr,
+    lookup: bool,
+) -> session::Peer {
+    use crate::approval::os_user::{self, tcp_owner};
+    let name = match tcp.local_addr() {
+        Ok(server) if lookup && tcp_owner::is_local(addr, server) => {
+            tokio::task::spawn_blocking(move || {
+                tcp_owner::lookup(addr, server).map(os_user::name_of)
+            })
+            .await
+            .ok()
+            .flatten()
+        }
+        _ => None,
+    };
+    match name {
+        Some(name) => session::Peer {
+            addr,
+            label: format!("{addr} (OS user {name})"),
+            os_user: Some(name),
+        },
+        None => session::Peer {
+            os_user: Some(os_user::UNKNOWN.to_owned()),
+            ..session::Peer::tcp(addr)
+        },
+    }
 }
 
 /// SIGTERM, SIGINT and SIGQUIT shut down (flushing the recording log);

@@ -78,7 +78,8 @@ pub struct Peer {
     /// What the logs and the recording call the client.
     pub label: String,
     /// The client's OS user, where the kernel tells (Unix-socket peer
-    /// credentials): recorded on approval requests, and it never decides.
+    /// credentials, or the owner of a local TCP client's socket; else
+    /// `unknown`): recorded on approval requests, and it never decides.
     pub os_user: Option<String>,
 }
 
