@@ -1,8 +1,16 @@
 //! The config stream sidecars connect to (DESIGN §4, wire in
-//! `pgwarden_api::stream`): HTTPS, HTTP/1.1, one long-lived chunked NDJSON
-//! response per sidecar (`GET /v1/config`), ACK/NACK as `POST /v1/ack`.
+//! `pgwarden_api::stream`): HTTPS, one long-lived NDJSON response per
+//! sidecar (`GET /v1/config`), ACK/NACK as `POST /v1/ack`.
 //!
-//! Each request is authenticated by TokenReview (`auth`). A stream holds no
+//! Sidecars speak HTTP/2 (ALPN `h2`) and send their ACKs on the stream's own
+//! connection: behind a Service with several replicas, a separate connection
+//! could reach a replica that never sent that version. HTTP/1.1 stays for
+//! curl and older sidecars.
+//!
+//! Each request is authenticated by TokenReview (`auth`), except an ACK on
+//! the connection of an open stream with the same token: that stream's
+//! review vouches for it, so an ACK costs one API call (the pod's
+//! annotation), not three. A stream holds no
 //! copy of the cluster: it waits on its namespace's wakeup from the `index`,
 //! recomputes its pod's snapshot and sends it only when the content changed,
 //! with a heartbeat in between. ACK/NACK go to `sidecars` and to the pod's
@@ -13,8 +21,8 @@ pub mod auth;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -94,7 +102,12 @@ pub async fn start(
             };
             tls_config(&read(cert)?, &read(key)?).context("the stream's TLS")?
         }
-        (_, _, Some(rx)) => crate::admission::server::tls_config(rx).context("the stream's TLS")?,
+        (_, _, Some(rx)) => {
+            let admission = crate::admission::server::tls_config(rx).context("the stream's TLS")?;
+            let mut cfg = (*admission).clone();
+            cfg.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+            Arc::new(cfg)
+        }
         _ => {
             warn!("no --stream-cert/--stream-key and no admission certificate (--admission-addr): the config stream is not served; sidecars get no configuration from this replica");
             return Ok(());
@@ -197,11 +210,15 @@ impl StreamServer {
         })
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: Arc<Connection>,
+    ) -> Response<Body> {
         let route = (req.method().clone(), req.uri().path().to_owned());
         let result = match (&route.0, route.1.as_str()) {
-            (&Method::GET, CONFIG_PATH) => self.open_stream(&req).await,
-            (&Method::POST, ACK_PATH) => self.ack(req).await,
+            (&Method::GET, CONFIG_PATH) => self.open_stream(&req, &conn).await,
+            (&Method::POST, ACK_PATH) => self.ack(req, &conn).await,
             (&Method::POST, approvals::OPEN_PATH) => self.open_approval(req).await,
             (&Method::POST, approvals::CLAIM_PATH) => self.claim_approval(req).await,
             (&Method::POST, approvals::FINISH_PATH) => self.finish_approval(req).await,
@@ -243,13 +260,15 @@ impl StreamServer {
     async fn open_stream(
         self: &Arc<Self>,
         req: &Request<Incoming>,
+        conn: &Connection,
     ) -> Result<Response<Body>, Refusal> {
         let (bound, pod) = self.authenticate(req).await.inspect_err(|r| {
             warn!(status = r.status, reason = %r.reason, "config stream refused");
         })?;
         info!(pod = %format!("{}/{}", bound.pod.namespace, bound.pod.name), "config stream opened");
+        let open = conn.vouch(req, &bound);
         let (tx, rx) = mpsc::channel::<Bytes>(4);
-        tokio::spawn(self.clone().pump(bound, pod, tx));
+        tokio::spawn(self.clone().pump(bound, pod, tx, open));
         let body = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv()
                 .await
@@ -266,7 +285,16 @@ impl StreamServer {
     /// One sidecar's stream: a snapshot whenever its content changes, a
     /// heartbeat when idle; ends when the sidecar goes, its pod goes or stops
     /// qualifying, or the operator shuts down.
-    async fn pump(self: Arc<Self>, bound: BoundToken, mut pod: Pod, tx: mpsc::Sender<Bytes>) {
+    async fn pump(
+        self: Arc<Self>,
+        bound: BoundToken,
+        mut pod: Pod,
+        tx: mpsc::Sender<Bytes>,
+        open: StreamOpen,
+    ) {
+        // The stream's review vouches for ACKs on its connection only while
+        // it lives (it ends when the pod goes or stops qualifying).
+        let _open = open;
         let key = bound.pod.clone();
         let _registered = Registered::new(&self.sidecars, &key);
         let mut wake = self.index.subscribe(&key.namespace);
@@ -401,10 +429,22 @@ impl StreamServer {
         }
     }
 
-    async fn ack(&self, req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
-        let (bound, _) = self.authenticate(&req).await.inspect_err(|r| {
-            warn!(status = r.status, reason = %r.reason, "config ACK refused");
-        })?;
+    async fn ack(
+        &self,
+        req: Request<Incoming>,
+        conn: &Connection,
+    ) -> Result<Response<Body>, Refusal> {
+        let bound = match conn.vouched(&req) {
+            Some(b) => b,
+            None => {
+                self.authenticate(&req)
+                    .await
+                    .inspect_err(|r| {
+                        warn!(status = r.status, reason = %r.reason, "config ACK refused");
+                    })?
+                    .0
+            }
+        };
         let body = Limited::new(req.into_body(), MAX_ACK_BYTES)
             .collect()
             .await
@@ -482,6 +522,63 @@ fn text(status: u16, body: &str) -> Response<Body> {
     r
 }
 
+/// One client connection (TLS session). Remembers the open stream's
+/// review so that ACKs on the same connection, with the same token, need no
+/// second one.
+#[derive(Default)]
+pub struct Connection {
+    stream: Mutex<Option<Vouched>>,
+}
+
+struct Vouched {
+    /// SHA-256 of the bearer token: the token itself is not kept.
+    token: [u8; 32],
+    bound: BoundToken,
+    open: Arc<AtomicBool>,
+}
+
+/// Held by a stream's pump; dropping it withdraws the stream's vouching.
+pub struct StreamOpen(Arc<AtomicBool>);
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+fn token_digest(req: &Request<impl Sized>) -> Option<[u8; 32]> {
+    let token = auth::bearer(req.headers().get(http::header::AUTHORIZATION)).ok()?;
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    d.as_ref().try_into().ok()
+}
+
+impl Connection {
+    /// Records that `req`'s token was reviewed as `bound` for a stream on
+    /// this connection.
+    fn vouch(&self, req: &Request<impl Sized>, bound: &BoundToken) -> StreamOpen {
+        let open = Arc::new(AtomicBool::new(true));
+        if let Some(token) = token_digest(req) {
+            let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+            *s = Some(Vouched {
+                token,
+                bound: bound.clone(),
+                open: open.clone(),
+            });
+        }
+        StreamOpen(open)
+    }
+
+    /// The pod an open stream on this connection proved `req`'s token is
+    /// bound to, if it carries the same token.
+    fn vouched(&self, req: &Request<impl Sized>) -> Option<BoundToken> {
+        let token = token_digest(req)?;
+        let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let v = s.as_ref()?;
+        // Digests of secrets: a timing difference reveals nothing useful.
+        (v.open.load(Ordering::Acquire) && v.token == token).then(|| v.bound.clone())
+    }
+}
+
 /// Connected in `sidecars` for as long as it lives.
 struct Registered<'a> {
     sidecars: &'a Sidecars,
@@ -501,7 +598,10 @@ impl Drop for Registered<'_> {
     }
 }
 
-/// The server's TLS from PEM: its certificate chain and key. HTTP/1.1 only.
+/// The protocols the stream speaks: HTTP/2 for sidecars, HTTP/1.1 for curl.
+const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// The server's TLS from PEM: its certificate chain and key.
 pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -513,7 +613,7 @@ pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<Arc<rustls:
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }
 
@@ -548,15 +648,31 @@ pub async fn serve(
                     }
                     Err(_) => return warn!(%peer, "config stream: TLS handshake timed out"),
                 };
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+            let conn = Arc::new(Connection::default());
             let service = hyper::service::service_fn(move |req| {
-                let server = server.clone();
-                async move { Ok::<_, Infallible>(server.handle(req).await) }
+                let (server, conn) = (server.clone(), conn.clone());
+                async move { Ok::<_, Infallible>(server.handle(req, conn).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await;
+            let io = hyper_util::rt::TokioIo::new(tls);
+            if h2 {
+                // A sidecar needs a handful of streams (config, ACKs,
+                // approval calls); pings find a peer that vanished.
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .max_concurrent_streams(32)
+                        .keep_alive_interval(Some(Duration::from_secs(30)))
+                        .keep_alive_timeout(Duration::from_secs(20))
+                        .serve_connection(io, service)
+                        .await;
+            } else {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(io, service)
+                    .await;
+            }
         });
     }
 }

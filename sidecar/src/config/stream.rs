@@ -1,7 +1,8 @@
 //! Operator mode: the configuration arrives over the operator's config
 //! stream (`pgwarden_api::stream`), not from files.
 //!
-//! One long-lived HTTPS request per sidecar: the token file is read again at
+//! One long-lived HTTPS request per sidecar, on an HTTP/2 connection that
+//! also carries its ACKs: the token file is read again at
 //! every connect (the kubelet rotates it), the server is verified with the
 //! operator's CA only, each line is bounded. A snapshot is built and put in
 //! force through the same path as a file reload (`Apply`), then ACKed; one
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pgwarden_api::stream::{
     decode_event, Ack, LineDecoder, StreamEvent, ACK_PATH, CONFIG_PATH, MAX_LINE_BYTES,
 };
@@ -98,7 +99,7 @@ impl StreamOptions {
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(StreamOptions {
             url: uri,
             tls: TlsConnector::from(Arc::new(config)),
@@ -159,15 +160,22 @@ pub async fn follow<A: Apply>(opts: StreamOptions, apply: A, metrics: Arc<Metric
     let mut in_force: Option<ConfigSnapshot> = None;
     let mut attempt = 0u32;
     loop {
-        match connect(&opts, CONFIG_PATH, None).await {
-            Ok(body) => {
+        let opened = match Connection::open(&opts).await {
+            Ok(conn) => conn
+                .request(&opts, CONFIG_PATH, None)
+                .await
+                .map(|body| (conn, body)),
+            Err(e) => Err(e),
+        };
+        match opened {
+            Ok((conn, body)) => {
                 metrics.config_stream_connected.set(1);
                 if apply.set_stale(false) {
                     info!("config stream is back: statements are served again");
                 }
                 info!(operator = %opts.url, "config stream connected");
                 attempt = 0;
-                let why = read_stream(body, &opts, &apply, &metrics, &mut in_force).await;
+                let why = read_stream(body, &conn, &opts, &apply, &metrics, &mut in_force).await;
                 metrics.config_stream_connected.set(0);
                 warn!(error = %why, "config stream lost; reconnecting");
                 down_since = Instant::now();
@@ -206,6 +214,7 @@ type Ended = String;
 
 async fn read_stream<A: Apply>(
     mut body: hyper::body::Incoming,
+    conn: &Connection,
     opts: &StreamOptions,
     apply: &A,
     metrics: &Metrics,
@@ -293,7 +302,7 @@ async fn read_stream<A: Apply>(
                 }
             };
             let body = serde_json::to_vec(&ack).unwrap_or_default();
-            if let Err(e) = connect(opts, ACK_PATH, Some(Bytes::from(body))).await {
+            if let Err(e) = conn.request(opts, ACK_PATH, Some(Bytes::from(body))).await {
                 // The operator sees no ACK and the sidecar keeps what it
                 // applied; the next connect sends a snapshot again.
                 warn!(version, error = %e, "sending the ACK failed");
@@ -308,7 +317,10 @@ pub(crate) async fn post(
     path: &str,
     body: Bytes,
 ) -> Result<hyper::body::Incoming, String> {
-    connect(opts, path, Some(body)).await
+    Connection::open(opts)
+        .await?
+        .request(opts, path, Some(body))
+        .await
 }
 
 fn same_content(a: &ConfigSnapshot, b: &ConfigSnapshot) -> bool {
@@ -318,83 +330,109 @@ fn same_content(a: &ConfigSnapshot, b: &ConfigSnapshot) -> bool {
     } == *b
 }
 
-/// One request to the operator on a fresh connection: GET the stream, or
-/// POST an ACK (the stream's connection is busy for its whole life).
-async fn connect(
-    opts: &StreamOptions,
-    path: &str,
-    post: Option<Bytes>,
-) -> Result<hyper::body::Incoming, String> {
-    let token = std::fs::read_to_string(&opts.token_file)
-        .map_err(|e| format!("reading the token {}: {e}", opts.token_file.display()))?;
-    let token = token.trim();
-    if token.is_empty() {
-        return Err(format!(
-            "the token file {} is empty",
-            opts.token_file.display()
-        ));
-    }
-    let host = opts.url.host().unwrap_or_default();
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let port = opts.url.port_u16().unwrap_or(443);
-    let authority = opts
-        .url
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .unwrap_or_default();
-    let name = ServerName::try_from(bare.to_owned())
-        .map_err(|_| format!("{bare:?} is not a valid TLS server name"))?;
-    let handshake = async {
-        let tcp = TcpStream::connect((bare, port))
-            .await
-            .map_err(|e| format!("connect {authority}: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let tls = opts
-            .tls
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS with {authority}: {e}"))?;
-        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tls))
-            .await
-            .map_err(|e| e.to_string())
-    };
-    let (mut sender, conn) = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
-        .await
-        .map_err(|_| format!("connect {authority}: timed out"))??;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let builder = Request::builder()
-        .uri(path)
-        .header(http::header::HOST, &authority)
-        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
-        .header(
-            http::header::USER_AGENT,
-            concat!("pgwarden/", env!("CARGO_PKG_VERSION")),
-        );
-    let request = match post {
-        None => builder.method("GET").body(Full::new(Bytes::new())),
-        Some(b) => builder
-            .method("POST")
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(b)),
-    }
-    .map_err(|e| e.to_string())?;
-    let response = tokio::time::timeout(CONNECT_TIMEOUT, sender.send_request(request))
-        .await
-        .map_err(|_| format!("{path}: no answer from {authority}"))?
-        .map_err(|e| format!("{path}: {e}"))?;
-    let status = response.status();
-    if status != StatusCode::OK {
-        // The operator's one-line reason (it never holds the token).
-        let reason = Limited::new(response.into_body(), 1024)
-            .collect()
-            .await
-            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
+/// An HTTP/2 connection to the operator. The stream and its ACKs share one,
+/// so an ACK reaches the replica that sent the snapshot (a Service may
+/// spread separate connections over several), and costs no TLS handshake.
+struct Connection {
+    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    authority: String,
+}
+
+impl Connection {
+    async fn open(opts: &StreamOptions) -> Result<Connection, String> {
+        let host = opts.url.host().unwrap_or_default();
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let port = opts.url.port_u16().unwrap_or(443);
+        let authority = opts
+            .url
+            .authority()
+            .map(|a| a.as_str().to_owned())
             .unwrap_or_default();
-        return Err(format!("the operator answered {status}: {reason}"));
+        let name = ServerName::try_from(bare.to_owned())
+            .map_err(|_| format!("{bare:?} is not a valid TLS server name"))?;
+        let handshake = async {
+            let tcp = TcpStream::connect((bare, port))
+                .await
+                .map_err(|e| format!("connect {authority}: {e}"))?;
+            let _ = tcp.set_nodelay(true);
+            let tls = opts.tls.connect(name, tcp).await.map_err(|e| {
+                format!("TLS with {authority}: {e} (the operator must offer HTTP/2: is it the same pgwarden version?)")
+            })?;
+            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                // Finds an operator that vanished without a FIN sooner than
+                // the stream's idle timeout would.
+                .keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| format!("HTTP/2 with {authority}: {e}"))
+        };
+        let (sender, conn) = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+            .await
+            .map_err(|_| format!("connect {authority}: timed out"))??;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Connection { sender, authority })
     }
-    Ok(response.into_body())
+
+    /// One request: GET the stream, or POST an ACK or an approval call. The
+    /// token file is read at every request (the kubelet rotates it).
+    async fn request(
+        &self,
+        opts: &StreamOptions,
+        path: &str,
+        post: Option<Bytes>,
+    ) -> Result<hyper::body::Incoming, String> {
+        let token = std::fs::read_to_string(&opts.token_file)
+            .map_err(|e| format!("reading the token {}: {e}", opts.token_file.display()))?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(format!(
+                "the token file {} is empty",
+                opts.token_file.display()
+            ));
+        }
+        let authority = &self.authority;
+        let uri = Uri::builder()
+            .scheme("https")
+            .authority(authority.as_str())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let builder = Request::builder()
+            .uri(uri)
+            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(
+                http::header::USER_AGENT,
+                concat!("pgwarden/", env!("CARGO_PKG_VERSION")),
+            );
+        let request = match post {
+            None => builder.method("GET").body(Full::new(Bytes::new())),
+            Some(b) => builder
+                .method("POST")
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(b)),
+        }
+        .map_err(|e| e.to_string())?;
+        let mut sender = self.sender.clone();
+        let response = tokio::time::timeout(CONNECT_TIMEOUT, sender.send_request(request))
+            .await
+            .map_err(|_| format!("{path}: no answer from {authority}"))?
+            .map_err(|e| format!("{path}: {e}"))?;
+        let status = response.status();
+        if status != StatusCode::OK {
+            // The operator's one-line reason (it never holds the token).
+            let reason = Limited::new(response.into_body(), 1024)
+                .collect()
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
+                .unwrap_or_default();
+            return Err(format!("the operator answered {status}: {reason}"));
+        }
+        Ok(response.into_body())
+    }
 }
 
 #[cfg(test)]
