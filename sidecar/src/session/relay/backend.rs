@@ -64,6 +64,16 @@ impl From<String> for BackendStop {
     }
 }
 
+/// Whether an ErrorResponse body is FATAL or PANIC: the server closes the
+/// connection after it.
+fn ends_session(body: &[u8]) -> bool {
+    codec::notice_fields(body).is_ok_and(|fields| {
+        fields
+            .iter()
+            .any(|(code, v)| matches!(code, b'S' | b'V') && matches!(v.as_str(), "FATAL" | "PANIC"))
+    })
+}
+
 impl Backend<'_> {
     pub(super) async fn run<R, W>(mut self, r: &mut R, mut frames: FrameBuf, w: &mut W) -> End
     where
@@ -71,6 +81,9 @@ impl Backend<'_> {
         W: AsyncWrite + Unpin,
     {
         let mut out = BytesMut::new();
+        // Whether the server said why it ends the session (its FATAL); a
+        // server that restarted or crashed closes without one.
+        let mut said_goodbye = false;
         loop {
             loop {
                 let frame = match frames.cut() {
@@ -84,6 +97,7 @@ impl Backend<'_> {
                     }
                 };
                 let bytes = &frames.buffered()[..frame.wire_len];
+                said_goodbye |= frame.ty == b'E' && ends_session(&bytes[5..]);
                 match self.on_message(frame.ty, bytes, &mut out) {
                     Ok(()) => {}
                     Err(BackendStop::Failed(why)) => {
@@ -120,7 +134,14 @@ impl Backend<'_> {
             };
             match filled {
                 Ok(true) => {}
-                Ok(false) => return End::UpstreamClosed,
+                Ok(false) if said_goodbye => return End::UpstreamClosed,
+                // Else the client would see only a closed socket, which some
+                // drivers report as nothing more than "connection closed".
+                Ok(false) => {
+                    return End::UpstreamFailed(
+                        "the upstream server closed the connection unexpectedly (it restarted or crashed?); a transaction in progress was not committed".into(),
+                    )
+                }
                 Err(ReadError::Io(e)) => {
                     return End::UpstreamFailed(format!("upstream connection failed: {e}"))
                 }
