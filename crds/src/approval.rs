@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Decider", "type":"string", "jsonPath":".spec.decision.decidedBy"}"#,
     printcolumn = r#"{"name":"Result", "type":"string", "jsonPath":".status.result", "priority":1}"#,
     printcolumn = r#"{"name":"Statement", "type":"string", "jsonPath":".spec.statement", "priority":1}"#,
+    printcolumn = r#"{"name":"Est. rows", "type":"integer", "jsonPath":".spec.estimate.rows", "priority":1}"#,
     // A string, not a date: kubectl renders future dates as "<invalid>".
     printcolumn = r#"{"name":"Expires", "type":"string", "jsonPath":".spec.expiresAt"}"#,
     printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#
@@ -80,9 +81,45 @@ pub struct ApprovalRequestSpec {
     #[schemars(extend("x-kubernetes-validations" = immutable()))]
     pub approvers: Option<crate::policy::Approvers>,
 
+    /// What the statement would touch, by the planner's estimate (DML only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = immutable()))]
+    pub estimate: Option<Estimate>,
+
     /// Set by a reviewer; `decidedBy`/`decidedAt` are stamped by the admission webhook.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<Decision>,
+}
+
+/// The planner's view of a held DML statement, from a plain `EXPLAIN` the
+/// gateway ran on its own connection (never `EXPLAIN ANALYZE`: nothing ran).
+/// Either `rows` (with `tables`) or `unknown` is set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Estimate {
+    /// Rows the statement would insert, update, delete or merge, as estimated
+    /// by the planner (statistics, not a count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u64>,
+
+    /// Tables in the plan as `schema.name`, the written ones first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<String>,
+
+    /// Why there is no estimate (the statement calls user code, its
+    /// parameters cannot be planned safely, an error, a timeout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown: Option<String>,
+}
+
+impl Estimate {
+    /// No estimate, and why.
+    pub fn unknown(why: impl Into<String>) -> Self {
+        Estimate {
+            unknown: Some(why.into()),
+            ..Estimate::default()
+        }
+    }
 }
 
 fn immutable() -> serde_json::Value {

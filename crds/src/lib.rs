@@ -16,7 +16,7 @@ mod validate;
 
 pub use approval::{
     ApprovalPhase, ApprovalRequest, ApprovalRequestSpec, ApprovalRequestStatus, Decision,
-    DecisionAction, Requester,
+    DecisionAction, Estimate, Requester,
 };
 pub use duration::{Duration, DurationError, DURATION_PATTERN};
 pub use policy::{

@@ -8,7 +8,11 @@ fn main() -> std::process::ExitCode {
     // One TLS provider, installed before anything builds a rustls config.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     // Parsed first: the log format is a flag (clap prints its own errors).
-    let cli = pgwarden_sidecar::cli::Cli::parse();
+    // As `kubectl-pgwarden` (a kubectl plugin) the arguments are those of
+    // `pgwarden kubectl`.
+    let cli = pgwarden_sidecar::cli::Cli::parse_from(pgwarden_sidecar::cli::kubectl::plugin_args(
+        std::env::args_os(),
+    ));
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()

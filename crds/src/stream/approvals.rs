@@ -39,6 +39,9 @@ pub struct OpenApproval {
     /// request whose fingerprint is the one it computed.
     pub fingerprint: String,
     pub reason: String,
+    /// The planner's estimate for DML (absent from older sidecars).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<crate::Estimate>,
 }
 
 /// Where a held statement stands after opening.

@@ -227,6 +227,9 @@ fn changed_field(old: &ApprovalRequestSpec, new: &ApprovalRequestSpec) -> Option
     if old.approvers != new.approvers {
         return Some("approvers");
     }
+    if old.estimate != new.estimate {
+        return Some("estimate");
+    }
     None
 }
 

@@ -314,6 +314,7 @@ impl StreamServer {
             reason: ask.reason,
             expires_at: expires.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
             approvers,
+            estimate: ask.estimate,
             decision: None,
         };
         // Names are `<policy>-<6 hex>`; a taken one is drawn again.
@@ -581,6 +582,7 @@ mod tests {
                 reason: "r".into(),
                 expires_at: "2999-01-01T00:00:00Z".into(),
                 approvers: None,
+                estimate: None,
                 decision: decided.then(|| Decision {
                     action: DecisionAction::Approve,
                     reason: None,

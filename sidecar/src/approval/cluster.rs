@@ -201,6 +201,7 @@ impl Approvals {
             parameters: request::render_params(ask.params, ask.sensitive),
             fingerprint: fingerprint.clone(),
             reason: ask.reason.to_owned(),
+            estimate: ask.estimate,
         };
         let opened = client.open(&body).await?;
         let r = *opened.request;

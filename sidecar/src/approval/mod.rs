@@ -4,6 +4,7 @@
 //!   parameters a reviewer sees, and every phase transition;
 //! - `store`: where requests live (the state directory standalone);
 //! - `os_user`: OS users by name (who asked, who decides, standalone);
+//! - `estimate`: the planner's rows and tables for a held DML statement;
 //! - this module: one policy's approvals as the data path uses them —
 //!   open a request for a held statement, follow it, claim an approval,
 //!   record the outcome — and the words the client reads.
@@ -12,6 +13,7 @@
 //! a socket.
 
 pub mod cluster;
+pub mod estimate;
 pub mod os_user;
 pub mod request;
 pub mod store;
@@ -110,6 +112,8 @@ pub struct Ask<'a> {
     pub reason: &'a str,
     /// The client's OS user, where the kernel told (it may never decide).
     pub os_user: Option<&'a str>,
+    /// The planner's estimate (DML only; `estimate`).
+    pub estimate: Option<pgwarden_api::Estimate>,
 }
 
 /// Where a held statement stands after asking.
@@ -205,6 +209,7 @@ impl Approvals {
             fingerprint,
             reason: ask.reason.to_owned(),
             approvers: self.approvers.clone(),
+            estimate: ask.estimate,
         };
         let (policy, namespace, expires_after) = (
             self.policy.clone(),

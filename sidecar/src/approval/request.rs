@@ -38,6 +38,8 @@ pub struct Draft {
     pub reason: String,
     /// Who may decide (the policy's `approval.approvers`), if it names any.
     pub approvers: Option<Approvers>,
+    /// The planner's estimate, for DML.
+    pub estimate: Option<pgwarden_api::Estimate>,
 }
 
 /// Shown instead of a sensitive parameter.
@@ -184,6 +186,7 @@ pub fn new_request(
             reason: draft.reason,
             expires_at: rfc3339(expires),
             approvers: draft.approvers,
+            estimate: draft.estimate,
             decision: None,
         },
     );
@@ -463,6 +466,8 @@ pub struct View<'a> {
     pub result: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approvers: Option<&'a Approvers>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<&'a pgwarden_api::Estimate>,
 }
 
 pub fn view(r: &ApprovalRequest, now: Timestamp) -> View<'_> {
@@ -482,6 +487,7 @@ pub fn view(r: &ApprovalRequest, now: Timestamp) -> View<'_> {
         decision: r.spec.decision.as_ref(),
         result: r.status.as_ref().and_then(|s| s.result.as_deref()),
         approvers: r.spec.approvers.as_ref(),
+        estimate: r.spec.estimate.as_ref(),
     }
 }
 

@@ -268,6 +268,7 @@ mod tests {
             fingerprint: "fp".into(),
             reason: "r".into(),
             approvers: None,
+            estimate: None,
         };
         request::new_request(
             draft,

@@ -15,9 +15,9 @@ use pgwarden_api::{ApprovalRequest, DecisionAction};
 
 use super::output::{errln, out, outln};
 use super::{ApprovalsArgs, ApprovalsCommand, IdMatch, OutputFormat};
-use crate::approval::os_user;
 use crate::approval::request::{self, DecideError, Decider};
 use crate::approval::store::{DirStore, StoreError};
+use crate::approval::{estimate, os_user};
 
 const EXIT_REFUSED: u8 = 1;
 const EXIT_ERROR: u8 = 2;
@@ -189,7 +189,8 @@ fn table(all: &[ApprovalRequest], now: Timestamp) -> String {
     t
 }
 
-fn one(r: &ApprovalRequest, now: Timestamp) -> String {
+/// One request in full (also `kubectl pgwarden show`).
+pub(super) fn one(r: &ApprovalRequest, now: Timestamp) -> String {
     let v = request::view(r, now);
     let mut t = String::new();
     let _ = writeln!(t, "id:          {}", v.id);
@@ -215,6 +216,9 @@ fn one(r: &ApprovalRequest, now: Timestamp) -> String {
     let _ = writeln!(t, "statement:   {}", v.statement);
     for (i, p) in v.parameters.iter().enumerate() {
         let _ = writeln!(t, "  ${}:        {}", i + 1, p.as_deref().unwrap_or("NULL"));
+    }
+    if let Some(e) = v.estimate {
+        let _ = writeln!(t, "estimate:    {}", estimate::describe(e));
     }
     if let Some(d) = v.decision {
         let _ = writeln!(

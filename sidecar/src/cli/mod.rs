@@ -2,6 +2,7 @@
 
 mod approvals;
 mod check;
+pub mod kubectl;
 pub mod output;
 mod run;
 mod sessions;
@@ -56,6 +57,9 @@ pub enum Command {
     Approvals(ApprovalsArgs),
     /// List, replay and verify recorded sessions.
     Sessions(SessionsArgs),
+    /// Decide a cluster's ApprovalRequests with kubectl underneath (this
+    /// binary installed as kubectl-pgwarden is `kubectl pgwarden`).
+    Kubectl(kubectl::KubectlArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -396,6 +400,7 @@ pub fn main_with(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Check(args) => check::check(args),
         Command::Approvals(args) => approvals::approvals(args),
         Command::Sessions(args) => sessions::sessions(args),
+        Command::Kubectl(args) => kubectl::kubectl(args),
     }
 }
 

@@ -337,7 +337,17 @@ pub async fn query_rows(
 ) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
     let mut out = BytesMut::new();
     codec::put_query(sql, &mut out);
-    up.stream.write_all(&out).await?;
+    request_rows(up, limits, &out).await
+}
+
+/// Send proxy-built messages that end in ReadyForQuery (a Query, or an
+/// extended-protocol batch ending in Sync) and return the rows as text.
+pub async fn request_rows(
+    up: &mut Upstream,
+    limits: Limits,
+    request: &[u8],
+) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
+    up.stream.write_all(request).await?;
     up.stream.flush().await?;
     let mut frames =
         FrameBuf::with_bytes(Direction::Backend, limits, std::mem::take(&mut up.leftover));

@@ -26,6 +26,7 @@ fn request() -> ApprovalRequest {
             reason: "rule schema-changes: DDL".into(),
             expires_at: "2026-12-03T11:00:00Z".into(),
             approvers: None,
+            estimate: None,
             decision: None,
         },
     );

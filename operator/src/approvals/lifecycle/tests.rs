@@ -23,6 +23,7 @@ fn request(phase: ApprovalPhase) -> ApprovalRequest {
             reason: "rule ddl".into(),
             expires_at: "2026-12-03T11:00:00Z".into(),
             approvers: None,
+            estimate: None,
             decision: None,
         },
     );

@@ -18,6 +18,7 @@ fn draft(statement: &str, fingerprint: &str) -> Draft {
         fingerprint: fingerprint.into(),
         reason: "approval required by rule \"schema-changes\": DDL".into(),
         approvers: None,
+        estimate: None,
     }
 }
 

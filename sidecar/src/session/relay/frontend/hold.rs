@@ -5,11 +5,12 @@
 use std::time::Instant;
 
 use bytes::BytesMut;
-use pgwarden_api::ApprovalRequest;
+use pgwarden_api::{ApprovalRequest, Estimate};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Facts, Frontend};
-use crate::approval::{messages, request, Approvals, Ask, Opened, Waited};
+use crate::approval::request::Param;
+use crate::approval::{estimate, messages, request, Approvals, Ask, Opened, Waited};
 use crate::recording::{RecordedVerdict, StatementFacts};
 use crate::session::approve::{self, Hold, HoldKind};
 use crate::session::outcome::{Watch, WatchKind};
@@ -69,6 +70,7 @@ impl Frontend<'_> {
             return Err(End::upstream_write(e));
         }
         let params = hold.param_refs();
+        let estimate = self.estimate(&hold, &params).await;
         let opened = approvals
             .open(Ask {
                 subject: self.subject,
@@ -77,6 +79,7 @@ impl Frontend<'_> {
                 sensitive: hold.need.sensitive,
                 reason: hold.need.reason.as_deref().unwrap_or_default(),
                 os_user: self.login.os_user.as_deref(),
+                estimate,
             })
             .await;
         let decided = match opened {
@@ -103,6 +106,23 @@ impl Frontend<'_> {
             }
         }
         Ok(())
+    }
+
+    /// What the reviewer is shown of a held DML statement: the planner's
+    /// estimate, from the gateway's own connection (bounded by
+    /// `estimate::TIMEOUT`; it never fails the statement).
+    async fn estimate(&self, hold: &Hold, params: &[Param<'_>]) -> Option<Estimate> {
+        let gate = &self.policy.gate;
+        let judgement = match &hold.kind {
+            HoldKind::Query { judgement, .. } => judgement.clone(),
+            // Cached since the Parse was judged.
+            HoldKind::Execute { .. } => gate.evaluate(&hold.need.sql),
+        };
+        let classes: Vec<_> = judgement.statements.iter().map(|s| s.class).collect();
+        match estimate::plannable(&classes, gate.calls_user_code(&judgement), params)? {
+            Ok(()) => Some(estimate::explain(&self.policy.upstream, &hold.need.sql, params).await),
+            Err(why) => Some(Estimate::unknown(why)),
+        }
     }
 
     /// Wait for a reviewer: poll the request, and meanwhile watch for the
