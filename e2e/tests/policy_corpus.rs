@@ -434,27 +434,7 @@ fn corpus_file_is_well_formed() {
 /// Runs `pgwarden check` for one case; `Err` describes the mismatch.
 fn check_case(bin: &Path, case: &Case) -> Result<(), String> {
     let sql = render(&case.sql, CHECK_TMP, CHECK_PORT);
-    let mut cmd = Command::new(bin);
-    cmd.arg("check")
-        .arg("-f")
-        .arg(policy_path())
-        .arg("--sql")
-        .arg(&sql)
-        .arg("-o")
-        .arg("json")
-        .env("RUST_LOG", "warn");
-    for name in case.setup.iter().filter_map(|s| prepared_name(s)) {
-        cmd.arg("--prepared").arg(name);
-    }
-    // What a live gateway reads from the database at login: the fixture's
-    // functions and operators outside pg_catalog.
-    for name in FIXTURE_USER_FUNCTIONS {
-        cmd.arg("--user-function").arg(name);
-    }
-    for name in FIXTURE_USER_OPERATORS {
-        cmd.arg("--user-operator").arg(name);
-    }
-    let out = run_command(&mut cmd, None, CHECK_TIMEOUT);
+    let out = run_check(bin, &policy_path(), case);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let expected = case.check_expect();
@@ -509,6 +489,33 @@ fn check_case(bin: &Path, case: &Case) -> Result<(), String> {
     ))
 }
 
+/// `pgwarden check -f POLICY --sql SQL -o json` for one case, told what a live session
+/// would know (the names its setup prepares, the fixture's user code).
+fn run_check(bin: &Path, policy: &Path, case: &Case) -> Output {
+    let sql = render(&case.sql, CHECK_TMP, CHECK_PORT);
+    let mut cmd = Command::new(bin);
+    cmd.arg("check")
+        .arg("-f")
+        .arg(policy)
+        .arg("--sql")
+        .arg(&sql)
+        .arg("-o")
+        .arg("json")
+        .env("RUST_LOG", "warn");
+    for name in case.setup.iter().filter_map(|s| prepared_name(s)) {
+        cmd.arg("--prepared").arg(name);
+    }
+    // What a live gateway reads from the database at login: the fixture's
+    // functions and operators outside pg_catalog.
+    for name in FIXTURE_USER_FUNCTIONS {
+        cmd.arg("--user-function").arg(name);
+    }
+    for name in FIXTURE_USER_OPERATORS {
+        cmd.arg("--user-operator").arg(name);
+    }
+    run_command(&mut cmd, None, CHECK_TIMEOUT)
+}
+
 /// The statement name a `PREPARE name ...` line creates, folded as PostgreSQL folds
 /// identifiers (quoted: exact; unquoted: lower case).
 fn prepared_name(stmt: &str) -> Option<String> {
@@ -544,28 +551,10 @@ fn check_verdicts() {
     let bin = pgwarden_bin();
     let cases = load_corpus();
     let started = Instant::now();
-    let chunk = cases.len().div_ceil(CHECK_WORKERS);
-    let mut failures: Vec<(usize, String)> = thread::scope(|s| {
-        let workers: Vec<_> = cases
-            .chunks(chunk)
-            .enumerate()
-            .map(|(n, part)| {
-                let bin = &bin;
-                s.spawn(move || {
-                    part.iter()
-                        .enumerate()
-                        .filter_map(|(i, case)| {
-                            check_case(bin, case).err().map(|e| (n * chunk + i, e))
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().expect("check worker panicked"))
-            .collect()
-    });
+    let mut failures: Vec<(usize, String)> = in_parallel(&cases, |case| check_case(&bin, case))
+        .into_iter()
+        .filter_map(|(i, r)| r.err().map(|e| (i, e)))
+        .collect();
     failures.sort();
     eprintln!(
         "pgwarden check: {} cases in {:?}, {} mismatches",
@@ -575,6 +564,194 @@ fn check_verdicts() {
     );
     let failures: Vec<String> = failures.into_iter().map(|(_, e)| e).collect();
     report("pgwarden check", cases.len(), &failures);
+}
+
+// === audit mode ===
+
+/// The corpus policy's own names for what decided an access: its rules and its
+/// `defaultAction`. Audit mode relaxes exactly these; every other name `check` gives
+/// (builtin, always, session) is a refusal the gateway makes whatever the rules say.
+const AUTHORED: &[&str] = &[
+    "no-file-access",
+    "schema-changes",
+    "bulk-writes",
+    "app-data",
+    "export-orders",
+    "explain-app",
+    "default",
+];
+
+/// The corpus policy switched to `spec.enforcement: Audit`.
+fn audit_policy_text() -> String {
+    let text = fs::read_to_string(policy_path()).expect("read corpus policy");
+    let from = "  defaultAction: Deny\n";
+    assert_eq!(text.matches(from).count(), 1, "{from:?} in policy.yaml");
+    assert!(
+        !text.contains("enforcement:"),
+        "policy.yaml sets enforcement"
+    );
+    text.replacen(from, &format!("{from}  enforcement: Audit\n"), 1)
+}
+
+/// What decided a refused case, as the audit-mode `check` reports the rules' decision:
+/// `None` when only the policy's rules or default refused it, else the gateway's own
+/// refusal family (`parser`, or the name of a non-authored deciding access).
+fn gateway_family(json: &serde_json::Value) -> Option<String> {
+    let accesses = json["accesses"].as_array().cloned().unwrap_or_default();
+    if accesses.is_empty() {
+        // Nothing analysed: refused before any rule (unparseable text).
+        return Some(json["rule"].as_str().unwrap_or("(none)").to_string());
+    }
+    accesses
+        .iter()
+        .filter(|a| a["action"].as_str() != Some("allow"))
+        .filter_map(|a| a["rule"].as_str())
+        .find(|r| !AUTHORED.contains(r))
+        .map(|r| {
+            let user = accesses.iter().any(|a| a["userCode"] == true);
+            if user {
+                format!("{r} (user code)")
+            } else {
+                r.to_string()
+            }
+        })
+}
+
+/// Every refused corpus case under an audit-mode copy of the policy: refusals that are
+/// not the rules' (built-in deny list, session names such as EXECUTE of a name never
+/// prepared, unparseable text, user code the rules cannot see into) still refuse, as
+/// deny with no would-be verdict; a case only the rules or `defaultAction` refused is
+/// forwarded with the rules' verdict as `wouldBe`.
+#[test]
+fn audit_mode_still_refuses_the_gateways_own_refusals() {
+    let bin = pgwarden_bin();
+    let text = fs::read_to_string(policy_path()).expect("read corpus policy");
+    for name in AUTHORED.iter().filter(|n| **n != "default") {
+        assert!(
+            text.contains(&format!("name: {name}")),
+            "policy.yaml has no rule {name}"
+        );
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let audit_policy = dir.path().join("policy-audit.yaml");
+    fs::write(&audit_policy, audit_policy_text()).expect("write audit policy");
+    let cases: Vec<Case> = load_corpus()
+        .into_iter()
+        .filter(|c| c.check_expect() != Verdict::Allow)
+        .collect();
+    let started = Instant::now();
+    // (case index, (family or "rules: would <verdict>", failure))
+    let results: Vec<(usize, (String, Option<String>))> = in_parallel(&cases, |case| {
+        let out = run_check(&bin, &audit_policy, case);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let Ok(json) = serde_json::from_str::<serde_json::Value>(stdout.trim()) else {
+            return (
+                "(no json)".into(),
+                Some(format!(
+                    "{}: no JSON answer: {}",
+                    case.name(),
+                    excerpt(&String::from_utf8_lossy(&out.stderr), 400)
+                )),
+            );
+        };
+        let code = out.status.code();
+        let verdict = json["verdict"].as_str().unwrap_or("");
+        let reason = json["reason"].as_str().unwrap_or("");
+        let mut problems = Vec::new();
+        let family = match gateway_family(&json) {
+            Some(family) => {
+                if code != Some(Verdict::Deny.exit_code()) || verdict != "deny" {
+                    problems.push(format!(
+                        "a {family} refusal must still deny, got {verdict:?} (exit {code:?})"
+                    ));
+                }
+                if json.get("wouldBe").is_some() {
+                    problems.push("a refusal the gateway enforces has a wouldBe".into());
+                }
+                if reason.contains("by rule \"") || reason.contains("by default action") {
+                    problems.push(format!("refused in the rules' name: {reason:?}"));
+                }
+                family
+            }
+            None => {
+                let want = case.check_expect().as_str();
+                if code != Some(0) || verdict != "allow" {
+                    problems.push(format!(
+                        "only the rules refused it: audit mode must forward it, got {verdict:?} (exit {code:?})"
+                    ));
+                }
+                if json["wouldBe"].as_str() != Some(want) || json["enforcement"] != "Audit" {
+                    problems.push(format!(
+                        "wouldBe {:?} enforcement {:?}, expected {want:?} Audit",
+                        json["wouldBe"], json["enforcement"]
+                    ));
+                }
+                let rule = json["rule"].as_str().unwrap_or("");
+                if !AUTHORED.contains(&rule) {
+                    problems.push(format!("the would-be verdict names {rule:?}, not a rule"));
+                }
+                format!("rules: would {want}")
+            }
+        };
+        let failure = (!problems.is_empty()).then(|| {
+            format!(
+                "{}: {}\n  sql: {}\n  reason: {reason:?}",
+                case.name(),
+                problems.join("; "),
+                excerpt(&case.sql, 300)
+            )
+        });
+        (family, failure)
+    });
+    let mut tally: std::collections::BTreeMap<&str, usize> = Default::default();
+    for (_, (family, _)) in &results {
+        *tally.entry(family.as_str()).or_default() += 1;
+    }
+    eprintln!(
+        "audit mode: {} refused cases in {:?}: {tally:?}",
+        cases.len(),
+        started.elapsed()
+    );
+    // The corpus has every family the gateway refuses on its own, and cases only the
+    // rules refused both ways; a corpus edit that lost one would make this test vacuous.
+    for family in [
+        "builtin",
+        "session",
+        "parser",
+        "rules: would deny",
+        "rules: would require-approval",
+    ] {
+        assert!(
+            tally.keys().any(|k| k.starts_with(family)),
+            "no refused case of family {family:?}: {tally:?}"
+        );
+    }
+    let failures: Vec<String> = results.into_iter().filter_map(|(_, (_, f))| f).collect();
+    report("audit mode", cases.len(), &failures);
+}
+
+/// `f` over every case on CHECK_WORKERS threads, with each case's index, in order.
+fn in_parallel<T: Send>(cases: &[Case], f: impl Fn(&Case) -> T + Sync) -> Vec<(usize, T)> {
+    let chunk = cases.len().div_ceil(CHECK_WORKERS).max(1);
+    thread::scope(|s| {
+        let workers: Vec<_> = cases
+            .chunks(chunk)
+            .enumerate()
+            .map(|(n, part)| {
+                let f = &f;
+                s.spawn(move || {
+                    part.iter()
+                        .enumerate()
+                        .map(|(i, case)| (n * chunk + i, f(case)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("check worker panicked"))
+            .collect()
+    })
 }
 
 // === running cases against a cluster ===
