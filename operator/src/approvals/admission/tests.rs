@@ -280,6 +280,11 @@ fn what_was_requested_cannot_be_edited() {
             Box::new(|s| s.expires_at = "2030-01-01T00:00:00Z".into()),
         ),
         ("policy", Box::new(|s| s.policy = "other".into())),
+        // A smaller estimate must not be slipped in front of the reviewer.
+        (
+            "estimate",
+            Box::new(|s| s.estimate = Some(pgwarden_api::Estimate::unknown("edited"))),
+        ),
     ];
     for (field, edit) in edits {
         let mut new = old.clone();
