@@ -430,10 +430,11 @@ async fn post(tls: &TlsConnector, url: &str, body: Bytes) -> Result<(), TryError
         return Err(bad("must be https:// (http:// only to a loopback host)"));
     }
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let authority = uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .ok_or_else(|| bad("has no host"))?;
+    // Host without any userinfo the URL may carry.
+    let authority = match uri.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_owned(),
+    };
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let request = Request::post(path)
         .header(HOST, authority)
