@@ -36,6 +36,9 @@ pub struct ClusterClient {
     decided: Mutex<HashMap<String, ApprovalRequest>>,
     /// Bumped on every announced decision.
     tick: watch::Sender<u64>,
+    /// Requests this sidecar opened that were pending when last heard of
+    /// (for the pending-approvals metric); a decision or expiry removes them.
+    pending: Mutex<HashMap<String, ApprovalRequest>>,
 }
 
 impl std::fmt::Debug for ClusterClient {
@@ -61,12 +64,14 @@ impl ClusterClient {
             opts,
             decided: Mutex::default(),
             tick: watch::channel(0).0,
+            pending: Mutex::default(),
         }
     }
 
     /// The config stream announced a decision (or expiry) of a request.
     pub fn announce(&self, r: ApprovalRequest) {
         let id = request::id(&r).to_owned();
+        self.settled(&id);
         {
             let mut d = self.decided.lock().unwrap_or_else(|e| e.into_inner());
             if d.len() >= MAX_UNTAKEN && !d.contains_key(&id) {
@@ -95,6 +100,29 @@ impl ClusterClient {
                 std::future::pending::<()>().await;
             }
         }
+    }
+
+    /// How many requests this sidecar opened are still pending.
+    pub fn pending_count(&self, now: k8s_openapi::jiff::Timestamp) -> usize {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.retain(|_, r| request::phase(r, now) == pgwarden_api::ApprovalPhase::Pending);
+        p.len()
+    }
+
+    fn still_pending(&self, r: &ApprovalRequest) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if p.len() >= MAX_UNTAKEN {
+            // A flood: the metric undercounts rather than grow for ever.
+            p.clear();
+        }
+        p.insert(request::id(r).to_owned(), r.clone());
+    }
+
+    fn settled(&self, id: &str) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 
     pub async fn open(&self, ask: &OpenApproval) -> Result<Opened, OperatorError> {
@@ -216,7 +244,10 @@ impl Approvals {
         }
         Ok(match opened.outcome {
             OpenOutcome::Released => Open::Released(r),
-            OpenOutcome::Pending => Open::Pending(r),
+            OpenOutcome::Pending => {
+                client.still_pending(&r);
+                Open::Pending(r)
+            }
             OpenOutcome::Denied => Open::Denied(r),
         })
     }
@@ -228,6 +259,9 @@ impl Approvals {
     ) -> Result<Waited, StoreError> {
         let claimed = client.claim(id).await?;
         let r = *claimed.request;
+        if !matches!(claimed.outcome, ClaimOutcome::Pending) {
+            client.settled(id);
+        }
         Ok(match claimed.outcome {
             ClaimOutcome::Released => Waited::Released(r),
             ClaimOutcome::Pending => Waited::Pending,

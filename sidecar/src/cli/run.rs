@@ -174,6 +174,26 @@ async fn serve(
         .await
         .with_context(|| format!("binding --listen {}", args.listen))?;
     let shipping = Shipping::default();
+    tokio::spawn(observe::sample(
+        shared.metrics.clone(),
+        observe::Sources {
+            approvals: match &opts.cluster_approvals {
+                Some(c) => observe::PendingFrom::Cluster(c.clone()),
+                None => observe::PendingFrom::Dir(args.state_dir.clone()),
+            },
+            recorder: {
+                let opts = opts.clone();
+                Box::new(move || opts.recorder.get()?.as_ref().ok().cloned())
+            },
+            shipping: {
+                let shipping = shipping.clone();
+                Box::new(move || {
+                    let loops = shipping.lock().unwrap_or_else(|e| e.into_inner());
+                    loops.values().map(|(_, p)| p.clone()).collect()
+                })
+            },
+        },
+    ));
     if let Some(cfg) = shared.config.current() {
         start_policies(&cfg, &args.state_dir, &shipping, shared.limits);
     }
@@ -295,8 +315,17 @@ type StoreKey = (String, u16, String, String);
 
 /// The running shipping loops, one per audit store; dropping a store's
 /// sender stops its loop.
-type Shipping =
-    Arc<std::sync::Mutex<std::collections::HashMap<StoreKey, tokio::sync::watch::Sender<bool>>>>;
+type Shipping = Arc<
+    std::sync::Mutex<
+        std::collections::HashMap<
+            StoreKey,
+            (
+                tokio::sync::watch::Sender<bool>,
+                Arc<crate::recording::ship::driver::Progress>,
+            ),
+        >,
+    >,
+>;
 
 /// Background work of newly built policies: token key refresh, masking
 /// column-map refresh (both end with the policy), and shipping the
@@ -332,8 +361,9 @@ fn start_policies(
             stores.insert(key.clone());
             if let std::collections::hash_map::Entry::Vacant(slot) = loops.entry(key) {
                 let (stop, stopped) = tokio::sync::watch::channel(false);
-                crate::recording::ship::spawn(state_dir, target, table, limits, stopped);
-                slot.insert(stop);
+                let progress =
+                    crate::recording::ship::spawn(state_dir, target, table, limits, stopped);
+                slot.insert((stop, progress));
             }
         }
         info!(policy.name = %p.id, database = %p.upstream.database,

@@ -1,4 +1,13 @@
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::approval::cluster::ClusterClient;
+use crate::recording::{ship, spool};
 
 /// Handles to every metric, resolved once so the hot path only does an
 /// atomic add.
@@ -9,7 +18,10 @@ pub struct Metrics {
     pub connections_rejected: IntCounterVec,
     pub statements_simple: IntCounter,
     pub statements_extended: IntCounter,
-    pub statements_refused: IntCounter,
+    /// By policy and the rule that refused ("default" without one: the
+    /// default action or a built-in refusal). Rule names come from the
+    /// policy, never from the statement, so the label set stays bounded.
+    pub statements_refused: IntCounterVec,
     /// Audit-mode policies: statements forwarded that the rules would have
     /// refused, by policy, would-be verdict and rule (never the statement).
     pub statements_audited: IntCounterVec,
@@ -41,6 +53,14 @@ pub struct Metrics {
     pub config_snapshots: IntCounterVec,
     /// Operator mode: the version of the snapshot last put in force.
     pub config_version: IntGauge,
+    /// Approval requests waiting for a decision (sampled: [`sample`]).
+    pub approvals_pending: IntGauge,
+    /// Records on their way, by stage: `disk` (handed to the recorder, not
+    /// yet fsynced), `store` (on disk, not yet in the audit store).
+    pub recording_backlog: IntGaugeVec,
+    /// Seconds since the oldest record the audit store does not hold yet
+    /// was written; 0 when it holds everything (or there is no store).
+    pub recording_shipping_lag: IntGauge,
 }
 
 impl Default for Metrics {
@@ -67,6 +87,13 @@ impl Metrics {
                 .register(Box::new(c.clone()))
                 .expect("metric registered once");
             c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("static metric definition");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric registered once");
+            g
         };
         let connections_active = IntGauge::new(
             "client_connections_active",
@@ -101,9 +128,10 @@ impl Metrics {
             ),
             statements_simple: statements.with_label_values(&["simple"]),
             statements_extended: statements.with_label_values(&["extended"]),
-            statements_refused: counter(
+            statements_refused: counter_vec(
                 "statements_refused_total",
-                "Statements refused by the gateway",
+                "Statements refused by the gateway, by policy and rule (default: the default action or a built-in refusal)",
+                &["policy", "rule"],
             ),
             statements_audited: counter_vec(
                 "statements_audited_total",
@@ -182,6 +210,28 @@ impl Metrics {
                 "The readiness check's logins to the policies' upstreams, by result (ok, connect, tls, auth, refused, protocol, io)",
                 &["result"],
             ),
+            approvals_pending: gauge(
+                "approvals_pending",
+                "Approval requests waiting for a decision (standalone: in the state directory; in a cluster: those this sidecar opened)",
+            ),
+            recording_backlog: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "recording_backlog_records",
+                        "Session records on their way, by stage (disk: not yet fsynced; store: not yet in the audit store)",
+                    ),
+                    &["stage"],
+                )
+                .expect("static metric definition");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
+            recording_shipping_lag: gauge(
+                "recording_shipping_lag_seconds",
+                "Seconds since the oldest record the audit store does not hold yet was written (0: caught up, or no store)",
+            ),
             recording_log_breaks: counter(
                 "recording_log_breaks_total",
                 "Recording logs found broken when the gateway started; recording went on in a new chain (pgwarden sessions verify reports the break)",
@@ -203,3 +253,104 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 }
+
+/// How often the sampled gauges are brought up to date.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// Where pending approvals are counted.
+pub enum PendingFrom {
+    /// The standalone store in this state directory.
+    Dir(PathBuf),
+    /// The requests this sidecar opened in the cluster.
+    Cluster(Arc<ClusterClient>),
+}
+
+/// What the sampled gauges read, off the data path.
+pub struct Sources {
+    pub approvals: PendingFrom,
+    /// The gateway's recorder, once a policy records.
+    pub recorder: Box<dyn Fn() -> Option<spool::Recorder> + Send + Sync>,
+    /// The shipping loops running now.
+    pub shipping: Box<dyn Fn() -> Vec<Arc<ship::driver::Progress>> + Send + Sync>,
+}
+
+/// Keep the sampled gauges current, every [`SAMPLE_EVERY`], for ever.
+pub async fn sample(metrics: Arc<Metrics>, sources: Sources) {
+    let sources = Arc::new(sources);
+    loop {
+        let s = sources.clone();
+        // Listing the store reads files: not on a runtime thread.
+        if let Ok(Some(n)) = tokio::task::spawn_blocking(move || pending(&s.approvals)).await {
+            metrics
+                .approvals_pending
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        let now = k8s_openapi::jiff::Timestamp::now().as_second();
+        let r = recording(
+            (sources.recorder)().as_ref().map(spool::Recorder::progress),
+            &(sources.shipping)(),
+            now,
+        );
+        let set = |stage: &str, n: u64| {
+            metrics
+                .recording_backlog
+                .with_label_values(&[stage])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        };
+        set("disk", r.unwritten);
+        set("store", r.unshipped);
+        metrics.recording_shipping_lag.set(r.lag_seconds);
+        tokio::time::sleep(SAMPLE_EVERY).await;
+    }
+}
+
+/// Pending requests now; `None` when the store cannot be read (the gauge
+/// keeps its last value; the error shows wherever the store is used).
+fn pending(from: &PendingFrom) -> Option<usize> {
+    use crate::approval::{request, store};
+    let now = k8s_openapi::jiff::Timestamp::now();
+    match from {
+        PendingFrom::Cluster(c) => Some(c.pending_count(now)),
+        PendingFrom::Dir(dir) => match store::DirStore::open_existing(dir) {
+            Ok(s) => s.list().ok().map(|all| {
+                all.iter()
+                    .filter(|r| request::phase(r, now) == pgwarden_api::ApprovalPhase::Pending)
+                    .count()
+            }),
+            // No store yet: nothing was ever held.
+            Err(store::StoreError::Missing(_)) => Some(0),
+            Err(_) => None,
+        },
+    }
+}
+
+/// The recording gauges' values.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Recording {
+    pub unwritten: u64,
+    pub unshipped: u64,
+    pub lag_seconds: i64,
+}
+
+/// From the recorder's and the shipping loops' progress: with several
+/// stores, the one furthest behind.
+pub fn recording(
+    spool: Option<&spool::Progress>,
+    ships: &[Arc<ship::driver::Progress>],
+    now: i64,
+) -> Recording {
+    use std::sync::atomic::Ordering::Relaxed;
+    let durable = spool.map_or(0, |p| p.durable_seq.load(Relaxed));
+    Recording {
+        unwritten: spool.map_or(0, spool::Progress::backlog),
+        unshipped: ships
+            .iter()
+            .map(|s| durable.saturating_sub(s.shipped_seq.load(Relaxed)))
+            .max()
+            .unwrap_or(0),
+        lag_seconds: ships.iter().map(|s| s.lag_seconds(now)).max().unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -7,5 +7,5 @@ mod metrics;
 pub mod ready;
 
 pub use http::serve_admin;
-pub use metrics::Metrics;
+pub use metrics::{sample, Metrics, PendingFrom, Sources};
 pub use ready::{watch_upstreams, Readiness};

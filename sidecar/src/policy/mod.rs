@@ -376,7 +376,10 @@ impl Gate {
         let Some(d) = self.decide_in_session(j, session) else {
             return (Verdict::Refuse(PgError::denied(j.reason())), None);
         };
-        let name = rule.then(|| d.rule_name().map(str::to_owned)).flatten();
+        // Refusals and holds are counted per rule even when nothing records.
+        let name = (rule || !matches!(d.action, Action::Allow))
+            .then(|| d.rule_name().map(str::to_owned))
+            .flatten();
         let v = match d.action {
             Action::Allow => Verdict::Allow,
             Action::RequireApproval => Verdict::RequireApproval(d.reason()),

@@ -25,15 +25,17 @@ use crate::upstream::UpstreamTarget;
 use crate::wire::Limits;
 
 /// Ship the log under `state_dir` to an audit table until `shutdown` says
-/// true or its sender is dropped.
+/// true or its sender is dropped; how far it got, for the metrics.
 pub fn spawn(
     state_dir: &Path,
     target: Arc<UpstreamTarget>,
     table: String,
     limits: Limits,
     shutdown: watch::Receiver<bool>,
-) {
+) -> Arc<driver::Progress> {
     let dir = spool::dir(state_dir);
+    let progress = Arc::new(driver::Progress::default());
+    let p = progress.clone();
     tokio::spawn(async move {
         let chain = match spool::chain_id(&dir) {
             Ok(c) => c,
@@ -43,6 +45,7 @@ pub fn spawn(
             }
         };
         let sink = AuditTable::new(target, table, limits);
-        driver::run(dir, chain, sink, Pace::default(), shutdown).await;
+        driver::run(dir, chain, sink, Pace::default(), shutdown, p).await;
     });
+    progress
 }

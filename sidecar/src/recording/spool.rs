@@ -26,6 +26,7 @@ use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,6 +67,31 @@ pub const LOCK_FILE: &str = "writer.lock";
 pub struct Recorder {
     queue: Arc<Queue>,
     log_break: Option<Arc<LogBreak>>,
+    progress: Arc<Progress>,
+}
+
+/// How far the writer got (read by the recording backlog metric).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Records handed to the recorder.
+    pub accepted: AtomicU64,
+    /// Of those, records on disk (fsynced), or lost to a write error: the
+    /// rest are still on their way.
+    pub settled: AtomicU64,
+    /// The last seq on disk.
+    pub durable_seq: AtomicU64,
+}
+
+impl Progress {
+    /// Records accepted and not yet on disk.
+    pub fn backlog(&self) -> u64 {
+        // `settled` first: a record is accepted before it settles, so a
+        // record accepted and settled in between only adds to `accepted`.
+        let settled = self.settled.load(Ordering::Relaxed);
+        self.accepted
+            .load(Ordering::Relaxed)
+            .saturating_sub(settled)
+    }
 }
 
 /// A break found in the log at start; recording went on in a new chain.
@@ -288,6 +314,9 @@ struct Writer {
     head_seq: u64,
     last_sync: Instant,
     last_head: Instant,
+    progress: Arc<Progress>,
+    /// Records appended since the last fsync.
+    unsynced: u64,
 }
 
 impl Recorder {
@@ -313,7 +342,11 @@ impl Recorder {
             } => (next_seq - 1, GENESIS.to_owned(), Some((at, reason))),
         };
         let (file, size, path) = open_segment(&dir, seq + 1, broken.is_some())?;
+        let progress = Arc::new(Progress::default());
+        progress.durable_seq.store(seq, Ordering::Relaxed);
         let mut w = Writer {
+            progress: progress.clone(),
+            unsynced: 0,
             _lock: lock,
             dir: dir.clone(),
             file: io::BufWriter::with_capacity(64 * 1024, file),
@@ -334,6 +367,7 @@ impl Recorder {
                     broken_at: at.clone(),
                     reason: reason.clone(),
                 };
+                progress.accepted.fetch_add(1, Ordering::Relaxed);
                 let written = w
                     .append(NO_SESSION.to_owned(), event, Timestamp::now())
                     .and_then(|()| w.sync(true));
@@ -364,7 +398,15 @@ impl Recorder {
                 path: PathBuf::from("(recorder thread)"),
                 source: e,
             })?;
-        Ok(Recorder { queue, log_break })
+        Ok(Recorder {
+            queue,
+            log_break,
+            progress,
+        })
+    }
+
+    pub fn progress(&self) -> &Progress {
+        &self.progress
     }
 
     /// The break found in the log at start, if any.
@@ -380,6 +422,7 @@ impl Recorder {
         event: Event,
         durable: bool,
     ) -> Option<oneshot::Receiver<()>> {
+        self.progress.accepted.fetch_add(1, Ordering::Relaxed);
         let (ack, rx) = if durable {
             let (t, r) = oneshot::channel();
             (Some(t), Some(r))
@@ -619,6 +662,9 @@ impl Writer {
                             // Fail closed: durable writers get no ack and
                             // their sessions end; later events keep trying.
                             tracing::error!(error = %e, "writing a session record failed");
+                            // Lost, so no longer on its way (the backlog
+                            // metric must not grow for ever).
+                            self.progress.settled.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
                         acks.extend(ack);
@@ -669,6 +715,7 @@ impl Writer {
         self.file.write_all(b"\n")?;
         self.size += line.len() as u64 + 1;
         self.seq = r.seq;
+        self.unsynced += 1;
         self.last_hash = hash.clone();
         if ends {
             self.sessions.remove(&r.session);
@@ -685,6 +732,12 @@ impl Writer {
             self.file.get_ref().sync_data()?;
             self.synced_seq = self.seq;
             self.synced_hash = self.last_hash.clone();
+            self.progress
+                .settled
+                .fetch_add(std::mem::take(&mut self.unsynced), Ordering::Relaxed);
+            self.progress
+                .durable_seq
+                .store(self.synced_seq, Ordering::Relaxed);
         }
         self.last_sync = Instant::now();
         if self.head_seq != self.synced_seq

@@ -8,6 +8,8 @@ use std::fs;
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -75,6 +77,40 @@ impl Default for Pace {
             first_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
         }
+    }
+}
+
+/// How far a loop got (read by the shipping metrics).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// The last seq the store holds.
+    pub shipped_seq: AtomicU64,
+    /// When the oldest record the store does not hold yet was written (Unix
+    /// seconds), or 0 when it holds everything the loop last saw.
+    pub oldest_unshipped: AtomicI64,
+}
+
+impl Progress {
+    /// Seconds since the oldest record not yet shipped was written, or 0.
+    pub fn lag_seconds(&self, now: i64) -> i64 {
+        match self.oldest_unshipped.load(Ordering::Relaxed) {
+            0 => 0,
+            at => now.saturating_sub(at).max(0),
+        }
+    }
+
+    fn saw(&self, shipped: u64, batch: &[SealedRecord]) {
+        self.shipped_seq.store(shipped, Ordering::Relaxed);
+        // An unreadable time still counts as waiting (since the epoch would
+        // be absurd): as written now.
+        let oldest = batch.first().map(|r| {
+            r.at.parse::<k8s_openapi::jiff::Timestamp>()
+                .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now())
+                .as_second()
+                .max(1)
+        });
+        self.oldest_unshipped
+            .store(oldest.unwrap_or(0), Ordering::Relaxed);
     }
 }
 
@@ -201,6 +237,7 @@ pub async fn run<S: Sink>(
     mut sink: S,
     pace: Pace,
     mut shutdown: watch::Receiver<bool>,
+    progress: Arc<Progress>,
 ) {
     let cursor = Cursor {
         dir: dir.clone(),
@@ -223,6 +260,7 @@ pub async fn run<S: Sink>(
             }
             Err(_) => Vec::new(),
         };
+        progress.saw(after, &batch);
         let wait = match batch.last() {
             None => pace.idle,
             Some(last) => {

@@ -349,8 +349,8 @@ impl Frontend<'_> {
                 if let Some(m) = &mut self.mask {
                     m.query(None);
                 }
-                self.record_refused(Facts::text(sql, rule), &err, None);
-                self.refuse_query(err, out);
+                self.record_refused(Facts::text(sql, rule.clone()), &err, None);
+                self.refuse_query(err, rule.as_deref(), out);
             }
         }
         Ok(Flow::Continue)
@@ -412,8 +412,8 @@ impl Frontend<'_> {
                 if let Some(m) = &mut self.mask {
                     m.refused_parse(parse.statement);
                 }
-                self.record_refused(Facts::text(parse.query, rule), &err, None);
-                self.refuse_parse(parse.statement, err, out);
+                self.record_refused(Facts::text(parse.query, rule.clone()), &err, None);
+                self.refuse_parse(parse.statement, err, rule.as_deref(), out);
             }
         }
         Ok(Flow::Continue)
@@ -440,7 +440,7 @@ impl Frontend<'_> {
                 "prepared statement \"{statement}\" is in an unknown state: the server refused its last Parse or Close; Close it and Parse it again"
             ));
             let name = sentinel::held_statement(self.nonce);
-            self.refuse_parse(&name, err, out);
+            self.refuse_parse(&name, err, None, out);
             return Ok(Flow::Continue);
         }
         let need = match self.statements.get(statement) {
@@ -584,7 +584,7 @@ impl Frontend<'_> {
         if let Some(m) = &mut self.mask {
             m.query(None);
         }
-        self.refuse_query(err, out);
+        self.refuse_query(err, None, out);
         Flow::Continue
     }
 
@@ -742,8 +742,12 @@ impl Frontend<'_> {
 
     /// Queue a refusal for the upstream half and return the sentinel text
     /// whose syntax error it will replace.
-    fn sentinel(&mut self, err: PgError) -> String {
-        self.metrics.statements_refused.inc();
+    fn sentinel(&mut self, err: PgError, rule: Option<&str>) -> String {
+        // The rule's name is the policy's, never the client's.
+        self.metrics
+            .statements_refused
+            .with_label_values(&[self.policy.id.as_str(), rule.unwrap_or("default")])
+            .inc();
         // The reason names rules, classes and objects, never values; a parser
         // message can quote the statement, so parse failures are not echoed.
         let reason = if err.code == SqlState::SyntaxError {
@@ -760,13 +764,19 @@ impl Frontend<'_> {
         sentinel::text(self.nonce, seq)
     }
 
-    fn refuse_query(&mut self, err: PgError, out: &mut BytesMut) {
-        let text = self.sentinel(err);
+    fn refuse_query(&mut self, err: PgError, rule: Option<&str>, out: &mut BytesMut) {
+        let text = self.sentinel(err, rule);
         codec::put_query(&text, out);
     }
 
-    fn refuse_parse(&mut self, statement: &str, err: PgError, out: &mut BytesMut) {
-        let text = self.sentinel(err);
+    fn refuse_parse(
+        &mut self,
+        statement: &str,
+        err: PgError,
+        rule: Option<&str>,
+        out: &mut BytesMut,
+    ) {
+        let text = self.sentinel(err, rule);
         // Same statement name, so a later Bind to it fails as it should.
         codec::put_parse(statement, &text, out);
     }

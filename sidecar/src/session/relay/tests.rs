@@ -78,7 +78,11 @@ async fn a_refusal_in_a_pipeline_keeps_its_place_and_skips_to_sync() {
     assert!(message.contains("pgwarden"), "{message}");
     // The server's syntax error about the sentinel never reaches the client.
     assert!(!message.contains("pgwarden_refused_"), "{message}");
-    assert_eq!(s.metrics.statements_refused.get(), 1);
+    let refused: f64 = (s.metrics.render().lines())
+        .filter(|l| l.starts_with("pgwarden_statements_refused_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert_eq!(refused, 1.0);
 
     // The session goes on.
     s.send(&[client::query(READ)]).await;

@@ -122,7 +122,14 @@ async fn ship_until(
     done: impl Fn(&Seen) -> bool,
 ) {
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(run(dir.to_owned(), "c0ffee".into(), sink, pace, stopped));
+    let task = tokio::spawn(run(
+        dir.to_owned(),
+        "c0ffee".into(),
+        sink,
+        pace,
+        stopped,
+        Default::default(),
+    ));
     let deadline = Instant::now() + Duration::from_secs(5);
     while !done(&seen.lock().unwrap()) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -226,6 +233,7 @@ async fn shutdown_interrupts_a_hung_delivery_and_an_idle_wait() {
         sink,
         slow,
         stopped,
+        Default::default(),
     ));
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(stop);

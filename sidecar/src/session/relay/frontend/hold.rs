@@ -248,12 +248,13 @@ impl Frontend<'_> {
             would: None,
         };
         self.record_refused(facts, &err, id);
+        let rule = hold.rule.clone();
         let kind = match hold.kind {
             HoldKind::Query { .. } => {
                 if let Some(m) = &mut self.mask {
                     m.query(None);
                 }
-                self.refuse_query(err, out);
+                self.refuse_query(err, rule.as_deref(), out);
                 WatchKind::Query
             }
             HoldKind::Execute { portal } => {
@@ -264,7 +265,7 @@ impl Frontend<'_> {
                 // takes the Execute's place and skips the rest to Sync, as a
                 // failed Execute would.
                 let name = sentinel::held_statement(self.nonce);
-                self.refuse_parse(&name, err, out);
+                self.refuse_parse(&name, err, rule.as_deref(), out);
                 WatchKind::Execute(0)
             }
         };
