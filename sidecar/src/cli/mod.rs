@@ -2,6 +2,7 @@
 
 mod approvals;
 mod check;
+mod completions;
 pub mod kubectl;
 pub mod output;
 mod run;
@@ -57,6 +58,8 @@ pub enum Command {
     Approvals(ApprovalsArgs),
     /// List, replay and verify recorded sessions.
     Sessions(SessionsArgs),
+    /// Print the shell's completion script (bash, zsh or fish).
+    Completions(completions::CompletionsArgs),
     /// Decide a cluster's ApprovalRequests with kubectl underneath (this
     /// binary installed as kubectl-pgwarden is `kubectl pgwarden`).
     Kubectl(kubectl::KubectlArgs),
@@ -400,6 +403,7 @@ pub fn main_with(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Check(args) => check::check(args),
         Command::Approvals(args) => approvals::approvals(args),
         Command::Sessions(args) => sessions::sessions(args),
+        Command::Completions(args) => completions::completions(args),
         Command::Kubectl(args) => kubectl::kubectl(args),
     }
 }
