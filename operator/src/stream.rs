@@ -16,6 +16,7 @@
 //! with a heartbeat in between. ACK/NACK go to `sidecars` and to the pod's
 //! annotations, which every replica's sidecars count by.
 
+pub mod annotate;
 pub mod approvals;
 pub mod auth;
 
@@ -31,7 +32,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::PostParams;
 use kube::{Api, Client};
 use pgwarden_api::stream::{
     encode_event, Ack, AppliedAnnotation, ErrorAnnotation, StreamEvent, ACK_PATH,
@@ -177,6 +178,8 @@ pub struct StreamServer {
     shutdown: watch::Receiver<bool>,
     /// Decided ApprovalRequests, for the streams of the pods that opened them.
     approvals: Arc<approvals::Feed>,
+    /// ACK results on their way to the pods' annotations.
+    annotator: Arc<annotate::Annotator>,
 }
 
 impl std::fmt::Debug for StreamServer {
@@ -207,6 +210,7 @@ impl StreamServer {
             versions: VersionClock::default(),
             shutdown,
             approvals: approvals::Feed::start(client.clone()),
+            annotator: annotate::Annotator::start(client.clone()),
         })
     }
 
@@ -489,14 +493,7 @@ impl StreamServer {
                 serde_json::json!({ CONFIG_ERROR_ANNOTATION: serde_json::to_string(&e).unwrap_or_default() })
             }
         };
-        let patch = serde_json::json!({"metadata": {"annotations": annotations}});
-        Api::<Pod>::namespaced(self.client.clone(), &key.namespace)
-            .patch(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(|e| {
-                warn!(pod = %pod_name(&key), error = %e, "recording the ACK on the pod failed");
-                unavailable(format!("recording the ACK on the pod failed: {e}"))
-            })?;
+        self.annotator.record(key, annotations);
         Ok(text(200, "ok"))
     }
 }
