@@ -10,9 +10,14 @@ fn main() -> std::process::ExitCode {
     // Parsed first: the log format is a flag (clap prints its own errors).
     // As `kubectl-pgwarden` (a kubectl plugin) the arguments are those of
     // `pgwarden kubectl`.
-    let cli = pgwarden_sidecar::cli::Cli::parse_from(pgwarden_sidecar::cli::kubectl::plugin_args(
-        std::env::args_os(),
-    ));
+    use pgwarden_sidecar::cli::{kubectl, Cli, Command};
+    let cli = if kubectl::invoked_as_plugin(std::env::args_os().next().as_deref()) {
+        Cli {
+            command: Command::Kubectl(kubectl::Plugin::parse().args),
+        }
+    } else {
+        Cli::parse()
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()

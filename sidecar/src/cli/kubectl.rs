@@ -10,7 +10,6 @@
 //! Exit codes: 0 done, 1 refused (by the API, or an ambiguous ID), 2 usage
 //! or kubectl errors (kubectl missing, output that is not a request list).
 
-use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Output, Stdio};
@@ -68,19 +67,27 @@ pub enum KubectlCommand {
     },
 }
 
-/// The command line as clap should read it: invoked as `kubectl-pgwarden`
-/// (by kubectl, or directly), the arguments are the `kubectl` subcommand's.
-pub fn plugin_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
-    let mut args: Vec<OsString> = args.into_iter().collect();
-    let invoked_as_plugin = args
-        .first()
+/// The command line when this binary runs as `kubectl-pgwarden` (kubectl
+/// runs `kubectl-pgwarden ARGS` for `kubectl pgwarden ARGS`): the plugin's
+/// arguments, with help and errors naming `kubectl pgwarden`.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "kubectl pgwarden",
+    bin_name = "kubectl pgwarden",
+    version,
+    about = "Decide pgwarden ApprovalRequests (kubectl underneath)"
+)]
+pub struct Plugin {
+    #[command(flatten)]
+    pub args: KubectlArgs,
+}
+
+/// Whether `argv0` (the program name) is the plugin's executable.
+pub fn invoked_as_plugin(argv0: Option<&std::ffi::OsStr>) -> bool {
+    argv0
         .map(std::path::Path::new)
         .and_then(|p| p.file_name())
-        .is_some_and(|n| n == PLUGIN_NAME);
-    if invoked_as_plugin {
-        args.insert(1, "kubectl".into());
-    }
-    args
+        .is_some_and(|n| n == PLUGIN_NAME)
 }
 
 pub fn kubectl(args: KubectlArgs) -> anyhow::Result<ExitCode> {
@@ -303,27 +310,31 @@ mod tests {
 
     #[test]
     fn invoked_as_kubectl_pgwarden_the_arguments_are_the_plugins() {
-        let args = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
-        assert_eq!(
-            plugin_args(args(&[
-                "/usr/local/bin/kubectl-pgwarden",
-                "pending",
-                "-n",
-                "ci"
-            ])),
-            args(&[
-                "/usr/local/bin/kubectl-pgwarden",
-                "kubectl",
-                "pending",
-                "-n",
-                "ci"
-            ])
-        );
-        assert_eq!(
-            plugin_args(args(&["pgwarden", "approvals", "list"])),
-            args(&["pgwarden", "approvals", "list"])
-        );
-        assert_eq!(plugin_args(args(&[])), args(&[]));
+        use clap::Parser;
+        let as_plugin = |p: &str| invoked_as_plugin(Some(std::ffi::OsStr::new(p)));
+        assert!(as_plugin("/usr/local/bin/kubectl-pgwarden"));
+        assert!(as_plugin("kubectl-pgwarden"));
+        assert!(!as_plugin("/usr/bin/pgwarden"));
+        assert!(!as_plugin("kubectl-pgwarden-other"));
+        assert!(!invoked_as_plugin(None));
+        let p = Plugin::try_parse_from([
+            "kubectl-pgwarden",
+            "approve",
+            "shop-1",
+            "--reason",
+            "ok",
+            "-n",
+            "ci",
+        ])
+        .unwrap();
+        assert_eq!(p.args.namespace.as_deref(), Some("ci"));
+        assert!(matches!(
+            p.args.command,
+            KubectlCommand::Approve { ref id, ref reason } if id == "shop-1" && reason == "ok"
+        ));
+        // A decision without a reason is a usage error naming the plugin.
+        let e = Plugin::try_parse_from(["kubectl-pgwarden", "deny", "shop-1"]).unwrap_err();
+        assert!(e.to_string().contains("kubectl pgwarden deny"), "{e}");
     }
 
     #[test]
