@@ -387,8 +387,8 @@ impl StreamServer {
             ),
         )
         .await;
-        Ok(json(&Opened {
         crate::approvals::notify::requested(&r);
+        Ok(json(&Opened {
             outcome: OpenOutcome::Pending,
             request: Box::new(r),
         }))
