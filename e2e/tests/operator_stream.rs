@@ -844,6 +844,7 @@ async fn scale_500_sidecars_on_one_operator() {
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let tls = Arc::new(tls);
     let port = c.stream_port;
+    let rss_before = rss_kib(c.operator.child.id());
     // received[n] / acked[n]: sidecars that got / ACKed their n-th snapshot.
     let received: Arc<[AtomicUsize; 4]> = Arc::new(Default::default());
     let acked: Arc<[AtomicUsize; 4]> = Arc::new(Default::default());
@@ -989,10 +990,11 @@ async fn scale_500_sidecars_on_one_operator() {
     let rss = rss_kib(pid);
     let hz = 100.0; // USER_HZ
     println!(
-        "operator with {SIDECARS} streams: idle RSS {} MiB, idle CPU {:.1}% of a core over 10 s; \
+        "operator: RSS {} MiB with no stream; with {SIDECARS} streams: idle RSS {} MiB, idle CPU {:.1}% of a core over 10 s; \
          policy change (timed from before `kubectl patch`): every sidecar had the new snapshot in {all_received:?} \
          and its ACK answered in {all_acked:?} (a request on the stream's HTTP/2 connection); every pod annotated \
          in {all_recorded:?} (an API write each, {} at a time); CPU {:.2} s, RSS after {} MiB",
+        rss_before / 1024,
         idle_rss / 1024,
         idle_cpu as f64 / hz / 10.0 * 100.0,
         16,
