@@ -664,3 +664,343 @@ fn a_thousand_concurrent_sessions_keep_memory_bounded() {
     drop(open);
     assert_serves(&gw, "session after the thousand");
 }
+
+// === a hostile operator stream ===
+
+/// A fake operator: the config stream over TLS with ALPN `h2` and hyper's HTTP/2
+/// server, as the real one serves it. Each `GET /v1/config` hands the test a sender
+/// for that stream's body (bounded: a sender waits for the sidecar to read, so a
+/// huge line is never held whole); each `POST /v1/ack` is answered 200 and its body
+/// recorded.
+struct FakeOperator {
+    port: u16,
+    streams: tokio::sync::mpsc::UnboundedReceiver<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    acks: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakeOperator {
+    async fn start(cert: &pgwarden_e2e::ServerCert) -> FakeOperator {
+        use http_body_util::{BodyExt, Full, StreamBody};
+        use rustls_pki_types::pem::PemObject;
+        use std::sync::{Arc, Mutex};
+
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(&cert.cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&cert.key).unwrap();
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (streams_tx, streams) = tokio::sync::mpsc::unbounded_channel();
+        let acks = Arc::new(Mutex::new(Vec::new()));
+        let recorded = acks.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, streams_tx, recorded) =
+                    (acceptor.clone(), streams_tx.clone(), recorded.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let (streams_tx, recorded) = (streams_tx.clone(), recorded.clone());
+                            async move {
+                                type Body = http_body_util::combinators::BoxBody<
+                                    bytes::Bytes,
+                                    std::convert::Infallible,
+                                >;
+                                let body: Body = if req.uri().path() == "/v1/ack" {
+                                    let b = req.into_body().collect().await?.to_bytes();
+                                    recorded
+                                        .lock()
+                                        .unwrap()
+                                        .push(String::from_utf8_lossy(&b).into_owned());
+                                    Full::new(bytes::Bytes::new()).boxed()
+                                } else {
+                                    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+                                    let _ = streams_tx.send(tx);
+                                    StreamBody::new(futures_util::stream::unfold(
+                                        rx,
+                                        |mut rx| async move {
+                                            let chunk = rx.recv().await?;
+                                            Some((Ok(hyper::body::Frame::data(chunk)), rx))
+                                        },
+                                    ))
+                                    .boxed()
+                                };
+                                Ok::<_, hyper::Error>(http::Response::new(body))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+                });
+            }
+        });
+        FakeOperator {
+            port,
+            streams,
+            acks,
+        }
+    }
+
+    /// The next `GET /v1/config` the sidecar opens.
+    async fn next_stream(&mut self, what: &str) -> tokio::sync::mpsc::Sender<bytes::Bytes> {
+        tokio::time::timeout(Duration::from_secs(10), self.streams.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the sidecar opened no config stream"))
+            .expect("fake operator running")
+    }
+
+    fn acks(&self) -> Vec<String> {
+        self.acks.lock().unwrap().clone()
+    }
+}
+
+/// What every check after a bad line needs: the session opened under the good
+/// snapshot and a new one are both judged by its policy (SELECT allowed, UPDATE
+/// refused 42501).
+async fn assert_judged_by_the_good_policy(
+    open: &tokio_postgres::Client,
+    conninfo: &str,
+    after: &str,
+) {
+    let fresh = {
+        let (client, conn) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("{after}: a new session cannot log in: {e:?}"));
+        tokio::spawn(conn);
+        client
+    };
+    for (which, client) in [("the open session", open), ("a new session", &fresh)] {
+        let rows = client
+            .query("SELECT total FROM orders ORDER BY id", &[])
+            .await
+            .unwrap_or_else(|e| panic!("{after}: {which}: SELECT refused: {e:?}"));
+        assert_eq!(rows.len(), 2, "{after}: {which}");
+        let denied = client
+            .simple_query("UPDATE orders SET total = 0")
+            .await
+            .expect_err("UPDATE is not in the policy");
+        assert_eq!(
+            denied.as_db_error().map(|d| d.code().code()),
+            Some("42501"),
+            "{after}: {which}: {denied:?}"
+        );
+    }
+}
+
+/// Issue 22: an operator stream that sends garbage, a line longer than
+/// `MAX_LINE_BYTES` (8 MiB, streamed and never buffered whole), or well-formed JSON
+/// of an ill-typed snapshot. The real sidecar follows a fake operator that first
+/// serves one good snapshot. After each bad line the sidecar drops that stream
+/// (no NACK: a line it cannot decode names no version to refuse) and reconnects,
+/// keeps its last good configuration (the open session and a new one are judged by
+/// it, `pgwarden_config_version` unchanged), and logs why without the line's content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_or_huge_operator_stream_keeps_the_last_good_config() {
+    use pgwarden_api::stream::{encode_event, StreamEvent, MAX_LINE_BYTES};
+    use pgwarden_api::{
+        ConfigSnapshot, SecretBytes, SecretString, SnapshotCredential, SnapshotPolicy,
+    };
+
+    const GOOD_VERSION: u64 = 7;
+    // In every bad line: the log must never show it.
+    const SECRET: &str = "hunter2-in-the-line";
+
+    let pg = PgCluster::start();
+    pg.admin_sql(&format!(
+        "\\c {}\nCREATE TABLE orders (id int PRIMARY KEY, total int NOT NULL);\n\
+         INSERT INTO orders VALUES (1, 10), (2, 20);",
+        pgwarden_e2e::APP_DATABASE
+    ));
+    let dir = tempfile::Builder::new()
+        .prefix("pgwarden-e2e-faults-stream-")
+        .tempdir()
+        .unwrap();
+    let ca = pgwarden_e2e::TestCa::generate(dir.path(), "operator");
+    let cert = ca.issue_server_cert(dir.path(), "stream");
+    let mut op = FakeOperator::start(&cert).await;
+
+    // As the operator builds a snapshot: the policy's spec and its Secret's login.
+    let spec = serde_yaml_ng::from_str(&format!(
+        "identity: {{localTrust: {{subject: agent}}}}\n\
+         database: {{host: 127.0.0.1, port: {}, name: {}, credentialsSecret: pg-cred}}\n\
+         defaultAction: Deny\n\
+         rules:\n  - {{name: reads, action: Allow, statements: [SELECT], tables: [public.orders]}}\n",
+        pg.port(),
+        pgwarden_e2e::APP_DATABASE
+    ))
+    .unwrap();
+    let good = encode_event(&StreamEvent::Snapshot {
+        snapshot: ConfigSnapshot {
+            version: GOOD_VERSION,
+            policies: vec![SnapshotPolicy {
+                namespace: "ci".into(),
+                name: "shop".into(),
+                spec,
+                credential: SnapshotCredential {
+                    username: pgwarden_e2e::APP_USER.into(),
+                    password: SecretString(pgwarden_e2e::APP_PASSWORD.into()),
+                },
+                ca_pem: None,
+                recording_dsn: None,
+                // The operator holds one per policy; the sidecar refuses a
+                // snapshot without it.
+                fingerprint_key: Some(SecretBytes(vec![7; 32])),
+                source: None,
+            }],
+            masking_key: None,
+            pod: None,
+        },
+    });
+
+    let token = dir.path().join("token");
+    fs::write(&token, "test-token").unwrap();
+    let (port, metrics_port) = (free_port(), free_port());
+    let log_path = dir.path().join("pgwarden.log");
+    let log = || fs::read_to_string(&log_path).unwrap_or_default();
+    let log_file = fs::File::create(&log_path).unwrap();
+    let sidecar = Command::new(pgwarden_e2e::pgwarden_bin())
+        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+        .args(["--operator", &format!("https://127.0.0.1:{}", op.port)])
+        .arg("--operator-ca")
+        .arg(ca.cert_path())
+        .arg("--operator-token-file")
+        .arg(&token)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn pgwarden");
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = KillOnDrop(sidecar);
+    let conninfo = format!(
+        "host=127.0.0.1 port={port} user=agent dbname={} connect_timeout=5",
+        pgwarden_e2e::APP_DATABASE
+    );
+    let metrics = || match pgwarden_e2e::http_get(metrics_port, "/metrics") {
+        Ok((200, body)) => body,
+        other => panic!("/metrics: {other:?}"),
+    };
+
+    // The good snapshot: served, ACKed.
+    let stream = op.next_stream("first connect").await;
+    stream.send(bytes::Bytes::from(good)).await.unwrap();
+    let started = Instant::now();
+    let open = loop {
+        match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                break client;
+            }
+            // 57P03 until the snapshot is in force.
+            Err(_) if started.elapsed() < Duration::from_secs(20) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("never served: {e:?}\n--- sidecar ---\n{}", log()),
+        }
+    };
+    assert_judged_by_the_good_policy(&open, &conninfo, "the good snapshot").await;
+    assert_eq!(op.acks(), [format!("{{\"version\":{GOOD_VERSION}}}")]);
+
+    // Huge: a line that never ends, in 64 KiB pieces of one shared buffer, until
+    // past the bound (the sidecar drops the stream there; a send then fails).
+    let huge = |stream: tokio::sync::mpsc::Sender<bytes::Bytes>| async move {
+        let piece = bytes::Bytes::from(vec![b'a'; 64 * 1024]);
+        let head = format!("{{\"type\":\"Snapshot\",\"note\":\"{SECRET}");
+        let _ = stream.send(bytes::Bytes::from(head)).await;
+        for _ in 0..=MAX_LINE_BYTES / piece.len() + 1 {
+            if stream.send(piece.clone()).await.is_err() {
+                break;
+            }
+        }
+        stream
+    };
+    // (what, what the log must say, the line; None: the huge one).
+    let faults = [
+        (
+            "garbage",
+            "not a valid event: malformed JSON".to_owned(),
+            Some(format!("{{\"type\":\"Snapshot\" {SECRET} ]]\n")),
+        ),
+        (
+            "a line over MAX_LINE_BYTES",
+            format!("a config stream line exceeds {MAX_LINE_BYTES} bytes"),
+            None,
+        ),
+        (
+            "an ill-typed snapshot",
+            "not a valid event: unexpected field or value".to_owned(),
+            Some(format!(
+                "{{\"type\":\"Snapshot\",\"snapshot\":{{\"version\":\"{SECRET}\",\"policies\":[]}}}}\n"
+            )),
+        ),
+    ];
+    let mut stream = stream;
+    for (what, why, line) in faults {
+        let sent = match line {
+            Some(line) => {
+                stream.send(bytes::Bytes::from(line)).await.unwrap();
+                stream
+            }
+            None => huge(stream).await,
+        };
+        // The sidecar drops this stream and opens another.
+        tokio::time::timeout(Duration::from_secs(10), sent.closed())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the sidecar kept reading the stream\n{}", log()));
+        stream = op.next_stream(what).await;
+        assert!(
+            pgwarden_e2e::wait_until(Duration::from_secs(5), || log()
+                .lines()
+                .any(|l| l.contains("config stream lost") && l.contains(&why))),
+            "{what}: the log does not say why ({why})\n--- sidecar ---\n{}",
+            log()
+        );
+        assert_judged_by_the_good_policy(&open, &conninfo, what).await;
+        let m = metrics();
+        assert!(
+            m.contains(&format!("pgwarden_config_version {GOOD_VERSION}")),
+            "{what}\n{m}"
+        );
+        assert!(
+            m.contains("pgwarden_config_snapshots_total{result=\"applied\"} 1"),
+            "{what}\n{m}"
+        );
+        assert!(!m.contains("result=\"refused\""), "{what}\n{m}");
+        // No NACK: the line named no version the sidecar could refuse.
+        assert_eq!(op.acks().len(), 1, "{what}: {:?}", op.acks());
+    }
+    let logs = log();
+    assert!(
+        !logs.contains(SECRET),
+        "a line's content reached the log:\n{logs}"
+    );
+    assert!(!logs.contains("aaaaaaaa"), "the huge line reached the log");
+    drop(stream);
+}
