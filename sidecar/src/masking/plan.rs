@@ -378,11 +378,15 @@ impl RowPlan {
         out.put_i16(n);
         for plan in &self.cols {
             let len = r.i32().map_err(bad)?;
-            if len < 0 {
+            if len == -1 {
                 out.put_i32(-1);
                 continue;
             }
-            let v = r.bytes(len as usize).map_err(bad)?;
+            // Any other negative length is malformed (as `codec::data_row`
+            // says), not NULL.
+            let n = usize::try_from(len)
+                .map_err(|_| format!("DataRow: negative column length {len}"))?;
+            let v = r.bytes(n).map_err(bad)?;
             let replaced = match plan {
                 ColPlan::Pass => {
                     out.put_i32(len);

@@ -26,6 +26,9 @@ use tracing::{debug, info, warn, Instrument};
 pub use cancel::CancelRegistry;
 pub use login_slots::{LoginSlot, LoginSlots};
 pub use relay::End;
+/// The startup-parameter filter, for the fuzz targets (fuzz/).
+#[doc(hidden)]
+pub use startup::filter_params;
 
 use crate::config::{LiveConfig, PolicyConfig};
 use crate::identity::{ClientTransport, Identity};

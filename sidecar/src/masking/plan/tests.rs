@@ -439,3 +439,37 @@ fn predicate_denial_follows_aliases_positions_and_oracles() {
         assert!(decide(sql).is_ok(), "{sql}: {:?}", decide(sql));
     }
 }
+
+/// Found by the fuzz target `mask_data_row`: a column length below -1 was
+/// read as NULL, where the decoder refuses it. No server sends one; a row
+/// that has one is malformed and ends the session, as any other does.
+#[test]
+fn a_negative_column_length_other_than_null_is_refused() {
+    let mask = StatementMask {
+        map: map(),
+        tainted: false,
+    };
+    let text = strategy::oid::TEXT;
+    let plan = RowPlan::new(&mask, &[field(CUSTOMERS, 3, text), field(0, 0, text)], true);
+    for len in [-2i32, -49409, i32::MIN] {
+        let mut bytes = BytesMut::new();
+        bytes.put_u8(b'D');
+        bytes.put_i32(4 + 2 + 4 + 4 + 4);
+        bytes.put_i16(2);
+        bytes.put_i32(4);
+        bytes.put_slice(b"4929");
+        bytes.put_i32(len);
+        let mut out = BytesMut::new();
+        assert!(
+            plan.mask_row(&rules(), None, &bytes, &mut out).is_err(),
+            "length {len} taken"
+        );
+        assert!(out.is_empty());
+    }
+    // -1 is NULL.
+    let mut bytes = BytesMut::new();
+    codec::put_data_row([Some(&b"4929"[..]), None].into_iter(), &mut bytes);
+    let mut out = BytesMut::new();
+    plan.mask_row(&rules(), None, &bytes, &mut out).unwrap();
+    assert_eq!(codec::data_row(&out[5..]).unwrap()[1], None);
+}
