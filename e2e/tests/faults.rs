@@ -962,6 +962,7 @@ async fn a_garbage_or_huge_operator_stream_keeps_the_last_good_config() {
         ),
     ];
     let mut stream = stream;
+    let mut reconnect_gaps = Vec::new();
     for (what, why, line) in faults {
         let sent = match line {
             Some(line) => {
@@ -974,7 +975,9 @@ async fn a_garbage_or_huge_operator_stream_keeps_the_last_good_config() {
         tokio::time::timeout(Duration::from_secs(10), sent.closed())
             .await
             .unwrap_or_else(|_| panic!("{what}: the sidecar kept reading the stream\n{}", log()));
+        let dropped = Instant::now();
         stream = op.next_stream(what).await;
+        reconnect_gaps.push(dropped.elapsed());
         assert!(
             pgwarden_e2e::wait_until(Duration::from_secs(5), || log()
                 .lines()
@@ -996,6 +999,13 @@ async fn a_garbage_or_huge_operator_stream_keeps_the_last_good_config() {
         // No NACK: the line named no version the sidecar could refuse.
         assert_eq!(op.acks().len(), 1, "{what}: {:?}", op.acks());
     }
+    // Backoff grows while the operator says nothing valid (the first
+    // stream carried the good snapshot; the next two only garbage): the
+    // third reconnect waits backoff(2), 1-2 s, not the first retry's 0.25-0.5 s.
+    assert!(
+        reconnect_gaps[2] >= Duration::from_millis(900),
+        "reconnects to an operator that sends only garbage do not slow down: {reconnect_gaps:?}"
+    );
     let logs = log();
     assert!(
         !logs.contains(SECRET),

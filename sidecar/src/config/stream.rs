@@ -170,12 +170,24 @@ pub async fn follow<A: Apply>(opts: StreamOptions, apply: A, metrics: Arc<Metric
         match opened {
             Ok((conn, body)) => {
                 metrics.config_stream_connected.set(1);
-                if apply.set_stale(false) {
-                    info!("config stream is back: statements are served again");
-                }
                 info!(operator = %opts.url, "config stream connected");
-                attempt = 0;
-                let why = read_stream(body, &conn, &opts, &apply, &metrics, &mut in_force).await;
+                let mut healthy = false;
+                let why = read_stream(
+                    body,
+                    &conn,
+                    &opts,
+                    &apply,
+                    &metrics,
+                    &mut in_force,
+                    &mut healthy,
+                )
+                .await;
+                // Backoff starts over only after a stream that said
+                // something valid: an operator that answers with garbage
+                // is retried ever more slowly, not twice a second.
+                if healthy {
+                    attempt = 0;
+                }
                 metrics.config_stream_connected.set(0);
                 warn!(error = %why, "config stream lost; reconnecting");
                 down_since = Instant::now();
@@ -219,6 +231,7 @@ async fn read_stream<A: Apply>(
     apply: &A,
     metrics: &Metrics,
     in_force: &mut Option<ConfigSnapshot>,
+    healthy: &mut bool,
 ) -> Ended {
     let mut lines = LineDecoder::new(MAX_LINE_BYTES);
     loop {
@@ -240,7 +253,16 @@ async fn read_stream<A: Apply>(
                 // starts framing afresh.
                 Err(e) => return e.to_string(),
             };
-            let snapshot = match decode_event(&line) {
+            let event = decode_event(&line);
+            if event.is_ok() && !*healthy {
+                // The first valid event: the operator is back for real, and
+                // a stale configuration is served again.
+                *healthy = true;
+                if apply.set_stale(false) {
+                    info!("config stream is back: statements are served again");
+                }
+            }
+            let snapshot = match event {
                 Ok(StreamEvent::Snapshot { snapshot }) => snapshot,
                 Ok(StreamEvent::ApprovalDecided { request }) => {
                     if let Some(a) = &opts.approvals {
