@@ -15,13 +15,8 @@ use pgwarden_sidecar::config::{build, load_policies, snapshot_files, LoadOptions
 fn policy_file() -> &'static Path {
     static FILE: OnceLock<PathBuf> = OnceLock::new();
     FILE.get_or_init(|| {
-        let base = Path::new("/dev/shm");
-        let base = if base.is_dir() {
-            base.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
-        let dir = base.join(format!("pgwarden-fuzz-yaml-{}", std::process::id()));
+        // scripts/fuzz points TMPDIR at a directory it removes afterwards.
+        let dir = std::env::temp_dir().join(format!("pgwarden-fuzz-yaml-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("a scratch directory");
         dir.join("policy.yaml")
     })

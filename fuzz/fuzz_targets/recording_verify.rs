@@ -18,13 +18,9 @@ use pgwarden_sidecar::recording::{replay, spool};
 fn state_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let base = Path::new("/dev/shm");
-        let base = if base.is_dir() {
-            base.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
-        let dir = base.join(format!("pgwarden-fuzz-recording-{}", std::process::id()));
+        // scripts/fuzz points TMPDIR at a directory it removes afterwards.
+        let dir =
+            std::env::temp_dir().join(format!("pgwarden-fuzz-recording-{}", std::process::id()));
         std::fs::create_dir_all(spool::dir(&dir)).expect("a scratch state directory");
         dir
     })
