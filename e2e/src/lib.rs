@@ -22,6 +22,7 @@
 //! the `postgres` OS user. `PGWARDEN_E2E_SEED` reseeds the random-input tests.
 #![forbid(unsafe_code)]
 
+pub mod approval_cluster;
 pub mod approvals;
 mod client;
 mod gateway;
@@ -29,6 +30,8 @@ mod net;
 pub mod oidc;
 pub mod operator;
 mod pg;
+pub mod process;
+pub mod psql_session;
 pub mod recording;
 mod tls;
 pub mod wire;

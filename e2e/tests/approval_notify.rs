@@ -12,90 +12,37 @@
 //!
 //! Needs `cargo build -p pgwarden-sidecar -p pgwarden-operator` first.
 
-use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use pgwarden_e2e::approval_cluster::{
+    eventually, kubectl_ok as ok, shop_policy, ApprovalCluster, ApprovalClusterSpec, NS,
+};
 use pgwarden_e2e::wire::{bind_params, concat, error_fields, execute, parse, sync, tags, Wire};
-use pgwarden_e2e::Operator;
-use pgwarden_e2e::{free_port, libpq_command, pgwarden_bin, PgCluster, TestCa, APP_DATABASE};
-use pgwarden_testapi::TestApiServer;
+use pgwarden_e2e::{PgCluster, APP_DATABASE};
 use serde_json::{json, Value};
 
-const NS: &str = "ci";
-const OPERATOR_NS: &str = "pgwarden-system";
-const SERVICE: &str = "pgwarden-operator";
-const POD: &str = "agent-1";
 /// The webhook's token, in the URL's path as Slack's are.
 const TOKEN: &str = "T0KEN-7f3a9c51";
 /// What the agent binds for the masked column: must reach nobody.
 const SECRET_VALUE: &str = "carol.private-7731@example.com";
 const UPDATE: &str = "UPDATE customers SET email = $1 WHERE id = $2";
 
-fn text(o: &Output) -> String {
-    pgwarden_testapi::output_text(o)
-}
-
-fn ok(api: &TestApiServer, user: &str, args: &[&str], stdin: Option<&str>) -> String {
-    let o = api.kubectl_stdin(user, args, stdin);
-    assert!(
-        o.status.success(),
-        "kubectl {args:?} as {user}:\n{}",
-        text(&o)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn webhook_configurations() -> String {
-    let install = fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/install.yaml"),
-    )
-    .expect("manifests/install.yaml");
-    install
-        .split("\n---\n")
-        .filter(|d| {
-            d.contains("\nkind: MutatingWebhookConfiguration")
-                || d.contains("\nkind: ValidatingWebhookConfiguration")
-        })
-        .collect::<Vec<_>>()
-        .join("\n---\n")
-}
-
 fn policy(pg_port: u16) -> String {
-    format!(
-        "apiVersion: pgwarden.io/v1alpha1
-kind: DatabaseAccessPolicy
-metadata: {{name: shop, namespace: {NS}}}
-spec:
-  podSelector: {{matchLabels: {{app: agent}}}}
-  identity: {{pod: {{}}}}
-  database: {{host: 127.0.0.1, port: {pg_port}, name: {APP_DATABASE}, credentialsSecret: pg-cred}}
-  defaultAction: Deny
-  rules:
-    - {{name: app, action: Allow, statements: [SELECT], tables: [public.customers]}}
-    - {{name: pii-writes, action: RequireApproval, statements: [UPDATE], tables: [public.customers]}}
+    shop_policy(
+        pg_port,
+        "  rules:
+    - {name: app, action: Allow, statements: [SELECT], tables: [public.customers]}
+    - {name: pii-writes, action: RequireApproval, statements: [UPDATE], tables: [public.customers]}
   masking:
-    - {{columns: [public.customers.email], strategy: Redact}}
+    - {columns: [public.customers.email], strategy: Redact}
   approval:
-    approvers: {{groups: [dba-oncall]}}
+    approvers: {groups: [dba-oncall]}
     wait: 60s
-    notify: {{urlSecretRef: {{name: approval-hook, key: url}}}}
-"
+    notify: {urlSecretRef: {name: approval-hook, key: url}}
+",
     )
 }
 
@@ -186,242 +133,62 @@ fn silent_receiver() -> u16 {
     port
 }
 
-/// A child killed on drop, its output in a file.
-struct Proc {
-    child: Child,
-    log: PathBuf,
+/// alice and no bob: this test needs no second reviewer nor `create`.
+fn cluster(pg: &PgCluster, hook_url: &str) -> ApprovalCluster {
+    ApprovalCluster::start(&ApprovalClusterSpec {
+        dir_prefix: "pgwarden-e2e-notify-",
+        manifests: &[&hook_secret(hook_url), &policy(pg.port()), REVIEWER_RBAC],
+        ready_table: "customers",
+    })
 }
 
-impl Proc {
-    fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
-        let f = fs::File::create(&log).expect("log file");
-        let f2 = f.try_clone().expect("log file");
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(f2))
-            .stderr(Stdio::from(f))
-            .env("RUST_LOG", "info")
-            .env_remove("KUBECONFIG");
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        Proc { child, log }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Cluster {
-    api: TestApiServer,
-    operator: Operator,
-    sidecar: Proc,
-    sidecar_port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    fn start(pg: &PgCluster, hook_url: &str) -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix("pgwarden-e2e-notify-")
-            .tempdir()
-            .expect("temp dir");
-        let api = TestApiServer::start().expect("test API server");
-        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-        for f in ["databaseaccesspolicies.yaml", "approvalrequests.yaml"] {
-            ok(
-                &api,
-                "admin",
-                &["apply", "-f", crds.join(f).to_str().unwrap()],
-                None,
-            );
+/// Sends the parameterized UPDATE and reads until the NOTICE that it
+/// is held; returns the connection and the request's name.
+fn hold_update(c: &ApprovalCluster, email: &str) -> (Wire, String) {
+    let mut w = Wire::login(c.sidecar_port, "agent");
+    w.send(&concat(&[
+        parse("", UPDATE),
+        bind_params("", "", &[Some(email), Some("1")], 0),
+        execute(""),
+        sync(),
+    ]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "no NOTICE\n{}", c.logs());
+        let (kind, body) = w
+            .try_read()
+            .expect("read")
+            .unwrap_or_else(|| panic!("closed\n{}", c.logs()));
+        assert_ne!(kind, b'E', "{:?}\n{}", error_fields(&body), c.logs());
+        if kind != b'N' {
+            continue;
         }
-        for ns in [NS, OPERATOR_NS] {
-            ok(&api, "admin", &["create", "namespace", ns], None);
-        }
-        ok(
-            &api,
-            "admin",
-            &["-n", NS, "create", "serviceaccount", "runner"],
-            None,
-        );
-        ok(
-            &api,
-            "admin",
-            &[
-                "-n",
-                NS,
-                "create",
-                "secret",
-                "generic",
-                "pg-cred",
-                &format!("--from-literal=username={}", pgwarden_e2e::APP_USER),
-                &format!("--from-literal=password={}", pgwarden_e2e::APP_PASSWORD),
-            ],
-            None,
-        );
-        ok(
-            &api,
-            "admin",
-            &["apply", "-f", "-"],
-            Some(&hook_secret(hook_url)),
-        );
-        ok(
-            &api,
-            "admin",
-            &["apply", "-f", "-"],
-            Some(&policy(pg.port())),
-        );
-        ok(&api, "admin", &["apply", "-f", "-"], Some(REVIEWER_RBAC));
-
-        let admission: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        api.set_service_endpoint(&format!("{SERVICE}.{OPERATOR_NS}.svc"), admission);
-        ok(
-            &api,
-            "admin",
-            &["apply", "-f", "-"],
-            Some(&webhook_configurations()),
-        );
-
-        let ca = TestCa::generate(dir.path(), "operator");
-        let cert = ca.issue_server_cert(dir.path(), "stream");
-        let stream_port = free_port();
-        let operator = Operator::builder(api.kubeconfig())
-            .namespace(OPERATOR_NS)
-            .leader_election(false)
-            .watch_namespaces(&[NS])
-            .arg(format!("--admission-addr={admission}"))
-            .arg(format!("--webhook-config-name={SERVICE}"))
-            .arg("--sidecar-image=pgwarden:e2e")
-            .arg(format!("--stream-addr=127.0.0.1:{stream_port}"))
-            .arg(format!("--stream-cert={}", cert.cert.display()))
-            .arg(format!("--stream-key={}", cert.key.display()))
-            .arg("--approval-creator=admin")
-            .start();
-        operator.wait_ready(Duration::from_secs(20));
-        eventually(Duration::from_secs(20), "caBundle patched", || {
-            let c: Value = serde_json::from_str(&ok(
-                &api,
-                "admin",
-                &[
-                    "get",
-                    "validatingwebhookconfiguration",
-                    SERVICE,
-                    "-o",
-                    "json",
-                ],
-                None,
-            ))
-            .ok()?;
-            c["webhooks"]
-                .as_array()?
-                .iter()
-                .all(|w| {
-                    w["clientConfig"]["caBundle"]
-                        .as_str()
-                        .is_some_and(|b| !b.is_empty())
-                })
-                .then_some(())
-        });
-
-        let pod = pgwarden_e2e::injected_pod(NS, POD, json!({"app": "agent"}), "runner");
-        ok(&api, "admin", &["apply", "-f", "-"], Some(&pod.to_string()));
-        let token = api
-            .token_request(NS, "runner", &["pgwarden.io/sidecar"], Some(POD), None)
-            .expect("TokenRequest");
-        let token_file = dir.path().join("token");
-        fs::write(&token_file, token).expect("write token");
-
-        let sidecar_port = free_port();
-        let mut cmd = Command::new(pgwarden_bin());
-        cmd.args(["run", "--listen", &format!("127.0.0.1:{sidecar_port}")])
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
-            .args(["--operator", &format!("https://127.0.0.1:{stream_port}")])
-            .arg("--operator-ca")
-            .arg(ca.cert_path())
-            .arg("--operator-token-file")
-            .arg(&token_file);
-        let sidecar = Proc::spawn(cmd, dir.path().join("pgwarden.log"));
-        let c = Cluster {
-            api,
-            operator,
-            sidecar,
-            sidecar_port,
-            _dir: dir,
-        };
-        eventually(Duration::from_secs(20), "the sidecar serving", || {
-            let o = libpq_command("psql", &[])
-                .args(["-X", "-A", "-t", "-c", "SELECT count(*) FROM customers"])
-                .arg(format!(
-                    "host=127.0.0.1 port={} user=agent dbname={APP_DATABASE}",
-                    c.sidecar_port
-                ))
-                .output()
-                .ok()?;
-            o.status.success().then_some(())
-        });
-        c
-    }
-
-    fn logs(&self) -> String {
-        format!(
-            "--- operator ---\n{}\n--- sidecar ---\n{}",
-            self.operator.log(),
-            fs::read_to_string(&self.sidecar.log).unwrap_or_default()
-        )
-    }
-
-    /// Sends the parameterized UPDATE and reads until the NOTICE that it
-    /// is held; returns the connection and the request's name.
-    fn hold_update(&self, email: &str) -> (Wire, String) {
-        let mut w = Wire::login(self.sidecar_port, "agent");
-        w.send(&concat(&[
-            parse("", UPDATE),
-            bind_params("", "", &[Some(email), Some("1")], 0),
-            execute(""),
-            sync(),
-        ]));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            assert!(Instant::now() < deadline, "no NOTICE\n{}", self.logs());
-            let (kind, body) = w
-                .try_read()
-                .expect("read")
-                .unwrap_or_else(|| panic!("closed\n{}", self.logs()));
-            assert_ne!(kind, b'E', "{:?}\n{}", error_fields(&body), self.logs());
-            if kind != b'N' {
-                continue;
-            }
-            let m = error_fields(&body).remove(&'M').unwrap_or_default();
-            if let Some(rest) = m.split("approval of request ").nth(1) {
-                let id = rest.split_whitespace().next().expect("id").to_owned();
-                return (w, id);
-            }
+        let m = error_fields(&body).remove(&'M').unwrap_or_default();
+        if let Some(rest) = m.split("approval of request ").nth(1) {
+            let id = rest.split_whitespace().next().expect("id").to_owned();
+            return (w, id);
         }
     }
+}
 
-    fn approve(&self, id: &str) {
-        let p = json!({"spec": {"decision": {"action": "Approve", "reason": "reviewed"}}});
-        ok(
-            &self.api,
-            "alice",
-            &[
-                "patch",
-                "apr",
-                "-n",
-                NS,
-                id,
-                "--type",
-                "merge",
-                "-p",
-                &p.to_string(),
-            ],
-            None,
-        );
-    }
+fn approve(c: &ApprovalCluster, id: &str) {
+    let p = json!({"spec": {"decision": {"action": "Approve", "reason": "reviewed"}}});
+    ok(
+        &c.api,
+        "alice",
+        &[
+            "patch",
+            "apr",
+            "-n",
+            NS,
+            id,
+            "--type",
+            "merge",
+            "-p",
+            &p.to_string(),
+        ],
+        None,
+    );
 }
 
 fn fixture(pg: &PgCluster) {
@@ -434,7 +201,12 @@ fn fixture(pg: &PgCluster) {
 }
 
 /// The receiver's next message, which must be `event` for `request`.
-fn next_for(rx: &mpsc::Receiver<Posted>, request: &str, event: &str, c: &Cluster) -> Posted {
+fn next_for(
+    rx: &mpsc::Receiver<Posted>,
+    request: &str,
+    event: &str,
+    c: &ApprovalCluster,
+) -> Posted {
     match rx.recv_timeout(Duration::from_secs(20)) {
         Ok(p) if p.body["request"] == request && p.body["event"] == event => p,
         Ok(p) => panic!("expected {event} for {request}, got: {}", p.body),
@@ -447,10 +219,10 @@ fn reviewers_hear_of_requests_and_decisions_and_a_dead_receiver_delays_nothing()
     let pg = PgCluster::start();
     fixture(&pg);
     let (port, rx) = receiver();
-    let c = Cluster::start(&pg, &format!("http://127.0.0.1:{port}/hooks/{TOKEN}"));
+    let c = cluster(&pg, &format!("http://127.0.0.1:{port}/hooks/{TOKEN}"));
 
     // Opened: who, what (masked parameters), why, and the approve command.
-    let (mut w, id) = c.hold_update(SECRET_VALUE);
+    let (mut w, id) = hold_update(&c, SECRET_VALUE);
     let opened = next_for(&rx, &id, "Requested", &c);
     assert_eq!(opened.path, format!("/hooks/{TOKEN}"));
     let b = &opened.body;
@@ -472,7 +244,7 @@ fn reviewers_hear_of_requests_and_decisions_and_a_dead_receiver_delays_nothing()
     );
 
     // Approved: the statement runs on the same connection; the decision is told.
-    c.approve(&id);
+    approve(&c, &id);
     let done = w.until_ready();
     assert_eq!(tags(&done), vec!["UPDATE 1".to_owned()], "{}", c.logs());
     let decided = next_for(&rx, &id, "Approved", &c);
@@ -513,11 +285,11 @@ fn reviewers_hear_of_requests_and_decisions_and_a_dead_receiver_delays_nothing()
             "http://127.0.0.1:{silent}/hooks/{TOKEN}"
         ))),
     );
-    let (mut w, id2) = c.hold_update("dave.private-1234@example.com");
+    let (mut w, id2) = hold_update(&c, "dave.private-1234@example.com");
     // Let the "Requested" delivery start and hang on the silent receiver.
     std::thread::sleep(Duration::from_secs(1));
     let started = Instant::now();
-    c.approve(&id2);
+    approve(&c, &id2);
     let done = w.until_ready();
     let took = started.elapsed();
     assert_eq!(tags(&done), vec!["UPDATE 1".to_owned()], "{}", c.logs());

@@ -15,9 +15,10 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use pgwarden_e2e::process::LoggedProcess;
 use pgwarden_e2e::{free_port, pgwarden_bin, wait_until, PgCluster, TestCa, APP_DATABASE};
 use pgwarden_testapi::{Options, TestApiServer};
 use serde_json::{json, Value};
@@ -40,42 +41,11 @@ fn bin_dir() -> PathBuf {
     pgwarden_bin().parent().expect("binary dir").to_path_buf()
 }
 
-/// A child process killed on drop, its output in a file.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
-        let f = fs::File::create(&log).expect("log file");
-        let f2 = f.try_clone().expect("log file");
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(f2))
-            .stderr(Stdio::from(f))
-            .env("RUST_LOG", "info")
-            .env_remove("KUBECONFIG");
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        Proc { child, log }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The test API server with the CRDs and namespace `ci`, a service account,
 /// the database's Secret, a policy selecting `app=agent`, an operator.
 struct Cluster {
     api: TestApiServer,
-    operator: Proc,
+    operator: LoggedProcess,
     stream_port: u16,
     ca: PathBuf,
     cert: pgwarden_e2e::ServerCert,
@@ -107,7 +77,7 @@ fn start_operator(
     cert: &pgwarden_e2e::ServerCert,
     stream_port: u16,
     log: &Path,
-) -> Proc {
+) -> LoggedProcess {
     let mut cmd = Command::new(bin_dir().join("pgwarden-operator"));
     cmd.arg("--kubeconfig")
         .arg(api.kubeconfig())
@@ -121,7 +91,7 @@ fn start_operator(
         .arg(&cert.cert)
         .arg("--stream-key")
         .arg(&cert.key);
-    let operator = Proc::spawn(cmd, log.to_path_buf());
+    let operator = LoggedProcess::spawn(cmd, log.to_path_buf());
     assert!(
         wait_until(Duration::from_secs(20), || operator
             .log()
@@ -248,7 +218,7 @@ impl Cluster {
             .arg("--operator-token-file")
             .arg(token)
             .args(extra);
-        let proc = Proc::spawn(cmd, self.dir.path().join(format!("pgwarden-{port}.log")));
+        let proc = LoggedProcess::spawn(cmd, self.dir.path().join(format!("pgwarden-{port}.log")));
         Sidecar {
             proc,
             port,
@@ -269,7 +239,7 @@ impl Cluster {
 }
 
 struct Sidecar {
-    proc: Proc,
+    proc: LoggedProcess,
     port: u16,
     metrics_port: u16,
 }
@@ -725,7 +695,7 @@ async fn behind_a_service_with_two_replicas_every_ack_lands() {
         .arg(&c.ca)
         .arg("--operator-token-file")
         .arg(&token);
-    let sidecar = Proc::spawn(cmd, c.dir.path().join("sidecar.log"));
+    let sidecar = LoggedProcess::spawn(cmd, c.dir.path().join("sidecar.log"));
 
     let logs = || {
         format!(
