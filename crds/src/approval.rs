@@ -98,8 +98,10 @@ pub struct ApprovalRequestSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Estimate {
     /// Rows the statement would insert, update, delete or merge, as estimated
-    /// by the planner (statistics, not a count).
+    /// by the planner (statistics, not a count); capped at 2^63-1, as the
+    /// API server's integers are int64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "int64"))]
     pub rows: Option<u64>,
 
     /// Tables in the plan as `schema.name`, the written ones first.

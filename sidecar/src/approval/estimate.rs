@@ -198,7 +198,8 @@ pub fn parse_explain(json: &str) -> Result<Estimate, String> {
     }
     tables.truncate(MAX_TABLES);
     Ok(Estimate {
-        rows: Some(walk.rows),
+        // The API server's integers are int64.
+        rows: Some(walk.rows.min(i64::MAX as u64)),
         tables,
         unknown: None,
     })
@@ -368,7 +369,7 @@ mod tests {
                 {"Parent Relationship": "Outer", "Plan Rows": "many"}]}}]"#,
         )
         .unwrap();
-        assert_eq!(e.rows, Some(u64::MAX));
+        assert_eq!(e.rows, Some(i64::MAX as u64));
     }
 
     #[test]
