@@ -14,13 +14,13 @@
 //! statement executed again and again without a Describe of the client's is
 //! masked exactly the same, in text or binary.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::BytesMut;
-use tokio::sync::mpsc;
 
+use super::names::NameMap;
 use crate::masking::plan::{self, MaskCtx, StatementMask};
 use crate::masking::{Masking, Refusal, RowPlan};
 use crate::policy::{Gate, Judgement};
@@ -48,32 +48,45 @@ pub enum Slot {
 
 /// A pair of session halves sharing one session's masking state.
 pub fn session_pair(masking: &Arc<Masking>, limits: Limits) -> (FrontMask, BackMask) {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let inbox = Arc::new(Inbox::default());
     let ddl = Arc::new(AtomicBool::new(false));
     (
         FrontMask {
             masking: masking.clone(),
-            slots: tx,
-            statements: HashMap::new(),
+            slots: inbox.clone(),
+            statements: NameMap::default(),
             ddl: ddl.clone(),
         },
         BackMask {
             masking: masking.clone(),
             limits,
-            slots: rx,
+            slots: inbox,
             queue: VecDeque::new(),
-            portals: HashMap::new(),
+            portals: NameMap::default(),
             query: None,
             ddl,
         },
     )
 }
 
+/// Slots on their way from the client half to the server half. Both halves
+/// run in one task, so the lock is never contended; a channel cost several
+/// atomic operations and a waker per message (issue #21).
+#[derive(Default)]
+struct Inbox(Mutex<Vec<Slot>>);
+
+impl Inbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        // Nothing panics while holding it; a poisoned one is still whole.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// Client half: remembers each prepared statement's masking context.
 pub struct FrontMask {
     masking: Arc<Masking>,
-    slots: mpsc::UnboundedSender<Slot>,
-    statements: HashMap<String, MaskCtx>,
+    slots: Arc<Inbox>,
+    statements: NameMap<MaskCtx>,
     /// A schema change went upstream: re-read the column map once it is
     /// committed (the server half sees ReadyForQuery outside a transaction).
     ddl: Arc<AtomicBool>,
@@ -103,8 +116,7 @@ impl FrontMask {
     }
 
     fn send(&self, slot: Slot) {
-        // A closed channel means the server half is gone; the session ends.
-        let _ = self.slots.send(slot);
+        self.slots.lock().push(slot);
     }
 
     pub fn query(&mut self, ctx: MaskCtx) {
@@ -195,9 +207,9 @@ pub enum Disposition {
 pub struct BackMask {
     masking: Arc<Masking>,
     limits: Limits,
-    slots: mpsc::UnboundedReceiver<Slot>,
+    slots: Arc<Inbox>,
     queue: VecDeque<Slot>,
-    portals: HashMap<String, Portal>,
+    portals: NameMap<Portal>,
     query: Option<RowPlan>,
     ddl: Arc<AtomicBool>,
 }
@@ -207,7 +219,8 @@ impl BackMask {
     /// Err: the server's replies do not fit the requests; the session ends
     /// rather than risk passing a row unmasked.
     pub fn on_message(&mut self, ty: u8, body: &[u8]) -> Result<Disposition, String> {
-        while let Ok(s) = self.slots.try_recv() {
+        let mut inbox = self.slots.lock();
+        for s in inbox.drain(..) {
             match s {
                 // Take back the Syncs the server ignored: the latest ones.
                 Slot::IgnoredSyncs(mut n) => {
@@ -223,6 +236,7 @@ impl BackMask {
                 s => self.queue.push_back(s),
             }
         }
+        drop(inbox);
         let scan = !self.masking.rules.detectors().is_empty();
         Ok(match ty {
             b'2' => {
@@ -256,10 +270,15 @@ impl BackMask {
                     self.queue.pop_front();
                     Disposition::Pass
                 }
-                Some(Slot::Query(ctx)) if ty == b'T' => {
+                Some(Slot::Query(None)) => {
+                    // Nothing of it is masked: no need to read the columns.
+                    self.query = None;
+                    Disposition::Pass
+                }
+                Some(Slot::Query(Some(ctx))) if ty == b'T' => {
                     let fields =
                         codec::row_description(body).map_err(|e| format!("RowDescription: {e}"))?;
-                    self.query = ctx.as_ref().map(|c| RowPlan::new(c, &fields, scan));
+                    self.query = Some(RowPlan::new(ctx, &fields, scan));
                     if self.query.as_ref().is_some_and(|pl| pl.saw_unknown) {
                         self.masking.refresh_soon(self.limits);
                     }

@@ -421,7 +421,7 @@ impl<'a> Watcher<'a> {
 /// server infer them, then bind binary values): a reviewer and a recording
 /// then read `2`, not `\x00000002`.
 #[derive(Debug, Default)]
-pub struct Described(std::sync::Mutex<std::collections::HashMap<String, Description>>);
+pub struct Described(std::sync::Mutex<super::names::NameMap<Description>>);
 
 #[derive(Debug, Default)]
 struct Description {
@@ -430,7 +430,7 @@ struct Description {
 }
 
 impl Described {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Description>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, super::names::NameMap<Description>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::sentinel::{self, Pending, MAX_PENDING};
 use super::watchdog::CancelInFlight;
@@ -45,7 +45,7 @@ pub(super) struct Backend<'a> {
     /// What the server answered to each request, for the client half's
     /// ledger of statement names.
     pub(super) outcomes: mpsc::UnboundedSender<ServerEvent>,
-    pub(super) done: watch::Sender<u64>,
+    pub(super) done: &'a super::Answered,
     /// The request being answered.
     pub(super) answered: RequestOutcome,
     /// Between CopyInResponse and the copy's end.
@@ -123,6 +123,11 @@ impl Backend<'_> {
             }
             self.metrics.bytes_to_client.inc_by(n as u64);
             let filled = tokio::select! {
+                // Fixed order: no random number per poll, and the (rare)
+                // notices are looked at only while the server is quiet. They
+                // come from a statement waiting for approval, when nothing
+                // of this session runs upstream.
+                biased;
                 filled = frames.fill(r) => filled,
                 Some(mut notice) = self.notices.recv() => {
                     // Between whole messages: a notice may come at any time.
@@ -189,7 +194,7 @@ impl Backend<'_> {
                 );
                 // The client half may be gone; nothing to tell then.
                 let _ = self.outcomes.send(ServerEvent::Answered(o));
-                self.done.send_replace(next);
+                self.done.set(next);
             }
             _ => {}
         }

@@ -11,7 +11,6 @@
 mod hold;
 mod judge;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,7 +30,7 @@ use crate::recording::{Ack, RecordedVerdict, SessionLog, StatementFacts};
 use crate::session::approve::{self, Hold, HoldKind, Need, Would};
 use crate::session::limits::StatementClock;
 use crate::session::mask::FrontMask;
-use crate::session::names::{Failed, NameLedger, ServerEvent};
+use crate::session::names::{Failed, NameLedger, NameMap, ServerEvent};
 use crate::session::outcome::{Described, Watch, WatchKind};
 use crate::wire::codec::{self, Column};
 use crate::wire::conn::FrameBuf;
@@ -67,9 +66,9 @@ pub(super) struct Frontend<'a> {
     pub(super) executes_since_sync: u32,
     /// Prepared statements by name: those that need approval (held at
     /// Execute), and all of them when the session is recorded.
-    pub(super) statements: HashMap<String, Arc<Need>>,
+    pub(super) statements: NameMap<Arc<Need>>,
     /// Portals bound to such statements, with their parameters.
-    pub(super) portals: HashMap<String, approve::HeldPortal>,
+    pub(super) portals: NameMap<approve::HeldPortal>,
     pub(super) log: Option<&'a SessionLog>,
     /// Durable statement records to wait for before sending upstream.
     pub(super) acks: Vec<Ack>,
@@ -84,7 +83,7 @@ pub(super) struct Frontend<'a> {
     /// What the server answered to each request, from the upstream half.
     pub(super) outcomes: mpsc::UnboundedReceiver<ServerEvent>,
     /// Requests the server has answered completely.
-    pub(super) done: watch::Receiver<u64>,
+    pub(super) done: &'a super::Answered,
     /// User code ran in this request (or an earlier one not yet answered):
     /// until its ReadyForQuery, the server may have changed a setting it
     /// only reports then (standard_conforming_strings, client_encoding).
@@ -205,9 +204,7 @@ impl Frontend<'_> {
                         if let Err(e) = write(w, &mut out).await {
                             return End::upstream_write(e);
                         }
-                        if self.done.wait_for(|d| *d > request).await.is_err() {
-                            return End::UpstreamClosed;
-                        }
+                        self.done.wait_past(request).await;
                         if let Err(end) = self.poll_outcomes() {
                             return end;
                         }

@@ -30,17 +30,20 @@ mod harness;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use futures_util::future::Either::{Left, Right};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::limits::{RowLimiter, StatementClock};
 use super::mask;
-use super::names::{NameLedger, RequestOutcome};
+use super::names::{NameLedger, NameMap, RequestOutcome};
 use super::outcome::{Described, Watcher};
 use crate::approval::Approvals;
 use crate::config::{LiveConfig, PolicyConfig};
@@ -187,7 +190,7 @@ impl Relay<'_> {
         let (watch_tx, watch_rx) = mpsc::unbounded_channel();
         let (describe_tx, describe_rx) = mpsc::unbounded_channel();
         let (outcome_tx, outcome_rx) = mpsc::unbounded_channel();
-        let (done_tx, done_rx) = watch::channel(0u64);
+        let answered = Answered::default();
         let described = Arc::new(Described::default());
         let clock = StatementClock::default();
         let cancels = Arc::new(CancelInFlight::default());
@@ -221,8 +224,8 @@ impl Relay<'_> {
                 watches: watch_tx,
                 requests_sent: 0,
                 executes_since_sync: 0,
-                statements: HashMap::new(),
-                portals: HashMap::new(),
+                statements: NameMap::default(),
+                portals: NameMap::default(),
                 log: self.log,
                 acks: Vec::new(),
                 describes: describe_tx,
@@ -230,7 +233,7 @@ impl Relay<'_> {
                 preanalyzed: None,
                 ledger: NameLedger::default(),
                 outcomes: outcome_rx,
-                done: done_rx,
+                done: &answered,
                 unsettled_until: None,
                 copy_in: false,
             }
@@ -257,7 +260,7 @@ impl Relay<'_> {
                 acks: Vec::new(),
                 settings: self.server_settings,
                 outcomes: outcome_tx,
-                done: done_tx,
+                done: &answered,
                 answered: RequestOutcome::default(),
                 copy_in: false,
             }
@@ -266,12 +269,22 @@ impl Relay<'_> {
                 watchdog::guard_timeout(&clock, self.statement_timeout, &self.cancel, &cancels);
             let drain = watchdog::drain_on_shutdown(&clock, self.shutdown);
             let expiry = watchdog::end_at_expiry(&clock, self.expires);
-            tokio::select! {
-                end = front => end,
-                end = back => end,
-                end = drain => end,
-                end = expiry => end,
-                never = guard => match never {},
+            // Not `select!`, which polls every branch whenever any of them
+            // is woken: here a reply from the server polls only the upstream
+            // half, a client message only the client half (issue #21: the
+            // spurious polls were a tenth of the per-statement CPU).
+            let mut parts = FuturesUnordered::new();
+            parts.push(Left(front));
+            parts.push(Right(Left(back)));
+            parts.push(Right(Right(Left(drain))));
+            parts.push(Right(Right(Right(Left(expiry)))));
+            parts.push(Right(Right(Right(Right(
+                async move { match guard.await {} },
+            )))));
+            match parts.next().await {
+                Some(end) => end,
+                // Unreachable: five futures were pushed.
+                None => End::UpstreamClosed,
             }
         };
         // Both halves are dropped; tell each side what it needs to know.
@@ -288,6 +301,49 @@ impl Relay<'_> {
         }
         let _ = cw.shutdown().await;
         end
+    }
+}
+
+/// How many requests the server has answered completely (its
+/// ReadyForQuery count): the upstream half bumps it once per request, the
+/// client half reads it and sometimes waits for it. A counter and a wakeup
+/// only when someone waits: a watch channel cost a lock and a notify per
+/// statement.
+#[derive(Default)]
+pub(super) struct Answered {
+    count: AtomicU64,
+    waiting: AtomicBool,
+    notify: Notify,
+}
+
+impl Answered {
+    pub(super) fn get(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    fn set(&self, n: u64) {
+        self.count.store(n, Ordering::SeqCst);
+        // SeqCst on both sides: either the waiter sees the new count, or
+        // this sees the waiter's flag.
+        if self.waiting.load(Ordering::SeqCst) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Until more than `request` requests are answered. (If the upstream
+    /// half ends first, the relay ends with it and this is dropped.)
+    async fn wait_past(&self, request: u64) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.waiting.store(true, Ordering::SeqCst);
+            if self.get() > request {
+                self.waiting.store(false, Ordering::SeqCst);
+                return;
+            }
+            notified.await;
+        }
     }
 }
 

@@ -215,7 +215,7 @@ impl Frontend<'_> {
     /// Whether user code forwarded earlier may still be changing settings.
     fn unsettled(&mut self) -> bool {
         match self.unsettled_until {
-            Some(request) if *self.done.borrow() > request => {
+            Some(request) if self.done.get() > request => {
                 self.unsettled_until = None;
                 false
             }
