@@ -25,6 +25,7 @@
 pub mod approval_cluster;
 pub mod approvals;
 mod client;
+pub mod fake_operator;
 mod gateway;
 mod net;
 pub mod oidc;
@@ -38,6 +39,7 @@ pub mod wire;
 
 pub use approvals::{ApprovalsCli, CliOutput};
 pub use client::{libpq_command, psql_query, run_command, run_psql, wait_until, Endpoint};
+pub use fake_operator::FakeOperator;
 pub use gateway::{
     pgwarden_bin, policy_with_identity, policy_with_rules, policy_yaml, Gateway, GatewayBuilder,
     GatewayExit, POLICY_NAME, REALISTIC_RULES, SECRET_NAME,

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use pgwarden_e2e::recording::recording_yaml;
 use pgwarden_e2e::wire::{self, describe, errors, query, startup_packet, Message, Wire};
 use pgwarden_e2e::{
-    free_port, policy_with_rules, policy_yaml, Gateway, GatewayBuilder, PgCluster, UpstreamAuth,
+    free_port, policy_with_rules, policy_yaml, FakeOperator, Gateway, GatewayBuilder, PgCluster,
+    UpstreamAuth,
 };
 
 /// The gateway's own bound on reaching the upstream (`CONNECT_TIMEOUT` in
@@ -667,110 +668,6 @@ fn a_thousand_concurrent_sessions_keep_memory_bounded() {
 
 // === a hostile operator stream ===
 
-/// A fake operator: the config stream over TLS with ALPN `h2` and hyper's HTTP/2
-/// server, as the real one serves it. Each `GET /v1/config` hands the test a sender
-/// for that stream's body (bounded: a sender waits for the sidecar to read, so a
-/// huge line is never held whole); each `POST /v1/ack` is answered 200 and its body
-/// recorded.
-struct FakeOperator {
-    port: u16,
-    streams: tokio::sync::mpsc::UnboundedReceiver<tokio::sync::mpsc::Sender<bytes::Bytes>>,
-    acks: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl FakeOperator {
-    async fn start(cert: &pgwarden_e2e::ServerCert) -> FakeOperator {
-        use http_body_util::{BodyExt, Full, StreamBody};
-        use rustls_pki_types::pem::PemObject;
-        use std::sync::{Arc, Mutex};
-
-        let certs = rustls_pki_types::CertificateDer::pem_file_iter(&cert.cert)
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&cert.key).unwrap();
-        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-        tls.alpn_protocols = vec![b"h2".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (streams_tx, streams) = tokio::sync::mpsc::unbounded_channel();
-        let acks = Arc::new(Mutex::new(Vec::new()));
-        let recorded = acks.clone();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, streams_tx, recorded) =
-                    (acceptor.clone(), streams_tx.clone(), recorded.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let svc = hyper::service::service_fn(
-                        move |req: http::Request<hyper::body::Incoming>| {
-                            let (streams_tx, recorded) = (streams_tx.clone(), recorded.clone());
-                            async move {
-                                type Body = http_body_util::combinators::BoxBody<
-                                    bytes::Bytes,
-                                    std::convert::Infallible,
-                                >;
-                                let body: Body = if req.uri().path() == "/v1/ack" {
-                                    let b = req.into_body().collect().await?.to_bytes();
-                                    recorded
-                                        .lock()
-                                        .unwrap()
-                                        .push(String::from_utf8_lossy(&b).into_owned());
-                                    Full::new(bytes::Bytes::new()).boxed()
-                                } else {
-                                    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
-                                    let _ = streams_tx.send(tx);
-                                    StreamBody::new(futures_util::stream::unfold(
-                                        rx,
-                                        |mut rx| async move {
-                                            let chunk = rx.recv().await?;
-                                            Some((Ok(hyper::body::Frame::data(chunk)), rx))
-                                        },
-                                    ))
-                                    .boxed()
-                                };
-                                Ok::<_, hyper::Error>(http::Response::new(body))
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http2::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
-                });
-            }
-        });
-        FakeOperator {
-            port,
-            streams,
-            acks,
-        }
-    }
-
-    /// The next `GET /v1/config` the sidecar opens.
-    async fn next_stream(&mut self, what: &str) -> tokio::sync::mpsc::Sender<bytes::Bytes> {
-        tokio::time::timeout(Duration::from_secs(10), self.streams.recv())
-            .await
-            .unwrap_or_else(|_| panic!("{what}: the sidecar opened no config stream"))
-            .expect("fake operator running")
-    }
-
-    fn acks(&self) -> Vec<String> {
-        self.acks.lock().unwrap().clone()
-    }
-}
-
 /// What every check after a bad line needs: the session opened under the good
 /// snapshot and a new one are both judged by its policy (SELECT allowed, UPDATE
 /// refused 42501).
@@ -880,7 +777,7 @@ async fn a_garbage_or_huge_operator_stream_keeps_the_last_good_config() {
         .arg("--state-dir")
         .arg(dir.path().join("state"))
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-        .args(["--operator", &format!("https://127.0.0.1:{}", op.port)])
+        .args(["--operator", &op.url()])
         .arg("--operator-ca")
         .arg(ca.cert_path())
         .arg("--operator-token-file")
