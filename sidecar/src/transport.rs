@@ -97,6 +97,115 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     }
 }
 
+/// A connection whose reading and writing halves are used at the same time
+/// (the two halves of a session). Plain TCP and Unix sockets split by
+/// reference, with no lock per poll; TLS, one state machine for both
+/// directions, shares it behind tokio's lock.
+pub trait Duplex: AsyncRead + AsyncWrite + Unpin {
+    type Read<'a>: AsyncRead + Unpin
+    where
+        Self: 'a;
+    type Write<'a>: AsyncWrite + Unpin
+    where
+        Self: 'a;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
+}
+
+pub enum ReadHalf<'a, T> {
+    Tcp(tokio::net::tcp::ReadHalf<'a>),
+    Unix(tokio::net::unix::ReadHalf<'a>),
+    Tls(tokio::io::ReadHalf<&'a mut T>),
+}
+
+pub enum WriteHalf<'a, T> {
+    Tcp(tokio::net::tcp::WriteHalf<'a>),
+    Unix(tokio::net::unix::WriteHalf<'a>),
+    Tls(tokio::io::WriteHalf<&'a mut T>),
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Duplex for MaybeTls<T> {
+    type Read<'a>
+        = ReadHalf<'a, T>
+    where
+        T: 'a;
+    type Write<'a>
+        = WriteHalf<'a, T>
+    where
+        T: 'a;
+
+    fn halves(&mut self) -> (ReadHalf<'_, T>, WriteHalf<'_, T>) {
+        match self {
+            MaybeTls::Plain(s) => {
+                let (r, w) = s.split();
+                (ReadHalf::Tcp(r), WriteHalf::Tcp(w))
+            }
+            MaybeTls::Unix(s) => {
+                let (r, w) = s.split();
+                (ReadHalf::Unix(r), WriteHalf::Unix(w))
+            }
+            MaybeTls::Tls(s) => {
+                let (r, w) = tokio::io::split(s.as_mut());
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ReadHalf<'_, T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadHalf::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            ReadHalf::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            ReadHalf::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteHalf<'_, T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            WriteHalf::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            WriteHalf::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(s) => Pin::new(s).poll_flush(cx),
+            WriteHalf::Unix(s) => Pin::new(s).poll_flush(cx),
+            WriteHalf::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            WriteHalf::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            WriteHalf::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// In-memory pipes (the relay's tests): split behind tokio's lock.
+#[cfg(test)]
+impl Duplex for tokio::io::DuplexStream {
+    type Read<'a> = tokio::io::ReadHalf<&'a mut Self>;
+    type Write<'a> = tokio::io::WriteHalf<&'a mut Self>;
+
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        tokio::io::split(self)
+    }
+}
+
 /// A listening Unix-domain socket file, removed when dropped.
 pub struct UnixSocketFile {
     listener: tokio::net::UnixListener,

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use futures_util::future::Either::{Left, Right};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::limits::{RowLimiter, StatementClock};
@@ -51,6 +51,7 @@ use crate::masking::Masking;
 use crate::observe::Metrics;
 use crate::policy::SessionState;
 use crate::recording::{Ack, SessionLog};
+use crate::transport::Duplex;
 use crate::upstream::{BackendKey, UpstreamTarget};
 use crate::wire::codec::{self, TxStatus};
 use crate::wire::conn::{FrameBuf, ReadError};
@@ -174,17 +175,17 @@ pub struct Relay<'a> {
 impl Relay<'_> {
     pub async fn run<C, U>(
         self,
-        client: C,
+        mut client: C,
         client_frames: FrameBuf,
-        upstream: U,
+        mut upstream: U,
         upstream_frames: FrameBuf,
     ) -> End
     where
-        C: AsyncRead + AsyncWrite + Unpin,
-        U: AsyncRead + AsyncWrite + Unpin,
+        C: Duplex,
+        U: Duplex,
     {
-        let (mut cr, mut cw) = tokio::io::split(client);
-        let (mut ur, mut uw) = tokio::io::split(upstream);
+        let (mut cr, mut cw) = client.halves();
+        let (mut ur, mut uw) = upstream.halves();
         let (tx, rx) = mpsc::unbounded_channel();
         let (notice_tx, notice_rx) = mpsc::unbounded_channel();
         let (watch_tx, watch_rx) = mpsc::unbounded_channel();
