@@ -139,6 +139,8 @@ pub struct GatewayBuilder {
     env: Vec<(String, String)>,
     identity: Option<String>,
     state_dir: Option<PathBuf>,
+    /// Operator mode: the config stream's URL and CA file.
+    operator: Option<(String, PathBuf)>,
 }
 
 /// `pgwarden run` exited (or refused to start) before it became ready.
@@ -194,6 +196,7 @@ impl GatewayBuilder {
             env: Vec::new(),
             identity: None,
             state_dir: None,
+            operator: None,
         }
     }
 
@@ -276,6 +279,17 @@ impl GatewayBuilder {
         self
     }
 
+    /// Operator mode, as the operator injects the sidecar: `--operator url
+    /// --operator-ca ca_file --operator-token-file <a token file>` and no `-f`
+    /// files (the policy, Secret and extra files of this builder are not used):
+    /// the configuration comes down the config stream, e.g. from a
+    /// [`crate::FakeOperator`]. [`GatewayBuilder::start`] returns once its
+    /// snapshot is in force and the upstream login was checked.
+    pub fn fed_by_operator(mut self, url: impl Into<String>, ca_file: &Path) -> Self {
+        self.operator = Some((url.into(), ca_file.to_path_buf()));
+        self
+    }
+
     /// An environment variable for the gateway process.
     pub fn env(mut self, name: &str, value: &str) -> Self {
         self.env.push((name.to_string(), value.to_string()));
@@ -307,16 +321,34 @@ impl GatewayBuilder {
             }
         };
 
-        let mut files = vec![write_file(dir.path(), "policy.yaml", &self.policy_text())];
-        if self.with_secret {
-            let secret = self
-                .secret
-                .clone()
-                .unwrap_or_else(|| secret_yaml(APP_USER, &self.password));
-            files.push(write_file(dir.path(), "secret.yaml", &secret));
-        }
-        for (name, contents) in &self.extra_files {
-            files.push(write_file(dir.path(), name, contents));
+        let mut files = Vec::new();
+        let mut operator_args: Vec<OsString> = Vec::new();
+        match &self.operator {
+            Some((url, ca_file)) => {
+                // Sent as a bearer token; the fake operator takes any.
+                let token = write_file(dir.path(), "operator-token", "e2e-token");
+                operator_args = vec![
+                    "--operator".into(),
+                    url.into(),
+                    "--operator-ca".into(),
+                    ca_file.into(),
+                    "--operator-token-file".into(),
+                    token.into(),
+                ];
+            }
+            None => {
+                files.push(write_file(dir.path(), "policy.yaml", &self.policy_text()));
+                if self.with_secret {
+                    let secret = self
+                        .secret
+                        .clone()
+                        .unwrap_or_else(|| secret_yaml(APP_USER, &self.password));
+                    files.push(write_file(dir.path(), "secret.yaml", &secret));
+                }
+                for (name, contents) in &self.extra_files {
+                    files.push(write_file(dir.path(), name, contents));
+                }
+            }
         }
 
         let mut attempt = 0;
@@ -335,6 +367,7 @@ impl GatewayBuilder {
             for file in &files {
                 cmd.arg("-f").arg(file);
             }
+            cmd.args(&operator_args);
             cmd.arg("--listen")
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--state-dir")

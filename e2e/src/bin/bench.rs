@@ -12,7 +12,10 @@
 //!    log), and the gateway's CPU time per statement (utime+stime of the process
 //!    over the run / transactions processed; one statement per transaction with
 //!    `-S`). The gateway runs a realistic policy: ordered default-deny rules and
-//!    a masked column on a table pgbench does not touch.
+//!    a masked column on a table pgbench does not touch. Target `operator-fed`
+//!    is the same gateway configured as in a cluster: the same policy in one
+//!    snapshot down a (fake) operator's config stream, no files; it should match
+//!    `pgwarden` within noise.
 //! 2. Streaming 2,000,000 rows with psql: seconds, MB/s of psql output, and the peak
 //!    RSS (VmHWM) of a fresh gateway that did nothing else.
 //! 3. Streaming 1,000,000 rows of a table with a masked column (`Partial`,
@@ -34,7 +37,11 @@ use std::process::{Command, ExitCode, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pgwarden_e2e::{libpq_command, run_command, Endpoint, Gateway, PgCluster, APP_PASSWORD};
+use pgwarden_e2e::fake_operator::snapshot_line;
+use pgwarden_e2e::{
+    libpq_command, run_command, Endpoint, FakeOperator, Gateway, PgCluster, TestPki, APP_PASSWORD,
+    APP_USER,
+};
 use serde_json::{json, Value};
 
 const STREAM_ROWS: u32 = 2_000_000;
@@ -62,8 +69,9 @@ struct Options {
     quick: bool,
     json: bool,
     pgbouncer: bool,
-    /// CI's regression guard: a quick run of direct, pgwarden and (when
-    /// installed) pgbouncer; exit 1 on a gross regression.
+    /// CI's regression guard: a quick run of direct, pgwarden, operator-fed
+    /// (at 8 clients) and (when installed) pgbouncer; exit 1 on a gross
+    /// regression.
     guard: bool,
     secs: u32,
     rounds: u32,
@@ -288,6 +296,8 @@ struct Target<'a> {
     pid: Option<u32>,
     /// Modes this target cannot run (pgbouncer's transaction pooling vs `-M prepared`).
     skip_modes: &'a [&'a str],
+    /// Client counts it is not measured at (the guard's operator-fed gateway).
+    skip_clients: &'a [u32],
 }
 
 struct PgbenchRow {
@@ -303,7 +313,7 @@ fn pgbench_matrix(opts: &Options, targets: &[Target<'_>], ticks_per_sec: u64) ->
             let mut runs: Vec<Vec<PgbenchRun>> = vec![Vec::new(); targets.len()];
             for round in 1..=opts.rounds {
                 for (i, target) in targets.iter().enumerate() {
-                    if target.skip_modes.contains(&mode) {
+                    if target.skip_modes.contains(&mode) || target.skip_clients.contains(&clients) {
                         continue;
                     }
                     let run = run_select_only(&target.env, mode, clients, opts.secs, target.pid);
@@ -620,6 +630,56 @@ impl Drop for Pgbouncer {
     }
 }
 
+// === operator-fed ===
+
+/// The target name of the gateway fed by the config stream.
+const OPERATOR_FED: &str = "operator-fed";
+
+/// A gateway configured as in a cluster (`--operator`, no files) by a fake
+/// operator that serves one snapshot and then heartbeats, on a runtime of its
+/// own (the bench itself is synchronous).
+struct OperatorFed {
+    // Declared first: stopped while its operator still answers.
+    gateway: Gateway,
+    _operator: FakeOperator,
+    _runtime: tokio::runtime::Runtime,
+    _pki: TestPki,
+}
+
+impl OperatorFed {
+    /// Serves `policy_yaml` (a whole DatabaseAccessPolicy) with the cluster's
+    /// login, the one the file-fed gateway's Secret holds.
+    fn start(pg: &PgCluster, policy_yaml: &str) -> OperatorFed {
+        const VERSION: u64 = 1;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime for the fake operator");
+        let pki = TestPki::generate();
+        let line = snapshot_line(VERSION, policy_yaml, APP_USER, APP_PASSWORD);
+        let operator = runtime.block_on(FakeOperator::serving(&pki.server, line));
+        let gateway = Gateway::builder(pg)
+            .fed_by_operator(operator.url(), pki.ca.cert_path())
+            .start();
+        // Ready means in force; the ACK proves it came down the stream.
+        assert!(
+            pgwarden_e2e::wait_until(Duration::from_secs(5), || operator
+                .acks()
+                .contains(&format!("{{\"version\":{VERSION}}}"))),
+            "the operator-fed gateway never ACKed the snapshot: {:?}\n--- pgwarden log ---\n{}",
+            operator.acks(),
+            tail_lines(&gateway.logs(), 20)
+        );
+        OperatorFed {
+            gateway,
+            _operator: operator,
+            _runtime: runtime,
+            _pki: pki,
+        }
+    }
+}
+
 // === report ===
 
 fn ratio(a: Option<Summary>, b: Option<Summary>) -> Option<f64> {
@@ -660,6 +720,13 @@ struct Report {
     idle: IdleResult,
 }
 
+impl Report {
+    /// The index of target `name` in every row's results.
+    fn column(&self, name: &str) -> Option<usize> {
+        self.target_names.iter().position(|n| *n == name)
+    }
+}
+
 fn print_text(opts: &Options, r: &Report) {
     let mut out = String::new();
     let _ = writeln!(
@@ -677,10 +744,16 @@ fn print_text(opts: &Options, r: &Report) {
         "{:<9} {:>7} {:>11} {:>7}",
         "mode", "clients", "direct tps", "p99 ms"
     );
-    for name in r.target_names.iter().skip(1) {
+    // Each tps column as wide as its heading.
+    let widths: Vec<usize> = r
+        .target_names
+        .iter()
+        .map(|n| (n.len() + 4).max(13))
+        .collect();
+    for (name, w) in r.target_names.iter().zip(&widths).skip(1) {
         let _ = write!(
             out,
-            " | {:>13} {:>6} {:>7} {:>9}",
+            " | {:>w$} {:>6} {:>7} {:>9}",
             format!("{name} tps"),
             "ratio",
             "p99 ms",
@@ -698,10 +771,10 @@ fn print_text(opts: &Options, r: &Report) {
             opt(direct.map(|s| s.tps), 0),
             opt(direct.map(|s| s.p99_ms), 3),
         );
-        for result in row.results.iter().skip(1) {
+        for (result, w) in row.results.iter().zip(&widths).skip(1) {
             let _ = write!(
                 out,
-                " | {:>13} {:>6} {:>7} {:>9}",
+                " | {:>w$} {:>6} {:>7} {:>9}",
                 opt(result.map(|s| s.tps), 0),
                 opt(ratio(direct, *result), 2),
                 opt(result.map(|s| s.p99_ms), 3),
@@ -710,6 +783,7 @@ fn print_text(opts: &Options, r: &Report) {
         }
         out.push('\n');
     }
+    write_operator_fed(&mut out, r);
     let rounds = opts.rounds.min(2);
     write_stream(
         &mut out,
@@ -743,6 +817,35 @@ fn print_text(opts: &Options, r: &Report) {
         r.idle.open_secs, r.idle.baseline_kib, r.idle.with_sessions_kib
     );
     print!("{out}");
+}
+
+/// The operator-fed gateway beside the file-fed one, row by row: the same
+/// policy, so any gap is what operator mode costs.
+fn write_operator_fed(out: &mut String, r: &Report) {
+    let (Some(file), Some(fed)) = (r.column("pgwarden"), r.column(OPERATOR_FED)) else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\n{OPERATOR_FED} (config snapshot from the operator's stream) vs pgwarden (files), same policy:"
+    );
+    for row in &r.rows {
+        let (f, o) = (row.results[file], row.results[fed]);
+        if o.is_none() {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "  {:<9} {:>2} clients: tps {} vs {} ({}x), us/stmt {} vs {}",
+            row.mode,
+            row.clients,
+            opt(o.map(|s| s.tps), 0),
+            opt(f.map(|s| s.tps), 0),
+            opt(ratio(f, o), 2),
+            opt(o.and_then(|s| s.proxy_us_per_stmt), 1),
+            opt(f.and_then(|s| s.proxy_us_per_stmt), 1),
+        );
+    }
 }
 
 fn write_stream(
@@ -786,6 +889,11 @@ fn print_json(opts: &Options, r: &Report) {
             for (name, result) in r.target_names.iter().zip(&row.results).skip(1) {
                 v[*name] = summary_json(*result);
                 v[format!("{name}_ratio")] = json!(ratio(row.results[0], *result));
+            }
+            // What operator mode costs: its tps over the file-fed gateway's.
+            if let (Some(file), Some(fed)) = (r.column("pgwarden"), r.column(OPERATOR_FED)) {
+                v[format!("{OPERATOR_FED}_vs_pgwarden")] =
+                    json!(ratio(row.results[file], row.results[fed]));
             }
             v
         })
@@ -887,6 +995,9 @@ fn main() -> ExitCode {
         pgwarden_e2e::policy_yaml(pg.port(), None)
     );
     let gw = Gateway::builder(&pg).policy_yaml(realistic.clone()).start();
+    // The same policy, masking and credential fed as in a cluster: one
+    // snapshot down the operator's config stream, no files.
+    let fed = OperatorFed::start(&pg, &realistic);
     // The same gateway with the verdict cache off: every statement is parsed
     // and judged again, which shows what the cache saves.
     let gw_nocache = Gateway::builder(&pg)
@@ -933,12 +1044,22 @@ fn main() -> ExitCode {
             env: direct_env.clone(),
             pid: None,
             skip_modes: &[],
+            skip_clients: &[],
         },
         Target {
             name: "pgwarden",
             env: gw.env(),
             pid: Some(gw.pid()),
             skip_modes: &[],
+            skip_clients: &[],
+        },
+        Target {
+            name: OPERATOR_FED,
+            env: fed.gateway.env(),
+            pid: Some(fed.gateway.pid()),
+            skip_modes: &[],
+            // The guard checks it at 8 clients only.
+            skip_clients: if opts.guard { &[1] } else { &[] },
         },
     ];
     let mut more = vec![
@@ -947,18 +1068,21 @@ fn main() -> ExitCode {
             env: gw_nocache.env(),
             pid: Some(gw_nocache.pid()),
             skip_modes: &[],
+            skip_clients: &[],
         },
         Target {
             name: "recorded",
             env: gw_recorded.env(),
             pid: Some(gw_recorded.pid()),
             skip_modes: &[],
+            skip_clients: &[],
         },
         Target {
             name: "durable",
             env: gw_durable.env(),
             pid: Some(gw_durable.pid()),
             skip_modes: &[],
+            skip_clients: &[],
         },
     ];
     if let Some(g) = &gw_mt {
@@ -967,6 +1091,7 @@ fn main() -> ExitCode {
             env: g.env(),
             pid: Some(g.pid()),
             skip_modes: &["extended", "prepared"],
+            skip_clients: &[],
         });
     }
     // The guard compares only what its thresholds need.
@@ -980,6 +1105,7 @@ fn main() -> ExitCode {
             pid: Some(b.pid()),
             // Transaction pooling cannot keep protocol-level prepared statements.
             skip_modes: &["prepared"],
+            skip_clients: &[],
         });
         targets.push(Target {
             name: "pgb-session",
@@ -987,15 +1113,18 @@ fn main() -> ExitCode {
             pid: Some(s.pid()),
             // Session pooling: the mode that can (and only where it matters).
             skip_modes: &["simple", "extended"],
+            skip_clients: &[],
         });
     }
     let rows = pgbench_matrix(&opts, &targets, ticks_per_sec);
     let target_names = targets.iter().map(|t| t.name).collect();
     gw.assert_running();
+    fed.gateway.assert_running();
     gw_nocache.assert_running();
     gw_recorded.assert_running();
     gw_durable.assert_running();
     drop(gw);
+    drop(fed);
     drop(gw_nocache);
     drop(gw_recorded);
     drop(gw_durable);
@@ -1126,11 +1255,13 @@ const GUARD_MIN_RATIO_1C: f64 = 0.40;
 const GUARD_MAX_CPU_VS_PGBOUNCER: f64 = 3.0;
 const GUARD_MIN_MASKED_STREAM: f64 = 0.70;
 const GUARD_MAX_IDLE_KIB: f64 = 100.0;
+/// The operator-fed gateway's mean TPS at 8 clients over the modes, as a share
+/// of the file-fed gateway's: the same policy, so it should be ~1.0.
+const GUARD_MIN_OPERATOR_FED: f64 = 0.75;
 
 fn guard(r: &Report) -> Vec<String> {
     let mut failures = Vec::new();
-    let col = |name: &str| r.target_names.iter().position(|n| *n == name);
-    let (Some(pw), bouncer) = (col("pgwarden"), col("pgbouncer")) else {
+    let (Some(pw), bouncer) = (r.column("pgwarden"), r.column("pgbouncer")) else {
         return vec!["no pgwarden column in the report".into()];
     };
     for row in &r.rows {
@@ -1154,6 +1285,28 @@ fn guard(r: &Report) -> Vec<String> {
                 failures.push(format!(
                     "-M {} {} clients: pgwarden {o:.1} CPU-us per statement, more than {GUARD_MAX_CPU_VS_PGBOUNCER}x pgbouncer's {t:.1}",
                     row.mode, row.clients
+                ));
+            }
+        }
+    }
+    match r.column(OPERATOR_FED) {
+        None => failures.push(format!("no {OPERATOR_FED} column in the report")),
+        Some(fed) => {
+            // Modes where both ran, at 8 clients.
+            let pairs: Vec<(f64, f64)> = r
+                .rows
+                .iter()
+                .filter(|row| row.clients == 8)
+                .filter_map(|row| Some((row.results[pw]?.tps, row.results[fed]?.tps)))
+                .collect();
+            let n = pairs.len().max(1) as f64;
+            let file_tps = pairs.iter().map(|p| p.0).sum::<f64>() / n;
+            let fed_tps = pairs.iter().map(|p| p.1).sum::<f64>() / n;
+            if pairs.is_empty() || fed_tps < GUARD_MIN_OPERATOR_FED * file_tps {
+                failures.push(format!(
+                    "8 clients: {OPERATOR_FED} at {fed_tps:.0} mean TPS over {} mode(s), {} of the file-fed gateway's {file_tps:.0} (minimum {GUARD_MIN_OPERATOR_FED})",
+                    pairs.len(),
+                    opt((file_tps > 0.0).then(|| fed_tps / file_tps), 2)
                 ));
             }
         }
@@ -1190,6 +1343,12 @@ mod tests {
     }
 
     fn report(ours_1c: f64, ours_us: f64, masked_mb: f64, idle_kib: u64) -> Report {
+        report_fed(ours_1c, ours_us, masked_mb, idle_kib, 1.0)
+    }
+
+    /// `fed`: the operator-fed gateway's TPS over the file-fed one's at 8
+    /// clients (the guard measures it at 8 clients only).
+    fn report_fed(ours_1c: f64, ours_us: f64, masked_mb: f64, idle_kib: u64, fed: f64) -> Report {
         let stream = |mb: f64| StreamResult {
             secs: 1.0,
             bytes: (mb * 1_000_000.0) as u64,
@@ -1202,6 +1361,7 @@ mod tests {
                     results: vec![
                         summary(10_000.0, 0.0),
                         summary(ours_1c, ours_us),
+                        None,
                         summary(8_000.0, 20.0),
                     ],
                 },
@@ -1211,11 +1371,22 @@ mod tests {
                     results: vec![
                         summary(30_000.0, 0.0),
                         summary(20_000.0, ours_us),
+                        summary(20_000.0 * fed, ours_us),
                         summary(20_000.0, 20.0),
                     ],
                 },
+                PgbenchRow {
+                    mode: "extended",
+                    clients: 8,
+                    results: vec![
+                        summary(28_000.0, 0.0),
+                        summary(16_000.0, ours_us),
+                        summary(16_000.0 * fed, ours_us),
+                        summary(17_000.0, 20.0),
+                    ],
+                },
             ],
-            target_names: vec!["direct", "pgwarden", "pgbouncer"],
+            target_names: vec!["direct", "pgwarden", OPERATOR_FED, "pgbouncer"],
             stream_direct: stream(100.0),
             stream_gateway: stream(95.0),
             stream_peak_before_kib: 0,
@@ -1238,7 +1409,7 @@ mod tests {
         assert!(slow.len() == 1 && slow[0].contains("1 client"), "{slow:?}");
         let hungry = guard(&report(6_000.0, 70.0, 95.0, 35));
         assert!(
-            hungry.iter().all(|f| f.contains("CPU-us")) && hungry.len() == 2,
+            hungry.iter().all(|f| f.contains("CPU-us")) && hungry.len() == 3,
             "{hungry:?}"
         );
         let masked = guard(&report(6_000.0, 25.0, 50.0, 35));
@@ -1248,5 +1419,26 @@ mod tests {
         );
         let fat = guard(&report(6_000.0, 25.0, 95.0, 150));
         assert!(fat.len() == 1 && fat[0].contains("idle"), "{fat:?}");
+    }
+
+    #[test]
+    fn the_guard_fails_an_operator_fed_gateway_at_half_the_file_fed_ones_tps() {
+        // Within noise of the file-fed gateway passes.
+        assert!(guard(&report_fed(6_000.0, 25.0, 95.0, 35, 0.9)).is_empty());
+        let slow = guard(&report_fed(6_000.0, 25.0, 95.0, 35, 0.5));
+        assert!(
+            slow.len() == 1 && slow[0].contains("operator-fed") && slow[0].contains(" 0.50 "),
+            "{slow:?}"
+        );
+        // Not measured at all is a failure too, not a pass.
+        let mut missing = report(6_000.0, 25.0, 95.0, 35);
+        for row in &mut missing.rows {
+            row.results[2] = None;
+        }
+        let missing = guard(&missing);
+        assert!(
+            missing.len() == 1 && missing[0].contains("operator-fed"),
+            "{missing:?}"
+        );
     }
 }
