@@ -217,10 +217,10 @@ impl Gate {
         let key = match normalize::numeric_key(sql) {
             // NUL never occurs in a query text: the two kinds of keys
             // cannot collide.
-            Some(k) => {
-                let mut key = String::with_capacity(k.len() + 1);
-                key.push('\0');
-                key.push_str(&k);
+            Some(mut key) => {
+                // In place: the key usually has room to spare (a literal
+                // became one digit).
+                key.insert(0, '\0');
                 Cow::Owned(key)
             }
             None => Cow::Borrowed(sql),

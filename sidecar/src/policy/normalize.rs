@@ -114,12 +114,34 @@ pub fn numeric_key(sql: &str) -> Option<String> {
     Some(out)
 }
 
+const IDENT_START: u8 = 1;
+const IDENT_CHAR: u8 = 2;
+
+/// Byte classes by table: the lexer looks at every byte of every statement
+/// text, so this is on the per-statement path (issue #21).
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let c = i as u8;
+        if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+            t[i] = IDENT_START | IDENT_CHAR;
+        } else if c.is_ascii_digit() || c == b'$' {
+            t[i] = IDENT_CHAR;
+        }
+        i += 1;
+    }
+    t
+};
+
+/// A letter, `_`, or any byte of a multi-byte UTF-8 character.
 pub(super) fn is_ident_start(c: u8) -> bool {
-    c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
+    CLASS[usize::from(c)] & IDENT_START != 0
 }
 
+/// An identifier start, a digit or `$`.
 pub(super) fn is_ident_char(c: u8) -> bool {
-    is_ident_start(c) || c.is_ascii_digit() || c == b'$'
+    CLASS[usize::from(c)] & IDENT_CHAR != 0
 }
 
 /// Past the closing quote; `''` (or `""`) is an escaped quote, and in

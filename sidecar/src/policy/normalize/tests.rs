@@ -2,6 +2,19 @@ use super::*;
 use crate::policy::analyze::{analyze, Settings};
 
 #[test]
+fn the_byte_class_table_is_the_lexer_rule() {
+    for c in 0..=255u8 {
+        let start = c.is_ascii_alphabetic() || c == b'_' || c >= 0x80;
+        assert_eq!(is_ident_start(c), start, "{c:#x}");
+        assert_eq!(
+            is_ident_char(c),
+            start || c.is_ascii_digit() || c == b'$',
+            "{c:#x}"
+        );
+    }
+}
+
+#[test]
 fn numbers_are_replaced_and_nothing_else() {
     let cases = [
         (
