@@ -237,6 +237,7 @@ impl Relay<'_> {
                 done: &answered,
                 unsettled_until: None,
                 copy_in: false,
+                names_may_differ: false,
             }
             .run(&mut cr, client_frames, &mut uw);
             let back = Backend {
@@ -274,9 +275,12 @@ impl Relay<'_> {
             // is woken: here a reply from the server polls only the upstream
             // half, a client message only the client half (issue #21: the
             // spurious polls were a tenth of the per-statement CPU).
+            // Each part is stored at the size of the largest: the two big
+            // halves are boxed, or every idle session would hold five
+            // copies of the largest state machine.
             let mut parts = FuturesUnordered::new();
-            parts.push(Left(front));
-            parts.push(Right(Left(back)));
+            parts.push(Left(Box::pin(front)));
+            parts.push(Right(Left(Box::pin(back))));
             parts.push(Right(Right(Left(drain))));
             parts.push(Right(Right(Right(Left(expiry)))));
             parts.push(Right(Right(Right(Right(
