@@ -22,6 +22,7 @@ use pgwire::messages::Message;
 use serde_json::Value;
 
 use super::request::Param;
+use crate::policy::analyze::{QualifiedName, PINNED_SCHEMA};
 use crate::upstream::{self, UpstreamError, UpstreamTarget};
 use crate::wire::Limits;
 
@@ -34,6 +35,10 @@ const STATEMENT_TIMEOUT_MS: u32 = 1000;
 /// OIDs below this are the system catalogs' own (`FirstNormalObjectId`):
 /// their types' input functions are built in.
 const FIRST_NORMAL_OID: u32 = 16384;
+/// Why a held statement is not estimated after the session changed
+/// search_path, created objects or ran user code: the gateway's own
+/// connection would resolve its names on a fresh session's terms.
+pub const NAMES_MAY_DIFFER: &str = "this session changed settings or objects that decide what the statement's names refer to; a fresh connection's plan could be of other tables";
 /// Tables listed at most (a plan over a thousand partitions is summarised).
 const MAX_TABLES: usize = 50;
 
@@ -79,12 +84,23 @@ pub fn plannable(
     Some(Ok(()))
 }
 
-/// Run the plain EXPLAIN under `TIMEOUT`. Errors become `unknown`, by kind
-/// only: the server's message may quote the statement's values.
-pub async fn explain(target: &UpstreamTarget, sql: &str, params: &[Param<'_>]) -> Estimate {
-    match tokio::time::timeout(TIMEOUT, explain_rows(target, sql, params)).await {
+/// Run the plain EXPLAIN under `TIMEOUT`, once every relation the statement
+/// names (`relations`, as the analysis resolved them) is a plain or
+/// partitioned table: planning through a view could run the user code in
+/// its definition, which the analysis never saw. Errors become `unknown`,
+/// by kind only: the server's message may quote the statement's values.
+pub async fn explain(
+    target: &UpstreamTarget,
+    sql: &str,
+    params: &[Param<'_>],
+    relations: &[QualifiedName],
+) -> Estimate {
+    match tokio::time::timeout(TIMEOUT, explain_rows(target, sql, params, relations)).await {
         Err(_) => Estimate::unknown(format!("planning took longer than {} s", TIMEOUT.as_secs())),
-        Ok(Err(e)) => {
+        Ok(Err(Unplanned::NotATable(name))) => Estimate::unknown(format!(
+            "{name} is not a plain table (a view's definition could run user code when planned)"
+        )),
+        Ok(Err(Unplanned::Upstream(e))) => {
             tracing::info!(error.kind = e.kind(), code = %query_code(&e), "EXPLAIN for the reviewer failed");
             Estimate::unknown(match &e {
                 UpstreamError::Query { code, .. } if code == "57014" => {
@@ -108,18 +124,36 @@ fn query_code(e: &UpstreamError) -> &str {
     }
 }
 
+/// Why no plan came back.
+enum Unplanned {
+    NotATable(String),
+    Upstream(UpstreamError),
+}
+
+impl From<UpstreamError> for Unplanned {
+    fn from(e: UpstreamError) -> Self {
+        Unplanned::Upstream(e)
+    }
+}
+
 async fn explain_rows(
     target: &UpstreamTarget,
     sql: &str,
     params: &[Param<'_>],
-) -> Result<String, UpstreamError> {
+    relations: &[QualifiedName],
+) -> Result<String, Unplanned> {
     let limits = Limits::default();
+    // As a client session's (session/startup.rs): names resolve against the
+    // same pinned schema, and text reads the same, whatever the role's or
+    // database's defaults say.
     let startup = [
         (
             "application_name".to_owned(),
             "pgwarden estimate".to_owned(),
         ),
         ("client_encoding".to_owned(), "UTF8".to_owned()),
+        ("standard_conforming_strings".to_owned(), "on".to_owned()),
+        ("search_path".to_owned(), PINNED_SCHEMA.to_owned()),
     ];
     let mut up = upstream::connect(target, &startup, limits).await?;
     // READ ONLY: should planning reach code that writes, it cannot.
@@ -129,19 +163,76 @@ async fn explain_rows(
         &format!("BEGIN READ ONLY; SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}"),
     )
     .await;
-    // Extended protocol: one statement only (Parse refuses several), and the
-    // client's values bound as the client bound them.
     let result = match begun {
-        Ok(_) => upstream::request_rows(&mut up, limits, &explain_request(sql, params)).await,
-        Err(e) => Err(e),
+        Ok(_) => plan(&mut up, limits, sql, params, relations).await,
+        Err(e) => Err(e.into()),
     };
     let _ = upstream::query_rows(&mut up, limits, "ROLLBACK").await;
     upstream::terminate(&mut up).await;
-    let rows = result?;
+    result
+}
+
+async fn plan(
+    up: &mut upstream::Upstream,
+    limits: Limits,
+    sql: &str,
+    params: &[Param<'_>],
+    relations: &[QualifiedName],
+) -> Result<String, Unplanned> {
+    if !relations.is_empty() {
+        let rows = upstream::request_rows(up, limits, &relkind_request(relations)).await?;
+        if let Some(name) = rows.into_iter().next().and_then(|r| r.into_iter().next()) {
+            return Err(Unplanned::NotATable(name.unwrap_or_default()));
+        }
+    }
+    // Extended protocol: one statement only (Parse refuses several), and the
+    // client's values bound as the client bound them.
+    let rows = upstream::request_rows(up, limits, &explain_request(sql, params)).await?;
     match rows.into_iter().next().and_then(|r| r.into_iter().next()) {
         Some(Some(json)) => Ok(json),
-        _ => Err(UpstreamError::Protocol("EXPLAIN returned no plan".into())),
+        _ => Err(UpstreamError::Protocol("EXPLAIN returned no plan".into()).into()),
     }
+}
+
+/// The first of `relations` that is not a plain or partitioned table (or
+/// does not exist), named as the analysis named it; no row if all are.
+const RELKIND_CHECK: &str = "SELECT n.s || '.' || n.t \
+    FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) AS n(s, t) \
+    LEFT JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', n.s, n.t)) \
+    WHERE c.relkind IS NULL OR c.relkind NOT IN ('r', 'p') LIMIT 1";
+
+fn relkind_request(relations: &[QualifiedName]) -> BytesMut {
+    /// `text[]`
+    const TEXT_ARRAY: u32 = 1009;
+    let schemas = array_literal(relations.iter().map(|r| r.schema.as_str()));
+    let names = array_literal(relations.iter().map(|r| r.name.as_str()));
+    let mut out = BytesMut::new();
+    for r in [
+        Parse::new(None, RELKIND_CHECK.to_owned(), vec![TEXT_ARRAY; 2]).encode(&mut out),
+        Bind::new(
+            None,
+            None,
+            Vec::new(),
+            vec![Some(Bytes::from(schemas)), Some(Bytes::from(names))],
+            Vec::new(),
+        )
+        .encode(&mut out),
+        Execute::new(None, 0).encode(&mut out),
+        SyncMessage::new().encode(&mut out),
+    ] {
+        if let Err(e) = r {
+            tracing::error!(error = %e, "encoding the relation check failed");
+        }
+    }
+    out
+}
+
+/// A text-array literal: every element double-quoted, `"` and `\` escaped.
+fn array_literal<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    let quoted: Vec<String> = items
+        .map(|s| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    format!("{{{}}}", quoted.join(","))
 }
 
 /// Parse, Bind, Execute and Sync of the EXPLAIN, unnamed.
@@ -272,6 +363,15 @@ pub fn describe(e: &Estimate) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn array_literals_quote_every_element() {
+        let names = ["plain", "with \"quote\"", "back\\slash", "a,b{c}"];
+        assert_eq!(
+            array_literal(names.into_iter()),
+            r#"{"plain","with \"quote\"","back\\slash","a,b{c}"}"#
+        );
+    }
 
     // PostgreSQL 15's EXPLAIN (VERBOSE, FORMAT JSON) of
     // DELETE FROM t WHERE id < 100, trimmed of the fields not read.

@@ -91,6 +91,10 @@ pub(super) struct Frontend<'a> {
     /// The server is in copy-in mode: it ignores Sync, so the proxy drops
     /// the client's until CopyDone or CopyFail.
     pub(super) copy_in: bool,
+    /// The session may have changed what a name resolves to (search_path, a
+    /// temporary table, user code): a held statement is then not estimated
+    /// on the gateway's own connection, which would plan something else.
+    pub(super) names_may_differ: bool,
 }
 
 /// What a handler asks the read loop to do with its message.

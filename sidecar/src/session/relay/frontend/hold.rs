@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{Facts, Frontend};
 use crate::approval::request::Param;
 use crate::approval::{estimate, messages, request, Approvals, Ask, Opened, Waited};
+use crate::policy::analyze::Target;
 use crate::recording::{RecordedVerdict, StatementFacts};
 use crate::session::approve::{self, Hold, HoldKind};
 use crate::session::outcome::{Watch, WatchKind};
@@ -120,7 +121,20 @@ impl Frontend<'_> {
         };
         let classes: Vec<_> = judgement.statements.iter().map(|s| s.class).collect();
         match estimate::plannable(&classes, gate.calls_user_code(&judgement), params)? {
-            Ok(()) => Some(estimate::explain(&self.policy.upstream, &hold.need.sql, params).await),
+            Ok(()) if self.names_may_differ => Some(Estimate::unknown(estimate::NAMES_MAY_DIFFER)),
+            Ok(()) => {
+                let relations: Vec<_> = judgement
+                    .statements
+                    .iter()
+                    .flat_map(|s| &s.accesses)
+                    .filter_map(|a| match &a.target {
+                        Target::Relation(q) => Some(q.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                let upstream = &self.policy.upstream;
+                Some(estimate::explain(upstream, &hold.need.sql, params, &relations).await)
+            }
             Err(why) => Some(Estimate::unknown(why)),
         }
     }

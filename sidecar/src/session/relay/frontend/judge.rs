@@ -204,6 +204,9 @@ impl Frontend<'_> {
             // ParameterStatus messages the server sends before it).
             self.unsettled_until = Some(self.requests_sent);
         }
+        if !matches!(judged, Judged::Refuse(_)) && (calls_code || changes_resolution(&j)) {
+            self.names_may_differ = true;
+        }
         Judging::Done(Decision {
             judged,
             rule,
@@ -327,4 +330,22 @@ pub(super) fn protocol_text(judged: Judged, j: &Judgement) -> Judged {
         ));
     }
     judged
+}
+
+/// Whether a statement can make a name resolve to something else in this
+/// session than on a fresh connection: a setting (search_path, by SET or
+/// set_config), a schema object (a temporary table that shadows one), or
+/// code that can do either. The estimate's own connection would then plan
+/// another statement than the one held. What is always allowed (harmless
+/// settings such as application_name, SHOW, transaction control) does not
+/// count.
+fn changes_resolution(j: &Judgement) -> bool {
+    use pgwarden_api::StatementClass::{Code, Ddl, Session};
+    let moves = |c: pgwarden_api::StatementClass| matches!(c, Session | Ddl | Code);
+    j.statements.iter().any(|s| {
+        s.accesses
+            .iter()
+            .any(|a| a.class.is_some_and(moves) && a.fixed != Some(analyze::Fixed::Allow))
+            || (moves(s.class) && s.accesses.is_empty())
+    })
 }
