@@ -33,8 +33,8 @@ enum State {
     Done,
 }
 
-pub struct Login<'a> {
-    credential: &'a Credential,
+pub struct Login {
+    credential: Credential,
     /// tls-server-end-point hash when the connection is TLS.
     channel_binding: Option<Vec<u8>>,
     state: State,
@@ -50,8 +50,8 @@ pub enum Step {
     Wait,
 }
 
-impl<'a> Login<'a> {
-    pub fn new(credential: &'a Credential, channel_binding: Option<Vec<u8>>) -> Self {
+impl Login {
+    pub fn new(credential: Credential, channel_binding: Option<Vec<u8>>) -> Self {
         Login {
             credential,
             channel_binding,
@@ -140,7 +140,7 @@ mod tests {
     #[test]
     fn over_tls_scram_binds_to_the_server_certificate_when_offered() {
         let cred = credential();
-        let mut login = Login::new(&cred, Some(vec![7; 32]));
+        let mut login = Login::new(cred.clone(), Some(vec![7; 32]));
         let (mech, first) = initial(
             login
                 .step(AuthRequest::Sasl {
@@ -156,7 +156,7 @@ mod tests {
     fn without_plus_or_tls_the_gs2_flag_says_so() {
         let cred = credential();
         // TLS, but the server offers no -PLUS: 'y' reveals a downgrade.
-        let mut login = Login::new(&cred, Some(vec![7; 32]));
+        let mut login = Login::new(cred.clone(), Some(vec![7; 32]));
         let (mech, first) = initial(
             login
                 .step(AuthRequest::Sasl {
@@ -166,7 +166,7 @@ mod tests {
         );
         assert_eq!((mech.as_str(), &first[..3]), ("SCRAM-SHA-256", "y,,"));
         // Plain TCP: 'n'.
-        let mut login = Login::new(&cred, None);
+        let mut login = Login::new(cred.clone(), None);
         let (_, first) = initial(
             login
                 .step(AuthRequest::Sasl {
@@ -180,7 +180,7 @@ mod tests {
     #[test]
     fn a_server_that_skips_the_scram_proof_is_refused() {
         let cred = credential();
-        let mut login = Login::new(&cred, None);
+        let mut login = Login::new(cred.clone(), None);
         login
             .step(AuthRequest::Sasl {
                 mechanisms: vec![SCRAM_SHA_256],
@@ -189,7 +189,7 @@ mod tests {
         // AuthenticationOk without SASLContinue/SASLFinal: an impostor.
         assert_eq!(login.step(AuthRequest::Ok), Err(AuthError::OutOfOrder));
         // md5 answers with the salted hash, never the password.
-        let mut login = Login::new(&cred, None);
+        let mut login = Login::new(cred.clone(), None);
         let Step::Send(msg) = login.step(AuthRequest::Md5 { salt: [1, 2, 3, 4] }).unwrap() else {
             panic!("md5 should answer");
         };

@@ -211,7 +211,7 @@ async fn connect_inner(
     stream.write_all(&out).await?;
     stream.flush().await?;
 
-    let mut login = Login::new(&target.credential, binding);
+    let mut login = Some(Login::new(target.credential.clone(), binding));
     let mut frames = FrameBuf::new(Direction::Backend, limits);
     let mut up = Upstream {
         stream,
@@ -231,14 +231,16 @@ async fn connect_inner(
         let body = frame.body(&bytes);
         let bad = |e: codec::DecodeError| UpstreamError::Protocol(e.to_string());
         match frame.ty {
-            b'R' if !authenticated => match login.step(codec::auth_request(body).map_err(bad)?)? {
-                Step::Send(msg) => {
-                    up.stream.write_all(&msg).await?;
-                    up.stream.flush().await?;
+            b'R' if !authenticated => {
+                match login_step(&mut login, codec::auth_request(body).map_err(bad)?).await? {
+                    Step::Send(msg) => {
+                        up.stream.write_all(&msg).await?;
+                        up.stream.flush().await?;
+                    }
+                    Step::Wait => {}
+                    Step::Authenticated => authenticated = true,
                 }
-                Step::Wait => {}
-                Step::Authenticated => authenticated = true,
-            },
+            }
             b'E' => {
                 let fields = codec::notice_fields(body).map_err(bad)?;
                 let get = |c: u8| {
@@ -281,6 +283,36 @@ async fn connect_inner(
 
 /// Forward a cancel request to the server, over TLS when the policy uses TLS
 /// (a server that only accepts hostssl would drop a plain one).
+/// One step of the login. SCRAM's answer to the server's first message
+/// derives the key (PBKDF2: thousands of HMACs, milliseconds of CPU even in
+/// a release build): that runs on a blocking thread, so a login — a new
+/// session's, or the readiness re-check's — never stalls the sessions that
+/// share this event loop.
+async fn login_step(
+    login: &mut Option<Login>,
+    req: codec::AuthRequest<'_>,
+) -> Result<Step, UpstreamError> {
+    let mut l = login
+        .take()
+        .ok_or_else(|| UpstreamError::Protocol("the login ended already".into()))?;
+    let step = match req {
+        codec::AuthRequest::SaslContinue(data) => {
+            let data = data.to_vec();
+            let (back, step) = tokio::task::spawn_blocking(move || {
+                let step = l.step(codec::AuthRequest::SaslContinue(&data));
+                (l, step)
+            })
+            .await
+            .map_err(|e| UpstreamError::Protocol(format!("the SCRAM step failed: {e}")))?;
+            l = back;
+            step
+        }
+        req => l.step(req),
+    };
+    *login = Some(l);
+    Ok(step?)
+}
+
 pub async fn cancel(target: &UpstreamTarget, key: &BackendKey) -> Result<(), UpstreamError> {
     let (mut stream, _) = open(target).await?;
     let mut out = BytesMut::new();
