@@ -72,6 +72,13 @@ impl Frontend<'_> {
         }
         let params = hold.param_refs();
         let estimate = self.estimate(&hold, &params).await;
+        // Listening for the client's CancelRequest from before the request
+        // can be seen: `notify_waiters` wakes only who already listens, and
+        // a client (or a test) may cancel as soon as the request shows.
+        let interrupt = self.interrupt;
+        let interrupted = interrupt.notified();
+        tokio::pin!(interrupted);
+        interrupted.as_mut().enable();
         let opened = approvals
             .open(Ask {
                 subject: self.subject,
@@ -97,7 +104,10 @@ impl Frontend<'_> {
                 tracing::info!(request = %request::id(&req), "statement needs approval (fail fast)");
                 Decided::refused(messages::pending(approvals, &req), req)
             }
-            Ok(Opened::Pending(req)) => self.wait_for(approvals, req, r, frames).await?,
+            Ok(Opened::Pending(req)) => {
+                self.wait_for(approvals, req, r, frames, interrupted.as_mut())
+                    .await?
+            }
         };
         match decided {
             Decided::Released(req) => self.release(hold, &req, out),
@@ -147,6 +157,7 @@ impl Frontend<'_> {
         req: ApprovalRequest,
         r: &mut R,
         frames: &mut FrameBuf,
+        mut interrupted: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
     ) -> Result<Decided, End> {
         let id = request::id(&req).to_owned();
         tracing::info!(request = %id, "statement held for approval");
@@ -163,7 +174,9 @@ impl Frontend<'_> {
                 // Only looks: the claim is made below, outside the select.
                 _ = approvals.decided(&id) => {}
                 _ = tokio::time::sleep_until(deadline) => {}
-                _ = self.interrupt.notified() => {
+                // Registered since before the request was opened, and
+                // through every check below: no cancel falls in between.
+                _ = interrupted.as_mut() => {
                     tracing::info!(request = %id, "wait for approval cancelled by the client");
                     return Ok(Decided::refused(messages::cancelled(&req), req));
                 }
