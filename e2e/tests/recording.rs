@@ -720,11 +720,16 @@ fn durable_records_survive_sigkill_for_every_acknowledged_statement() {
     let conninfo = gw.conninfo();
     let rt = runtime();
 
-    // Clients insert as fast as they can; each counts what completed.
+    // Clients insert as fast as they can; each counts what completed. All
+    // log in first: a login can take longer than 200 inserts of the others.
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
-    let tasks: Vec<_> = (0..CLIENTS)
-        .map(|c| {
-            let client = connect(&rt, &conninfo, None);
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| connect(&rt, &conninfo, None))
+        .collect();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .zip(0..CLIENTS)
+        .map(|(client, c)| {
             let acked = acked.clone();
             rt.spawn(async move {
                 let mut i = 0u64;
