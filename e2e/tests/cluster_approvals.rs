@@ -186,8 +186,10 @@ fn reviewers_decide_held_statements_with_kubectl_patch() {
         "{table}"
     );
 
-    // Each phase change is an Event on the request.
-    let reasons = eventually(Duration::from_secs(10), "the request's Events", || {
+    // Each phase change is an Event on the request. Events are posted in
+    // the background, behind the writes that made them true: on a loaded CI
+    // machine 10 s was once not enough for the last of them.
+    let reasons = eventually(Duration::from_secs(30), "the request's Events", || {
         let list: Value = serde_json::from_str(&ok(
             &c.api,
             "admin",
