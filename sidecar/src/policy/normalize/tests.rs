@@ -48,6 +48,17 @@ fn numbers_are_replaced_and_nothing_else() {
         ("SELECT U&'d\\0061t' , 5", Some("SELECT U&'d\\0061t' , 1")),
         ("SELECT 1..2", None),
         ("SELECT 5 FROM t WHERE x = $", None),
+        // Digits that belong to a name, next to every byte class the lexer
+        // decides by table (`_`, `$`, a multi-byte character, a dot): never
+        // numbers, or two tables that differ only there would share a
+        // cached verdict.
+        ("SELECT x_9, 7 FROM t", Some("SELECT x_9, 1 FROM t")),
+        ("SELECT * FROM t$1 WHERE c = 5", Some("SELECT * FROM t$1 WHERE c = 1")),
+        ("SELECT café2 FROM t WHERE a = 3", Some("SELECT café2 FROM t WHERE a = 1")),
+        ("SELECT é9 FROM t", None),
+        ("SELECT 5é", None),
+        ("SELECT s1.t2.c3 FROM s1.t2", None),
+        ("SELECT $12 FROM t", None),
     ];
     for (sql, want) in cases {
         assert_eq!(numeric_key(sql).as_deref(), want, "{sql}");
