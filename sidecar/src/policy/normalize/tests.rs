@@ -53,8 +53,14 @@ fn numbers_are_replaced_and_nothing_else() {
         // numbers, or two tables that differ only there would share a
         // cached verdict.
         ("SELECT x_9, 7 FROM t", Some("SELECT x_9, 1 FROM t")),
-        ("SELECT * FROM t$1 WHERE c = 5", Some("SELECT * FROM t$1 WHERE c = 1")),
-        ("SELECT café2 FROM t WHERE a = 3", Some("SELECT café2 FROM t WHERE a = 1")),
+        (
+            "SELECT * FROM t$1 WHERE c = 5",
+            Some("SELECT * FROM t$1 WHERE c = 1"),
+        ),
+        (
+            "SELECT café2 FROM t WHERE a = 3",
+            Some("SELECT café2 FROM t WHERE a = 1"),
+        ),
         ("SELECT é9 FROM t", None),
         ("SELECT 5é", None),
         ("SELECT s1.t2.c3 FROM s1.t2", None),
