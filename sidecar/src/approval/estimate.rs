@@ -206,25 +206,15 @@ fn relkind_request(relations: &[QualifiedName]) -> BytesMut {
     const TEXT_ARRAY: u32 = 1009;
     let schemas = array_literal(relations.iter().map(|r| r.schema.as_str()));
     let names = array_literal(relations.iter().map(|r| r.name.as_str()));
-    let mut out = BytesMut::new();
-    for r in [
-        Parse::new(None, RELKIND_CHECK.to_owned(), vec![TEXT_ARRAY; 2]).encode(&mut out),
-        Bind::new(
-            None,
-            None,
-            Vec::new(),
-            vec![Some(Bytes::from(schemas)), Some(Bytes::from(names))],
-            Vec::new(),
-        )
-        .encode(&mut out),
-        Execute::new(None, 0).encode(&mut out),
-        SyncMessage::new().encode(&mut out),
-    ] {
-        if let Err(e) = r {
-            tracing::error!(error = %e, "encoding the relation check failed");
-        }
-    }
-    out
+    let parse = Parse::new(None, RELKIND_CHECK.to_owned(), vec![TEXT_ARRAY; 2]);
+    let bind = Bind::new(
+        None,
+        None,
+        Vec::new(),
+        vec![Some(Bytes::from(schemas)), Some(Bytes::from(names))],
+        Vec::new(),
+    );
+    unnamed_request(parse, bind)
 }
 
 /// A text-array literal: every element double-quoted, `"` and `\` escaped.
@@ -237,7 +227,6 @@ fn array_literal<'a>(items: impl Iterator<Item = &'a str>) -> String {
 
 /// Parse, Bind, Execute and Sync of the EXPLAIN, unnamed.
 fn explain_request(sql: &str, params: &[Param<'_>]) -> BytesMut {
-    let mut out = BytesMut::new();
     let parse = Parse::new(
         None,
         format!("EXPLAIN (VERBOSE, FORMAT JSON) {sql}"),
@@ -253,6 +242,12 @@ fn explain_request(sql: &str, params: &[Param<'_>]) -> BytesMut {
             .collect(),
         Vec::new(),
     );
+    unnamed_request(parse, bind)
+}
+
+/// Parse, Bind, Execute (all rows) and Sync, unnamed statement and portal.
+fn unnamed_request(parse: Parse, bind: Bind) -> BytesMut {
+    let mut out = BytesMut::new();
     for r in [
         parse.encode(&mut out),
         bind.encode(&mut out),
@@ -260,7 +255,7 @@ fn explain_request(sql: &str, params: &[Param<'_>]) -> BytesMut {
         SyncMessage::new().encode(&mut out),
     ] {
         if let Err(e) = r {
-            tracing::error!(error = %e, "encoding the EXPLAIN failed");
+            tracing::error!(error = %e, "encoding a request for the estimate failed");
         }
     }
     out
