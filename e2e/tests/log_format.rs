@@ -61,6 +61,17 @@ fn json_logs_are_one_object_a_line() {
         .find(|v| v["message"] == "statement refused")
         .unwrap_or_else(|| panic!("no refusal logged:\n{logs}"));
     assert_eq!(refused["sqlstate"], "42501", "{refused}");
+    // Logged as its session's (the relay enters the span only to log): the
+    // same session id as a session's start.
+    let id = &refused["span"]["session.id"];
+    assert!(id.is_string(), "no session id on the refusal: {refused}");
+    assert!(
+        objects
+            .iter()
+            .any(|v| v["message"] == "session started" && &v["span"]["session.id"] == id),
+        "no session start with the refusal's session id:\n{logs}"
+    );
+    assert!(refused["span"]["subject"].is_string(), "{refused}");
     assert!(!logs.contains("424242"), "the SQL reached the log:\n{logs}");
     assert!(
         objects.iter().any(|v| v["level"] == "INFO"),

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::approval::request::Outcome;
 use crate::approval::Approvals;
@@ -322,6 +323,8 @@ pub struct Watcher<'a> {
     tracker: Tracker,
     approvals: Option<Arc<Approvals>>,
     log: Option<&'a SessionLog>,
+    /// The session's, for what this logs.
+    span: &'a tracing::Span,
 }
 
 impl<'a> Watcher<'a> {
@@ -331,6 +334,7 @@ impl<'a> Watcher<'a> {
         described: Arc<Described>,
         approvals: Option<Arc<Approvals>>,
         log: Option<&'a SessionLog>,
+        span: &'a tracing::Span,
     ) -> Self {
         let rows = log.map(|l| l.settings().result_rows).unwrap_or(0);
         Watcher {
@@ -340,6 +344,7 @@ impl<'a> Watcher<'a> {
             tracker: Tracker::new(rows),
             approvals,
             log,
+            span,
         }
     }
 
@@ -390,9 +395,12 @@ impl<'a> Watcher<'a> {
         }
         for f in self.tracker.on_message(ty, body, scrub) {
             if let (Some(id), Some(a)) = (&f.approval, &self.approvals) {
+                let _in = self.span.enter();
                 tracing::info!(request = %id, outcome = ?f.outcome, "approved statement finished");
                 let (a, id, outcome) = (a.clone(), id.clone(), f.outcome.clone());
-                tokio::spawn(async move { a.finish(id, outcome).await });
+                tokio::spawn(
+                    async move { a.finish(id, outcome).await }.instrument(self.span.clone()),
+                );
             }
             if let (Some(n), Some(log)) = (f.record, self.log) {
                 let (tag, error) = match f.outcome {

@@ -17,6 +17,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch, Notify};
+use tracing::Instrument;
 
 use super::sentinel::{self, Pending};
 use super::watchdog::CancelInFlight;
@@ -40,6 +41,8 @@ use judge::{Decision, Judged, Judging, Preanalyzed};
 pub(super) struct Frontend<'a> {
     pub(super) policy: Arc<PolicyConfig>,
     pub(super) live: &'a LiveConfig,
+    /// The session's, entered only to log (see `Relay::span`).
+    pub(super) span: &'a tracing::Span,
     pub(super) generation: u64,
     pub(super) login: &'a crate::session::Login,
     pub(super) metrics: &'a Metrics,
@@ -217,7 +220,14 @@ impl Frontend<'_> {
                     Ok(Flow::Continue) => self.passed_on(frame.ty),
                     Ok(Flow::Hold(hold)) => {
                         frames.consume(frame.wire_len);
-                        if let Err(end) = self.hold(hold, r, &mut frames, w, &mut out).await {
+                        // A rare path: its log lines and the estimate's
+                        // run in the session's span.
+                        let span = self.span.clone();
+                        if let Err(end) = self
+                            .hold(hold, r, &mut frames, w, &mut out)
+                            .instrument(span)
+                            .await
+                        {
                             return end;
                         }
                         continue;
@@ -667,7 +677,7 @@ impl Frontend<'_> {
             for failed in self.ledger.resolve(o) {
                 match failed {
                     Failed::Name(n) => {
-                        tracing::debug!(statement = %n, "the server refused a change to a statement name");
+                        self.span.in_scope(|| tracing::debug!(statement = %n, "the server refused a change to a statement name"));
                         self.forget_statement(&n);
                     }
                     Failed::All => {
@@ -756,7 +766,8 @@ impl Frontend<'_> {
         } else {
             err.message.as_str()
         };
-        tracing::info!(sqlstate = err.code.code(), reason, "statement refused");
+        self.span
+            .in_scope(|| tracing::info!(sqlstate = err.code.code(), reason, "statement refused"));
         let seq = self.next_seq;
         self.next_seq += 1;
         // Sent before the sentinel's bytes go out, so the upstream half always

@@ -455,6 +455,7 @@ impl Policy {
             log: None,
             limits: Limits::default(),
             server_settings,
+            span: tracing::Span::none(),
         };
         let limits = Limits::default();
         let relay = tokio::spawn(relay.run(

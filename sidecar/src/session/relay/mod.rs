@@ -168,6 +168,9 @@ pub struct Relay<'a> {
     pub limits: Limits,
     /// The login values of the settings the gateway relies on.
     pub server_settings: super::server_settings::ServerSettings,
+    /// The session's span. The relay is polled outside it (entering it on
+    /// every poll cost more than the rest of a Sync); what it logs enters it.
+    pub span: tracing::Span,
 }
 
 // === impl Relay ===
@@ -194,7 +197,7 @@ impl Relay<'_> {
         let answered = Answered::default();
         let described = Arc::new(Described::default());
         let clock = StatementClock::default();
-        let cancels = Arc::new(CancelInFlight::default());
+        let cancels = Arc::new(CancelInFlight::in_span(self.span.clone()));
         let (front_mask, back_mask) = match &self.masking {
             Some(m) => {
                 let (f, b) = mask::session_pair(m, self.limits);
@@ -206,6 +209,7 @@ impl Relay<'_> {
             let front = Frontend {
                 policy: self.policy.clone(),
                 live: self.live,
+                span: &self.span,
                 generation: self.generation,
                 login: &self.login,
                 metrics: self.metrics,
@@ -258,6 +262,7 @@ impl Relay<'_> {
                     described.clone(),
                     self.approvals.clone(),
                     self.log,
+                    &self.span,
                 ),
                 acks: Vec::new(),
                 settings: self.server_settings,
@@ -267,8 +272,13 @@ impl Relay<'_> {
                 copy_in: false,
             }
             .run(&mut ur, upstream_frames, &mut cw);
-            let guard =
-                watchdog::guard_timeout(&clock, self.statement_timeout, &self.cancel, &cancels);
+            let guard = watchdog::guard_timeout(
+                &clock,
+                self.statement_timeout,
+                &self.cancel,
+                &cancels,
+                &self.span,
+            );
             let drain = watchdog::drain_on_shutdown(&clock, self.shutdown);
             let expiry = watchdog::end_at_expiry(&clock, self.expires);
             // Not `select!`, which polls every branch whenever any of them

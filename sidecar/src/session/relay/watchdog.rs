@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
+use tracing::{Instrument, Span};
 
 use super::End;
 use crate::session::limits::StatementClock;
@@ -18,13 +19,22 @@ use crate::upstream::{self, BackendKey, UpstreamTarget};
 /// and ignores it while the backend waits for a command. So while a cancel is
 /// in flight nothing more is sent upstream: the cancel can then only hit the
 /// statement it was meant for (or nothing), never the next one.
-#[derive(Default)]
 pub(super) struct CancelInFlight {
     active: AtomicBool,
     done: Notify,
+    /// The session's: a failed cancel is logged as that session's.
+    span: Span,
 }
 
 impl CancelInFlight {
+    pub(super) fn in_span(span: Span) -> Self {
+        CancelInFlight {
+            active: AtomicBool::new(false),
+            done: Notify::new(),
+            span,
+        }
+    }
+
     /// Cancel the session's running statement, in the background.
     pub(super) fn start(self: &Arc<Self>, cancel: &Option<(Arc<UpstreamTarget>, BackendKey)>) {
         let Some((target, key)) = cancel.clone() else {
@@ -34,15 +44,18 @@ impl CancelInFlight {
             return; // one at a time is enough
         }
         let this = self.clone();
-        tokio::spawn(async move {
-            // Returns once the postmaster has signalled the backend and closed
-            // the cancel connection.
-            if let Err(e) = upstream::cancel(&target, &key).await {
-                tracing::warn!(error = %e, "cancelling a statement upstream failed");
+        tokio::spawn(
+            async move {
+                // Returns once the postmaster has signalled the backend and closed
+                // the cancel connection.
+                if let Err(e) = upstream::cancel(&target, &key).await {
+                    tracing::warn!(error = %e, "cancelling a statement upstream failed");
+                }
+                this.active.store(false, Ordering::Release);
+                this.done.notify_waiters();
             }
-            this.active.store(false, Ordering::Release);
-            this.done.notify_waiters();
-        });
+            .instrument(self.span.clone()),
+        );
     }
 
     /// Wait until no cancel is in flight.
@@ -64,6 +77,7 @@ pub(super) async fn guard_timeout(
     timeout: Option<Duration>,
     cancel: &Option<(Arc<UpstreamTarget>, BackendKey)>,
     cancels: &Arc<CancelInFlight>,
+    span: &Span,
 ) -> std::convert::Infallible {
     let Some(timeout) = timeout else {
         return std::future::pending().await;
@@ -72,7 +86,9 @@ pub(super) async fn guard_timeout(
     loop {
         tick.tick().await;
         if clock.overdue(timeout) {
-            tracing::info!("statement exceeded limits.statementTimeout; cancelling it upstream");
+            span.in_scope(|| {
+                tracing::info!("statement exceeded limits.statementTimeout; cancelling it upstream")
+            });
             cancels.start(cancel);
         }
     }

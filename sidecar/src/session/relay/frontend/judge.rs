@@ -165,6 +165,7 @@ impl Frontend<'_> {
                                 r.as_deref().unwrap_or("default"),
                             ])
                             .inc();
+                        let _in = self.span.enter();
                         tracing::info!(
                             policy.name = %self.policy.id,
                             rule.name = r.as_deref().unwrap_or("default"),
@@ -263,7 +264,9 @@ impl Frontend<'_> {
             // code holds for the new one.
             let (functions, operators) = self.policy.gate.user_code_names();
             next.gate.learn_user_code(functions, operators);
-            tracing::info!(policy.name = %next.id, "session moved to the new configuration");
+            self.span.in_scope(
+                || tracing::info!(policy.name = %next.id, "session moved to the new configuration"),
+            );
             self.approvals = next.approvals.clone();
             self.policy = next;
         }
