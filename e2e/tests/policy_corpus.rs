@@ -766,6 +766,10 @@ CREATE TABLE "Orders" (id int PRIMARY KEY, value text NOT NULL);
 CREATE SCHEMA archive;
 CREATE TABLE archive.orders (id int PRIMARY KEY, customer_id int NOT NULL, total numeric(10,2) NOT NULL, status text NOT NULL);
 CREATE TABLE audit_marker (id serial PRIMARY KEY, note text NOT NULL);
+CREATE TABLE region1 (id int PRIMARY KEY, value text NOT NULL);
+CREATE TABLE region2 (id int PRIMARY KEY, value text NOT NULL);
+CREATE TABLE reg$1 (id int PRIMARY KEY, value text NOT NULL);
+CREATE TABLE reg$2 (id int PRIMARY KEY, value text NOT NULL);
 "#;
 
 /// Fixture rows; the protected ones hold the TOP-SECRET marker.
@@ -779,6 +783,10 @@ INSERT INTO customers VALUES
 INSERT INTO secrets SELECT g, 'TOP-SECRET-7f3a-' || g FROM generate_series(1, 5) g;
 INSERT INTO "Orders" VALUES (1, 'TOP-SECRET-quoted-Orders');
 INSERT INTO archive.orders VALUES (1, 1, 1, 'TOP-SECRET-archived');
+INSERT INTO region1 VALUES (1, 'north');
+INSERT INTO region2 VALUES (1, 'TOP-SECRET-region2');
+INSERT INTO reg$1 VALUES (1, 'south');
+INSERT INTO reg$2 VALUES (1, 'TOP-SECRET-reg-dollar-2');
 "#;
 
 /// Fixture code: every function writes to audit_marker, so a change there proves that
@@ -843,7 +851,7 @@ ALTER ROLE postgres PASSWORD NULL;
 /// Restores the fixture rows only (when nothing but table contents changed).
 fn data_reset_sql() -> String {
     format!(
-        "TRUNCATE orders, order_items, customers, secrets, \"Orders\", archive.orders, audit_marker RESTART IDENTITY;\n{FIXTURE_DATA}"
+        "TRUNCATE orders, order_items, customers, secrets, \"Orders\", archive.orders, audit_marker, region1, region2, reg$1, reg$2 RESTART IDENTITY;\n{FIXTURE_DATA}"
     )
 }
 
