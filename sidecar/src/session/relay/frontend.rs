@@ -36,7 +36,7 @@ use crate::session::outcome::{Described, Watch, WatchKind};
 use crate::wire::codec::{self, Column};
 use crate::wire::conn::FrameBuf;
 use crate::wire::{PgError, SqlState};
-use judge::{Decision, Judged, Judging, Preanalyzed};
+use judge::{Decision, Judged, Judging, LastJudged, Preanalyzed};
 
 pub(super) struct Frontend<'a> {
     pub(super) policy: Arc<PolicyConfig>,
@@ -81,6 +81,8 @@ pub(super) struct Frontend<'a> {
     pub(super) described: Arc<Described>,
     /// A large text analysed off the event loop, for the message after it.
     pub(super) preanalyzed: Option<Preanalyzed>,
+    /// The last text judged, and how.
+    pub(super) last_judged: LastJudged,
     /// Statement-name changes the server has not confirmed yet.
     pub(super) ledger: NameLedger,
     /// What the server answered to each request, from the upstream half.

@@ -236,6 +236,7 @@ impl Relay<'_> {
                 describes: describe_tx,
                 described: described.clone(),
                 preanalyzed: None,
+                last_judged: Default::default(),
                 ledger: NameLedger::default(),
                 outcomes: outcome_rx,
                 done: &answered,
