@@ -1248,9 +1248,12 @@ fn main() -> ExitCode {
 }
 
 /// Gross regressions only: a guard that flakes on a noisy machine gets
-/// ignored. Measured on the 2-core CI machine: 1-client ratios 0.6-0.7,
-/// CPU per statement 1.0-1.6x pgbouncer's, masked streaming 0.9-1.0,
-/// 35 KiB per idle session.
+/// ignored. Measured on the 2-core CI machine: 1-client TPS 0.85-1.0 of
+/// pgbouncer's (0.3-0.8 of direct: a busy machine slows every extra hop, and
+/// CI once saw both proxies at 0.30), CPU per statement 1.0-1.6x
+/// pgbouncer's, masked streaming 0.9-1.0, 52 KiB per idle session.
+const GUARD_MIN_1C_VS_POOLER: f64 = 0.50;
+/// Only when no pooler ran beside it.
 const GUARD_MIN_RATIO_1C: f64 = 0.40;
 const GUARD_MAX_CPU_VS_PGBOUNCER: f64 = 3.0;
 const GUARD_MIN_MASKED_STREAM: f64 = 0.70;
@@ -1261,22 +1264,30 @@ const GUARD_MIN_OPERATOR_FED: f64 = 0.75;
 
 fn guard(r: &Report) -> Vec<String> {
     let mut failures = Vec::new();
-    let (Some(pw), bouncer) = (r.column("pgwarden"), r.column("pgbouncer")) else {
+    let Some(pw) = r.column("pgwarden") else {
         return vec!["no pgwarden column in the report".into()];
     };
+    // What each row is compared with: pgbouncer, or in session pooling
+    // (-M prepared).
+    let poolers = [r.column("pgbouncer"), r.column("pgb-session")];
     for row in &r.rows {
         let (direct, ours) = (row.results[0], row.results[pw]);
+        let theirs = poolers.iter().flatten().find_map(|&c| row.results[c]);
         if row.clients == 1 {
-            match ratio(direct, ours) {
-                Some(x) if x >= GUARD_MIN_RATIO_1C => {}
-                got => failures.push(format!(
-                    "-M {} 1 client: pgwarden at {} of direct TPS (minimum {GUARD_MIN_RATIO_1C})",
+            // Against the pooler in the same rounds: the machine's noise
+            // hits both alike.
+            let (got, min, what) = match theirs {
+                Some(_) => (ratio(theirs, ours), GUARD_MIN_1C_VS_POOLER, "pgbouncer's"),
+                None => (ratio(direct, ours), GUARD_MIN_RATIO_1C, "direct"),
+            };
+            if got.is_none_or(|x| x < min) {
+                failures.push(format!(
+                    "-M {} 1 client: pgwarden at {} of {what} TPS (minimum {min})",
                     row.mode,
                     opt(got, 2)
-                )),
+                ));
             }
         }
-        let theirs = bouncer.and_then(|b| row.results[b]);
         if let (Some(o), Some(t)) = (
             ours.and_then(|s| s.proxy_us_per_stmt),
             theirs.and_then(|s| s.proxy_us_per_stmt),
@@ -1419,6 +1430,37 @@ mod tests {
         );
         let fat = guard(&report(6_000.0, 25.0, 95.0, 150));
         assert!(fat.len() == 1 && fat[0].contains("idle"), "{fat:?}");
+    }
+
+    #[test]
+    fn one_client_is_judged_against_the_pooler_in_the_same_rounds() {
+        // A busy machine: both proxies at 0.3 of direct (CI, stop 27).
+        let busy = |ours: f64, theirs: f64| {
+            let mut r = report(6_000.0, 25.0, 95.0, 35);
+            r.rows[0].results[1] = summary(ours, 25.0);
+            r.rows[0].results[3] = summary(theirs, 20.0);
+            guard(&r)
+        };
+        assert!(
+            busy(3_000.0, 3_100.0).is_empty(),
+            "{:?}",
+            busy(3_000.0, 3_100.0)
+        );
+        let slow = busy(1_400.0, 3_100.0);
+        assert!(
+            slow.len() == 1 && slow[0].contains("0.45 of pgbouncer's"),
+            "{slow:?}"
+        );
+        // With no pooler beside it, the ratio to direct decides.
+        let mut alone = report(3_000.0, 25.0, 95.0, 35);
+        for row in &mut alone.rows {
+            row.results[3] = None;
+        }
+        let alone = guard(&alone);
+        assert!(
+            alone.len() == 1 && alone[0].contains("0.30 of direct"),
+            "{alone:?}"
+        );
     }
 
     #[test]
